@@ -1,0 +1,324 @@
+"""``dot_product_attention``: one call, several implementations.
+
+What attention computes (the request) and which implementation computes it are
+two separate choices. The request is validated once here and handed to an
+implementation as an ``AttentionRequest``; implementations live in one
+registry and raise ``NotImplementedError`` when they cannot serve a request.
+With ``implementation=None`` the first implementation in the platform's order
+that serves the request runs; an explicit implementation that cannot serve it
+raises.
+
+Semantics (every implementation obeys them; tests pin them):
+
+* layout [B, T, N, H] for queries, [B, S, K, H] for keys and values; query
+  head ``n`` reads key/value head ``n // (N // K)``;
+* positions: query ``t`` at ``S - T + t``, key ``s`` at ``s`` unless
+  ``query_positions`` / ``key_positions`` are given;
+* logits = scale * q.k; then the soft cap ``c * tanh(logits / c)``; then
+  ``+ bias`` and ``- alibi_slope * |i - j|`` (``-slope * (i - j)`` on causal
+  pairs); then the mask and segment ids;
+* ``far_query`` / ``far_key`` / ``far_window``: pairs with ``i - j >=
+  far_window`` are scored with ``far_query . far_key`` instead (LM-Infinite's
+  distance ceiling: far_query rotated at the ceiling, far_key un-rotated;
+  Self-Extend: both rotated with grouped positions);
+* softmax statistics in float32; a query row that sees no key gives zeros and
+  log-sum-exp ``-inf``, never NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any, Callable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+
+from . import masks as masks_lib
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AttentionRequest:
+  """A validated attention request, as implementations receive it.
+
+  Shapes: query [B, T, N, H]; key [B, S, K, H]; value [B, S, K, Hv];
+  q_segment_ids [B, T] and kv_segment_ids [B, S] or None; query_positions
+  [Bp, T] and key_positions [Bp, S] int32 (Bp in {1, B}), always set;
+  alibi_slopes [Ba, N] float32 (Ba in {1, B}) or None; bias 4-D and
+  broadcastable to [B, N, T, S] or None; far_query / far_key shaped like
+  query / key or None.
+  """
+  query: Array
+  key: Array
+  value: Array
+  mask: Optional[masks_lib.Mask]
+  q_segment_ids: Optional[Array]
+  kv_segment_ids: Optional[Array]
+  query_positions: Array
+  key_positions: Array
+  explicit_positions: bool
+  alibi_slopes: Optional[Array]
+  bias: Optional[Array]
+  scale: float
+  logits_soft_cap: Optional[float]
+  far_query: Optional[Array]
+  far_key: Optional[Array]
+  far_window: Optional[int]
+
+  @property
+  def shape_info(self):
+    b, t, n, h = self.query.shape
+    _, s, k, hv = self.value.shape
+    return b, t, s, n, k, h, hv
+
+
+class Implementation:
+  """An attention implementation: ``__call__(request) -> (out, lse)``.
+
+  ``out`` is [B, T, N, Hv] in the query dtype, ``lse`` float32 [B, N, T].
+  Raise NotImplementedError for a request it cannot serve.
+  """
+  name: str = "?"
+
+  def __call__(self, request: AttentionRequest):
+    raise NotImplementedError
+
+  def __repr__(self):
+    return f"{type(self).__name__}()"
+
+
+_REGISTRY: dict[str, Callable[[], Implementation]] = {}
+# Order tried by implementation=None, per platform.
+_AUTO_ORDER = {
+    "gpu": ("pallas_gpu", "cudnn", "xla", "xla_chunked"),
+    "tpu": ("pallas_tpu", "xla", "xla_chunked"),
+    "cpu": ("xla", "xla_chunked"),
+}
+# Auto mode only uses the dense path while its logits stay below this many
+# float32 elements (B * N * T * S); past it the chunked path runs.
+DENSE_AUTO_LIMIT = 1 << 26
+
+
+def register_implementation(name: str, factory: Callable[[], Implementation]):
+  """Registers ``factory()`` under ``name`` (the string users pass)."""
+  _REGISTRY[name] = factory
+
+
+def implementations() -> tuple[str, ...]:
+  """Names accepted by ``implementation=``."""
+  return tuple(sorted(_REGISTRY))
+
+
+def _resolve(implementation) -> Implementation:
+  if isinstance(implementation, Implementation):
+    return implementation
+  if isinstance(implementation, str) and implementation in _REGISTRY:
+    return _REGISTRY[implementation]()
+  raise ValueError(
+      f"unknown implementation {implementation!r}; expected None, one of "
+      f"{implementations()}, or an Implementation instance")
+
+
+def _as_int_array(name, x, shape):
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(f"{name} must be an integer array, got dtype {x.dtype}")
+  if x.ndim == 1:
+    x = x[None]
+  if x.ndim != 2 or x.shape[1] != shape[1] or x.shape[0] not in (1, shape[0]):
+    raise ValueError(
+        f"{name} must have shape {shape} or ({shape[1]},), got {x.shape}")
+  return x.astype(jnp.int32)
+
+
+def _check_float(name, x, like_shape=None):
+  if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+    raise ValueError(f"{name} must be a floating array, got dtype "
+                     f"{jnp.asarray(x).dtype}")
+  if like_shape is not None and tuple(x.shape) != tuple(like_shape):
+    raise ValueError(f"{name} must have shape {tuple(like_shape)}, got "
+                     f"{tuple(x.shape)}")
+
+
+def make_request(query, key, value, *, mask=None, segment_ids=None,
+                 alibi_slopes=None, bias=None, scale=None,
+                 logits_soft_cap=None, query_positions=None,
+                 key_positions=None, far_query=None, far_key=None,
+                 far_window=None) -> AttentionRequest:
+  """Validates the arguments of ``dot_product_attention``; see there."""
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    if getattr(x, "ndim", None) != 4:
+      raise ValueError(f"{name} must be 4-D [batch, seq, heads, head_dim], "
+                       f"got shape {getattr(x, 'shape', type(x))}")
+    _check_float(name, x)
+  b, t, n, h = query.shape
+  bk, s, k, hk = key.shape
+  if key.shape[:3] != value.shape[:3]:
+    raise ValueError(f"key {key.shape} and value {value.shape} must agree in "
+                     "batch, length and heads")
+  if bk != b:
+    raise ValueError(f"query batch {b} != key batch {bk}")
+  if hk != h:
+    raise ValueError(f"query head_dim {h} != key head_dim {hk}")
+  if k < 1 or n % k:
+    raise ValueError(f"query heads N={n} must be a multiple of key/value "
+                     f"heads K={k} (grouped-query attention)")
+  mask = masks_lib.as_mask(mask)
+
+  q_seg = kv_seg = None
+  if segment_ids is not None:
+    if isinstance(segment_ids, (tuple, list)):
+      if len(segment_ids) != 2:
+        raise ValueError("segment_ids must be an array [B, T] or a pair "
+                         f"(q [B, T], kv [B, S]); got {len(segment_ids)} items")
+      q_seg, kv_seg = segment_ids
+    else:
+      if t != s:
+        raise ValueError(
+            f"a single segment_ids array needs T == S (got T={t}, S={s}); "
+            "pass a (q_segment_ids, kv_segment_ids) pair")
+      q_seg = kv_seg = segment_ids
+    q_seg = _as_int_array("q segment_ids", q_seg, (b, t))
+    kv_seg = _as_int_array("kv segment_ids", kv_seg, (b, s))
+    q_seg = jnp.broadcast_to(q_seg, (b, t))
+    kv_seg = jnp.broadcast_to(kv_seg, (b, s))
+
+  explicit = query_positions is not None or key_positions is not None
+  if (query_positions is None) != (key_positions is None):
+    raise ValueError("give both query_positions and key_positions, or neither")
+  if explicit:
+    q_pos = _as_int_array("query_positions", query_positions, (b, t))
+    k_pos = _as_int_array("key_positions", key_positions, (b, s))
+    if q_pos.shape[0] != k_pos.shape[0]:
+      q_pos = jnp.broadcast_to(q_pos, (b, t))
+      k_pos = jnp.broadcast_to(k_pos, (b, s))
+  else:
+    q_pos, k_pos = masks_lib.default_positions(t, s)
+    q_pos, k_pos = q_pos[None], k_pos[None]
+
+  if alibi_slopes is not None:
+    alibi_slopes = jnp.asarray(alibi_slopes)
+    _check_float("alibi_slopes", alibi_slopes)
+    if alibi_slopes.ndim == 1:
+      alibi_slopes = alibi_slopes[None]
+    if (alibi_slopes.ndim != 2 or alibi_slopes.shape[1] != n
+        or alibi_slopes.shape[0] not in (1, b)):
+      raise ValueError(f"alibi_slopes must have shape ({n},) or ({b}, {n}), "
+                       f"got {alibi_slopes.shape}")
+    alibi_slopes = alibi_slopes.astype(jnp.float32)
+
+  if bias is not None:
+    bias = jnp.asarray(bias)
+    _check_float("bias", bias)
+    if bias.ndim > 4:
+      raise ValueError(f"bias must broadcast to [B, N, T, S]; got {bias.shape}")
+    bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+    for got, want, axis in zip(bias.shape, (b, n, t, s), "BNTS"):
+      if got not in (1, want):
+        raise ValueError(f"bias shape {bias.shape} does not broadcast to "
+                         f"[B, N, T, S] = {(b, n, t, s)} (axis {axis})")
+
+  if scale is None:
+    scale = 1.0 / math.sqrt(h)
+  elif not isinstance(scale, numbers.Real) or isinstance(scale, bool):
+    raise ValueError(f"scale must be a Python number, got {scale!r}")
+  if logits_soft_cap is not None:
+    if (not isinstance(logits_soft_cap, numbers.Real)
+        or isinstance(logits_soft_cap, bool) or logits_soft_cap <= 0):
+      raise ValueError(f"logits_soft_cap must be a positive number or None, "
+                       f"got {logits_soft_cap!r}")
+    logits_soft_cap = float(logits_soft_cap)
+
+  if (far_query is None) != (far_key is None) or (
+      (far_query is None) != (far_window is None)):
+    raise ValueError("far_query, far_key and far_window go together: give all "
+                     "three or none")
+  if far_query is not None:
+    _check_float("far_query", far_query, query.shape)
+    _check_float("far_key", far_key, key.shape)
+    far_window = masks_lib._check_int("far_window", far_window, 1)  # pylint: disable=protected-access
+
+  return AttentionRequest(
+      query=query, key=key, value=value, mask=mask, q_segment_ids=q_seg,
+      kv_segment_ids=kv_seg, query_positions=q_pos, key_positions=k_pos,
+      explicit_positions=explicit, alibi_slopes=alibi_slopes, bias=bias,
+      scale=float(scale), logits_soft_cap=logits_soft_cap,
+      far_query=far_query, far_key=far_key, far_window=far_window)
+
+
+def _auto_candidates(request: AttentionRequest) -> Sequence[str]:
+  platform = jax.default_backend()
+  order = _AUTO_ORDER.get(platform, _AUTO_ORDER["cpu"])
+  b, t, s, n, *_ = request.shape_info
+  if b * n * t * s > DENSE_AUTO_LIMIT:
+    order = tuple(x for x in order if x != "xla")
+  return order
+
+
+def dot_product_attention(
+    query: Array, key: Array, value: Array, *,
+    mask: Optional[masks_lib.Mask] = None,
+    segment_ids: Union[Array, tuple[Array, Array], None] = None,
+    alibi_slopes: Optional[Array] = None,
+    bias: Optional[Array] = None,
+    scale: Optional[float] = None,
+    logits_soft_cap: Optional[float] = None,
+    implementation: Union[str, Implementation, None] = None,
+    return_residuals: bool = False,
+    query_positions: Optional[Array] = None,
+    key_positions: Optional[Array] = None,
+    far_query: Optional[Array] = None,
+    far_key: Optional[Array] = None,
+    far_window: Optional[int] = None,
+) -> Any:
+  """Scaled dot-product attention with masks, ALiBi and relative biases.
+
+  Args:
+    query: [B, T, N, H].
+    key: [B, S, K, H], N % K == 0 (grouped-query attention).
+    value: [B, S, K, Hv].
+    mask: a ``masks.Mask`` (Causal(), SlidingWindow(w), Lambda(sinks, w),
+      Chunked(n), PrefixLM(p) or combinations with & and |), or None.
+    segment_ids: int [B, T] (needs T == S) or a pair (q [B, T], kv [B, S]);
+      a query sees only keys with its own id.
+    alibi_slopes: float [N] or [B, N]; adds ``-slope * |i - j|``.
+    bias: float, broadcastable to [B, N, T, S]; added to the logits.
+    scale: logit scale; default 1 / sqrt(H).
+    logits_soft_cap: c > 0 applies ``c * tanh(logits / c)`` before biases.
+    implementation: None (automatic, falls through), "xla" (dense oracle),
+      "xla_chunked" (online softmax, memory linear in length), "cudnn",
+      "pallas_gpu", "pallas_tpu", or an ``Implementation`` instance (e.g.
+      ``XlaChunked(block_q=256, block_k=256)``).
+    return_residuals: also return the log-sum-exp, float32 [B, N, T].
+    query_positions, key_positions: int [B, T] / [B, S] (or [T] / [S])
+      absolute positions used by the mask and ALiBi instead of the
+      bottom-right alignment (KV caches, rolling buffers).
+    far_query, far_key, far_window: score pairs with ``i - j >= far_window``
+      as ``far_query . far_key`` (LM-Infinite distance ceiling, Self-Extend).
+
+  Returns:
+    [B, T, N, Hv] in the query dtype, or (that, lse) with return_residuals.
+  """
+  request = make_request(
+      query, key, value, mask=mask, segment_ids=segment_ids,
+      alibi_slopes=alibi_slopes, bias=bias, scale=scale,
+      logits_soft_cap=logits_soft_cap, query_positions=query_positions,
+      key_positions=key_positions, far_query=far_query, far_key=far_key,
+      far_window=far_window)
+  if implementation is not None:
+    out, lse = _resolve(implementation)(request)
+  else:
+    errors = []
+    for name in _auto_candidates(request):
+      try:
+        out, lse = _REGISTRY[name]()(request)
+        break
+      except NotImplementedError as e:
+        errors.append(f"{name}: {e}")
+    else:
+      raise NotImplementedError("no implementation serves this request:\n  "
+                                + "\n  ".join(errors))
+  return (out, lse) if return_residuals else out

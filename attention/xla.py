@@ -1,0 +1,130 @@
+"""The dense XLA implementation (the oracle) and the per-block logit maths.
+
+``block_logits`` and ``block_visible`` compute the logits and the visibility of
+one (query block, key block) rectangle; the dense path calls them once on the
+whole T x S rectangle, the chunked path once per block. Keeping one copy of the
+maths is what makes "chunked equals dense" a test of the blocking alone.
+
+Grouped-query layout inside: queries [B, T, K, G, H] with G = N // K, logits
+[B, K, G, T, S].
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from . import core
+from . import masks as masks_lib
+
+Array = jax.Array
+
+
+def split_heads(x: Array, num_kv_heads: int) -> Array:
+  """[B, T, N, H] -> [B, T, K, G, H]."""
+  b, t, n, h = x.shape
+  return x.reshape(b, t, num_kv_heads, n // num_kv_heads, h)
+
+
+def heads_bias(bias: Array, num_kv_heads: int) -> Array:
+  """[Bb, Nb, T, S] -> [Bb, K or 1, G or 1, T, S] (Nb in {1, N})."""
+  bb, nb, t, s = bias.shape
+  if nb == 1:
+    return bias[:, :, None]
+  return bias.reshape(bb, num_kv_heads, nb // num_kv_heads, t, s)
+
+
+def block_logits(q: Array, k: Array, q_pos: Array, k_pos: Array, *,
+                 scale: float, soft_cap: Optional[float],
+                 slopes: Optional[Array] = None, bias: Optional[Array] = None,
+                 far_q: Optional[Array] = None, far_k: Optional[Array] = None,
+                 far_window: Optional[int] = None) -> Array:
+  """Float32 logits [B, K, G, Tb, Sb] of one block, before masking.
+
+  Args:
+    q: [B, Tb, K, G, H]; k: [B, Sb, K, H].
+    q_pos, k_pos: int [Bp, Tb], [Bp, Sb].
+    slopes: float32 [Ba, K, G] or None.
+    bias: [Bb, K|1, G|1, Tb, Sb] or None.
+    far_q, far_k: like q and k, or None; used where i - j >= far_window.
+  """
+  s = jnp.einsum("btkgh,bskh->bkgts", q, k,
+                 preferred_element_type=jnp.float32) * scale
+  dist = (q_pos[:, :, None] - k_pos[:, None, :])[:, None, None]  # [Bp,1,1,T,S]
+  if far_q is not None:
+    s_far = jnp.einsum("btkgh,bskh->bkgts", far_q, far_k,
+                       preferred_element_type=jnp.float32) * scale
+    s = jnp.where(dist >= far_window, s_far, s)
+  if soft_cap is not None:
+    s = soft_cap * jnp.tanh(s / soft_cap)
+  if bias is not None:
+    s = s + bias.astype(jnp.float32)
+  if slopes is not None:
+    s = s - slopes[:, :, :, None, None] * jnp.abs(dist).astype(jnp.float32)
+  return s
+
+
+def block_visible(mask: Optional[masks_lib.Mask], q_pos: Array, k_pos: Array,
+                  q_seg: Optional[Array], kv_seg: Optional[Array],
+                  k_valid: Optional[Array] = None) -> Optional[Array]:
+  """bool [B?, 1, 1, Tb, Sb] visibility of one block, or None if all visible."""
+  visible = None
+  if mask is not None:
+    visible = mask(q_pos[:, :, None], k_pos[:, None, :])
+  if q_seg is not None:
+    same = q_seg[:, :, None] == kv_seg[:, None, :]
+    visible = same if visible is None else visible & same
+  if k_valid is not None:
+    visible = k_valid[None, None, :] if visible is None else (
+        visible & k_valid[None, None, :])
+  return None if visible is None else visible[:, None, None]
+
+
+def slopes_by_group(slopes: Optional[Array], num_kv_heads: int):
+  """[Ba, N] -> [Ba, K, G]."""
+  if slopes is None:
+    return None
+  ba, n = slopes.shape
+  return slopes.reshape(ba, num_kv_heads, n // num_kv_heads)
+
+
+def dense_attention(request: core.AttentionRequest):
+  """Materialises the T x S logits; the oracle every other path is held to."""
+  b, t, s, n, k, h, hv = request.shape_info
+  q = split_heads(request.query, k)
+  far_q = None if request.far_query is None else split_heads(
+      request.far_query, k)
+  bias = None if request.bias is None else heads_bias(request.bias, k)
+  logits = block_logits(
+      q, request.key, request.query_positions, request.key_positions,
+      scale=request.scale, soft_cap=request.logits_soft_cap,
+      slopes=slopes_by_group(request.alibi_slopes, k), bias=bias,
+      far_q=far_q, far_k=request.far_key, far_window=request.far_window)
+  visible = block_visible(request.mask, request.query_positions,
+                          request.key_positions, request.q_segment_ids,
+                          request.kv_segment_ids)
+  if visible is not None:
+    logits = jnp.where(visible, logits, -jnp.inf)
+  m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(logits - m)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  l_safe = jnp.where(l > 0, l, 1.0)
+  out = jnp.einsum("bkgts,bskh->btkgh", (p / l_safe).astype(request.value.dtype),
+                   request.value, preferred_element_type=jnp.float32)
+  lse = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)[..., 0]  # [B,K,G,T]
+  out = out.reshape(b, t, n, hv).astype(request.query.dtype)
+  return out, lse.reshape(b, n, t)
+
+
+class Xla(core.Implementation):
+  """Dense XLA attention; memory quadratic in length."""
+  name = "xla"
+
+  def __call__(self, request):
+    return dense_attention(request)
+
+
+core.register_implementation("xla", Xla)

@@ -1,0 +1,1 @@
+"""extrapolax.experiments: see README.md in this folder."""

@@ -1,0 +1,1 @@
+"""extrapolax.models: see README.md in this folder."""

@@ -1,0 +1,1 @@
+"""extrapolax.pallas_kernels: see README.md in this folder."""
