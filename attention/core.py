@@ -126,11 +126,12 @@ def _as_int_array(name, x, shape):
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.integer):
     raise ValueError(f"{name} must be an integer array, got dtype {x.dtype}")
+  given = x.shape
   if x.ndim == 1:
     x = x[None]
   if x.ndim != 2 or x.shape[1] != shape[1] or x.shape[0] not in (1, shape[0]):
     raise ValueError(
-        f"{name} must have shape {shape} or ({shape[1]},), got {x.shape}")
+        f"{name} must have shape {shape} or ({shape[1]},), got {given}")
   return x.astype(jnp.int32)
 
 
@@ -202,12 +203,13 @@ def make_request(query, key, value, *, mask=None, segment_ids=None,
   if alibi_slopes is not None:
     alibi_slopes = jnp.asarray(alibi_slopes)
     _check_float("alibi_slopes", alibi_slopes)
+    given = alibi_slopes.shape
     if alibi_slopes.ndim == 1:
       alibi_slopes = alibi_slopes[None]
     if (alibi_slopes.ndim != 2 or alibi_slopes.shape[1] != n
         or alibi_slopes.shape[0] not in (1, b)):
       raise ValueError(f"alibi_slopes must have shape ({n},) or ({b}, {n}), "
-                       f"got {alibi_slopes.shape}")
+                       f"got {given}")
     alibi_slopes = alibi_slopes.astype(jnp.float32)
 
   if bias is not None:

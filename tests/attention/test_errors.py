@@ -1,0 +1,67 @@
+"""A user's mistake raises ValueError naming the bad value and what is allowed."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from extrapolax import attention
+from extrapolax.attention import masks
+
+
+def arr(*shape, dtype=jnp.float32):
+  return jnp.asarray(np.random.default_rng(0).normal(size=shape), dtype)
+
+
+Q, K, V = arr(2, 8, 4, 16), arr(2, 8, 2, 16), arr(2, 8, 2, 16)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(query=arr(8, 4, 16)), r"query must be 4-D .*\(8, 4, 16\)"),
+    (dict(value=arr(2, 9, 2, 16)), r"key \(2, 8, 2, 16\) and value \(2, 9, 2, 16\)"),
+    (dict(key=arr(3, 8, 2, 16), value=arr(3, 8, 2, 16)), "query batch 2 != key batch 3"),
+    (dict(key=arr(2, 8, 2, 8), value=arr(2, 8, 2, 8)), "head_dim 16 != key head_dim 8"),
+    (dict(key=arr(2, 8, 3, 16), value=arr(2, 8, 3, 16)), "N=4 .* K=3"),
+    (dict(query=arr(2, 8, 4, 16, dtype=jnp.int32)), "query must be a floating"),
+    (dict(implementation="flash"), "unknown implementation 'flash'"),
+    (dict(mask="causal"), "got 'causal'"),
+    (dict(segment_ids=np.zeros((2, 7), np.int32)), r"shape \(2, 8\) or \(8,\), got \(2, 7\)"),
+    (dict(segment_ids=np.zeros((2, 8))), "integer array, got dtype float"),
+    (dict(segment_ids=(np.zeros((2, 8), np.int32),)), "pair"),
+    (dict(alibi_slopes=jnp.ones(3)), r"alibi_slopes must have shape \(4,\) or \(2, 4\), got \(3,\)"),
+    (dict(bias=arr(2, 4, 8, 9)), r"bias shape \(2, 4, 8, 9\) does not broadcast .*axis S"),
+    (dict(bias=arr(1, 1, 2, 4, 8, 8)), "bias must broadcast"),
+    (dict(logits_soft_cap=0.0), "logits_soft_cap must be a positive number.* 0.0"),
+    (dict(logits_soft_cap=-1), "-1"),
+    (dict(scale="big"), "scale must be a Python number, got 'big'"),
+    (dict(query_positions=np.arange(8)), "both query_positions and key_positions"),
+    (dict(query_positions=np.arange(7), key_positions=np.arange(8)), r"got \(7,\)"),
+    (dict(far_query=Q), "far_query, far_key and far_window go together"),
+    (dict(far_query=Q, far_key=K, far_window=0), "far_window must be >= 1, got 0"),
+    (dict(far_query=Q[:, :4], far_key=K, far_window=3), r"far_query must have shape \(2, 8, 4, 16\)"),
+])
+def test_bad_input_raises_value_error(kwargs, match):
+  args = dict(query=Q, key=K, value=V)
+  for name in ("query", "key", "value"):
+    if name in kwargs:
+      args[name] = kwargs.pop(name)
+  with pytest.raises(ValueError, match=match):
+    attention.dot_product_attention(args["query"], args["key"], args["value"],
+                                    **kwargs)
+
+
+def test_single_segment_array_needs_equal_lengths():
+  with pytest.raises(ValueError, match="T == S .*T=4, S=8"):
+    attention.dot_product_attention(Q[:, :4], K, V,
+                                    segment_ids=np.zeros((2, 4), np.int32))
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5])
+def test_chunked_block_sizes_validated(bad):
+  with pytest.raises(ValueError, match="block_q"):
+    attention.XlaChunked(block_q=bad)
+
+
+def test_classifier_needs_both_segment_arrays():
+  with pytest.raises(ValueError, match="both q_segment_ids and kv_segment_ids"):
+    masks.classify_blocks(None, q_len=4, kv_len=4, block_q=2, block_k=2,
+                          q_segment_ids=np.zeros((1, 4), np.int32))

@@ -1,0 +1,26 @@
+"""Shared pytest setup: hypothesis profiles and hardware markers."""
+
+import os
+
+import hypothesis
+import jax
+import pytest
+
+# CI runs with CI=true: fewer examples, no deadline (compilation dominates).
+hypothesis.settings.register_profile(
+    "ci", max_examples=8, deadline=None, derandomize=True,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow])
+hypothesis.settings.register_profile(
+    "dev", max_examples=25, deadline=None,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow])
+hypothesis.settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+  backend = jax.default_backend()
+  for item in items:
+    for marker, needed in (("gpu", "gpu"), ("tpu", "tpu")):
+      if marker in item.keywords and backend != needed:
+        item.add_marker(pytest.mark.skip(
+            reason=f"needs a {needed.upper()} (backend is {backend})"))
