@@ -11,3 +11,11 @@ from .masks import (Causal, Chunked, Lambda, PrefixLM, SlidingWindow,
 from .xla import Xla
 from .xla_chunked import XlaChunked
 from .cudnn import Cudnn
+from . import layer, positional
+from .layer import (Alibi, Attention, Fire, Kerple, LearnedPositionEmbedding,
+                    NoPE, Rope, T5Bias)
+from .positional import (alibi_bias, alibi_slopes, fire_bias,
+                         kerple_log_bias, length_logit_scale,
+                         randomized_positions, relative_positions,
+                         self_extend_positions, sinusoidal_embedding, t5_bias,
+                         t5_relative_bucket)

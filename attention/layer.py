@@ -1,0 +1,286 @@
+"""The one Flax piece of ``extrapolax.attention``: an nnx attention layer.
+
+``Attention`` holds the q/k/v/o projections and whatever a position scheme
+learns; everything else is the pure functions of this package. A position
+scheme is a small frozen dataclass (the semantics axis); ``implementation``
+picks who computes (the other axis, see ``core``).
+
+Schemes: ``NoPE()``, ``Rope(...)`` (any Hugging Face rope_scaling, both
+layouts, partial rotary, optional Self-Extend or LM-Infinite distance
+ceiling), ``Alibi()``, ``T5Bias(...)``, ``Kerple()``, ``Fire(...)``.
+Absolute encodings are added to token embeddings, not inside attention:
+``sinusoidal_embedding`` (positional.py) and ``LearnedPositionEmbedding`` here.
+
+Relative biases (T5, Kerple, FIRE) are materialised as a dense [B, N, T, S]
+bias, so their memory is quadratic in length whatever the implementation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional, Union
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from . import core
+from . import masks as masks_lib
+from . import positional
+from . import rope as rope_lib
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class NoPE:
+  """No positional signal (a causal decoder still infers order)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+  """Rotary embeddings, optionally scaled.
+
+  Attributes:
+    base: rope_theta.
+    rope_scaling: a Hugging Face rope_scaling dict, verbatim, or None.
+    max_position_embeddings: what the scaling methods that need it read.
+    partial_rotary_factor: fraction of head_dim that rotates.
+    layout: "half" (Llama) or "interleaved" (GPT-J).
+    self_extend: (group_size, window): Self-Extend's grouped positions for
+      pairs at distance >= window (inference only, no training).
+    distance_ceiling: LM-Infinite: with a ``Lambda`` mask, the sink keys past
+      the window are scored at this fixed distance (query rotated at the
+      ceiling, keys un-rotated).
+  """
+  base: float = 10000.0
+  rope_scaling: Optional[Mapping[str, Any]] = None
+  max_position_embeddings: Optional[int] = None
+  partial_rotary_factor: float = 1.0
+  layout: str = "half"
+  self_extend: Optional[tuple[int, int]] = None
+  distance_ceiling: Optional[int] = None
+
+  def __post_init__(self):
+    if self.layout not in rope_lib.ROPE_LAYOUTS:
+      raise ValueError(f"layout must be one of {rope_lib.ROPE_LAYOUTS}, got "
+                       f"{self.layout!r}")
+    if self.self_extend is not None and self.distance_ceiling is not None:
+      raise ValueError("self_extend and distance_ceiling both re-score far "
+                       "pairs; choose one")
+    if self.self_extend is not None:
+      if len(self.self_extend) != 2:
+        raise ValueError("self_extend must be (group_size, window), got "
+                         f"{self.self_extend!r}")
+      masks_lib._check_int("self_extend group_size", self.self_extend[0], 1)  # pylint: disable=protected-access
+      masks_lib._check_int("self_extend window", self.self_extend[1], 1)  # pylint: disable=protected-access
+    if self.distance_ceiling is not None:
+      masks_lib._check_int("distance_ceiling", self.distance_ceiling, 0)  # pylint: disable=protected-access
+    if self.rope_scaling is not None:
+      # Hashable, so the scheme can be a static argument.
+      object.__setattr__(self, "rope_scaling",
+                         _FrozenDict(self.rope_scaling))
+
+  def frequencies(self, head_dim: int, seq_len=None):
+    return rope_lib.rope_frequencies(
+        head_dim, base=self.base,
+        rope_scaling=None if self.rope_scaling is None else dict(
+            self.rope_scaling),
+        max_position_embeddings=self.max_position_embeddings,
+        seq_len=seq_len, partial_rotary_factor=self.partial_rotary_factor)
+
+
+class _FrozenDict(dict):
+  """A dict that hashes by content (rope_scaling values are numbers/lists)."""
+
+  def __hash__(self):
+    return hash(repr(sorted(self.items())))
+
+  def __setitem__(self, key, value):
+    raise TypeError("rope_scaling is frozen")
+
+
+@dataclasses.dataclass(frozen=True)
+class Alibi:
+  """ALiBi: ``-slope_h * |i - j|`` with the paper's slopes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Bias:
+  """T5's learned bucketed relative bias (one scalar per head and bucket)."""
+  num_buckets: int = 32
+  max_distance: int = 128
+  bidirectional: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Kerple:
+  """Kerple (log): ``-r1_h * log(1 + r2_h * |i - j|)``, r1, r2 learned > 0."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Fire:
+  """FIRE: a small MLP of the log-normalised distance, per head."""
+  hidden: int = 32
+  init_threshold: float = 512.0
+
+
+PositionScheme = Union[NoPE, Rope, Alibi, T5Bias, Kerple, Fire]
+_SCHEMES = (NoPE, Rope, Alibi, T5Bias, Kerple, Fire)
+
+
+class LearnedPositionEmbedding(nnx.Module):
+  """A learned absolute table [max_len, dim]; it cannot run past max_len.
+
+  Positions past the table raise when they are known at trace time and give
+  NaN (loudly wrong, never silently clipped) when they are traced.
+  """
+
+  def __init__(self, max_len: int, dim: int, *, rngs: nnx.Rngs,
+               param_dtype=jnp.float32):
+    self.max_len = masks_lib._check_int("max_len", max_len, 1)  # pylint: disable=protected-access
+    self.table = nnx.Param(nnx.initializers.normal(0.02)(
+        rngs.params(), (max_len, dim), param_dtype))
+
+  def __call__(self, positions: Array) -> Array:
+    if not isinstance(positions, jax.core.Tracer):
+      top = int(jnp.max(positions)) if jnp.size(positions) else 0
+      if top >= self.max_len:
+        raise ValueError(f"position {top} is past the learned table "
+                         f"(max_len={self.max_len}); learned absolute "
+                         "embeddings cannot extrapolate")
+    return jnp.take(self.table[...], positions, axis=0, mode="fill",
+                    fill_value=jnp.nan)
+
+
+class Attention(nnx.Module):
+  """Multi-head (grouped-query) self-attention with a position scheme.
+
+  ``__call__(x [B, T, D], *, positions=None, segment_ids=None) -> [B, T, D]``.
+  ``positions`` ([B, T] or [T], default 0..T-1) are per-document in packed
+  rows; they drive RoPE, the relative biases and the mask (so a Lambda mask's
+  sinks are each document's first tokens).
+  """
+
+  def __init__(self, features: int, num_heads: int, *,
+               num_kv_heads: Optional[int] = None,
+               head_dim: Optional[int] = None,
+               position: PositionScheme = NoPE(),
+               mask: Optional[masks_lib.Mask] = masks_lib.Causal(),
+               implementation: Union[str, core.Implementation, None] = None,
+               logits_soft_cap: Optional[float] = None,
+               length_scaling: Optional[int] = None,
+               use_bias: bool = False, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    masks_lib._check_int("num_heads", num_heads, 1)  # pylint: disable=protected-access
+    masks_lib._check_int("num_kv_heads", num_kv_heads, 1)  # pylint: disable=protected-access
+    if num_heads % num_kv_heads:
+      raise ValueError(f"num_heads={num_heads} must be a multiple of "
+                       f"num_kv_heads={num_kv_heads}")
+    if head_dim is None:
+      if features % num_heads:
+        raise ValueError(f"features={features} is not divisible by "
+                         f"num_heads={num_heads}; give head_dim")
+      head_dim = features // num_heads
+    if not isinstance(position, _SCHEMES):
+      raise ValueError(f"position must be one of "
+                       f"{[s.__name__ for s in _SCHEMES]}, got {position!r}")
+    self.mask = masks_lib.as_mask(mask)
+    if isinstance(position, Rope) and position.distance_ceiling is not None:
+      if not isinstance(self.mask, masks_lib.Lambda):
+        raise ValueError("Rope(distance_ceiling=...) needs a Lambda mask, got "
+                         f"{self.mask!r}")
+    if length_scaling is not None:
+      masks_lib._check_int("length_scaling", length_scaling, 2)  # pylint: disable=protected-access
+    self.num_heads, self.num_kv_heads, self.head_dim = (
+        num_heads, num_kv_heads, head_dim)
+    self.position = position
+    self.implementation = implementation
+    self.logits_soft_cap = logits_soft_cap
+    self.length_scaling = length_scaling
+    self.dtype = dtype
+    dense = lambda n: nnx.LinearGeneral(
+        features, (n, head_dim), use_bias=use_bias, dtype=dtype,
+        param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = dense(num_heads)
+    self.k_proj = dense(num_kv_heads)
+    self.v_proj = dense(num_kv_heads)
+    self.o_proj = nnx.LinearGeneral(
+        (num_heads, head_dim), features, axis=(-2, -1), use_bias=use_bias,
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if isinstance(position, T5Bias):
+      self.t5_table = nnx.Param(nnx.initializers.normal(0.02)(
+          rngs.params(), (position.num_buckets, num_heads), param_dtype))
+    elif isinstance(position, Kerple):
+      # softplus(raw) keeps r1, r2 > 0; r1 starts near 1, r2 near 1.
+      self.kerple_raw = nnx.Param(jnp.full((2, num_heads), 0.5413,
+                                           param_dtype))
+    elif isinstance(position, Fire):
+      self.fire_in = nnx.Linear(1, position.hidden, param_dtype=param_dtype,
+                                rngs=rngs)
+      self.fire_out = nnx.Linear(position.hidden, num_heads,
+                                 param_dtype=param_dtype, rngs=rngs)
+      self.fire_c = nnx.Param(jnp.asarray(1.0, param_dtype))
+      self.fire_threshold = nnx.Param(
+          jnp.asarray(position.init_threshold, param_dtype))
+
+  def _bias(self, positions):
+    p = self.position
+    if isinstance(p, T5Bias):
+      return positional.t5_bias(
+          self.t5_table[...], positions, positions,
+          bidirectional=p.bidirectional, num_buckets=p.num_buckets,
+          max_distance=p.max_distance)
+    if isinstance(p, Kerple):
+      r = jax.nn.softplus(self.kerple_raw[...])
+      return positional.kerple_log_bias(r[0], r[1], positions, positions)
+    if isinstance(p, Fire):
+      mlp = lambda d: self.fire_out(jax.nn.relu(self.fire_in(d)))
+      return positional.fire_bias(
+          mlp, jnp.abs(self.fire_c[...]), jnp.abs(self.fire_threshold[...]),
+          positions, positions)
+    return None
+
+  def __call__(self, x: Array, *, positions: Optional[Array] = None,
+               segment_ids: Optional[Array] = None) -> Array:
+    b, t, _ = x.shape
+    explicit = positions is not None
+    if positions is None:
+      positions = jnp.arange(t, dtype=jnp.int32)
+    positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, t))
+    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    far = {}
+    p = self.position
+    if isinstance(p, Rope):
+      inv_freq, att = p.frequencies(self.head_dim,
+                                    seq_len=jnp.max(positions) + 1)
+      rot = lambda y, pos: rope_lib.apply_rope(
+          y, pos, inv_freq, attention_scaling=att, layout=p.layout)
+      if p.self_extend is not None:
+        group, window = p.self_extend
+        far_q_pos, far_k_pos = positional.self_extend_positions(
+            positions, group_size=group, window=window)
+        far = dict(far_query=rot(q, far_q_pos), far_key=rot(k, far_k_pos),
+                   far_window=window)
+      elif p.distance_ceiling is not None:
+        ceiling = jnp.minimum(p.distance_ceiling, jnp.max(positions))
+        far = dict(far_query=rot(q, jnp.full_like(positions, ceiling)),
+                   far_key=k, far_window=self.mask.window)
+      q, k = rot(q, positions), rot(k, positions)
+    if self.length_scaling is not None:
+      scale = positional.length_logit_scale(positions, self.length_scaling)
+      q = q * scale[..., None, None].astype(q.dtype)
+      if far:
+        far["far_query"] = far["far_query"] * scale[..., None, None].astype(
+            q.dtype)
+    slopes = positional.alibi_slopes(self.num_heads) if isinstance(
+        p, Alibi) else None
+    bias = self._bias(positions)
+    out = core.dot_product_attention(
+        q, k, v, mask=self.mask, segment_ids=segment_ids,
+        alibi_slopes=slopes, bias=bias, logits_soft_cap=self.logits_soft_cap,
+        implementation=self.implementation,
+        query_positions=positions if explicit else None,
+        key_positions=positions if explicit else None, **far)
+    return self.o_proj(out)
