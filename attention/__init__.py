@@ -19,3 +19,6 @@ from .positional import (alibi_bias, alibi_slopes, fire_bias,
                          randomized_positions, relative_positions,
                          self_extend_positions, sinusoidal_embedding, t5_bias,
                          t5_relative_bucket)
+from . import rope
+from .rope import (ROPE_LAYOUTS, ROPE_TYPES, apply_rope, rope_cos_sin,
+                   rope_frequencies)
