@@ -36,6 +36,26 @@ def heads_bias(bias: Array, num_kv_heads: int) -> Array:
   return bias.reshape(bb, num_kv_heads, nb // num_kv_heads, t, s)
 
 
+# Grouped-query products as plain per-head batched matmuls: key/value heads
+# are repeated G times (XLA on the CPU runs these about 2x faster than the
+# same contraction written with a separate group axis).
+
+def qk(q: Array, k: Array) -> Array:
+  """q [B, T, K, G, H] . k [B, S, K, H] -> float32 [B, K, G, T, S]."""
+  b, t, kh, g, h = q.shape
+  s = jnp.einsum("btnh,bsnh->bnts", q.reshape(b, t, kh * g, h),
+                 jnp.repeat(k, g, axis=2), preferred_element_type=jnp.float32)
+  return s.reshape(b, kh, g, t, -1)
+
+
+def pv(p: Array, v: Array) -> Array:
+  """p [B, K, G, T, S] . v [B, S, K, Hv] -> float32 [B, T, K, G, Hv]."""
+  b, kh, g, t, s = p.shape
+  o = jnp.einsum("bnts,bsnh->btnh", p.reshape(b, kh * g, t, s),
+                 jnp.repeat(v, g, axis=2), preferred_element_type=jnp.float32)
+  return o.reshape(b, t, kh, g, -1)
+
+
 def block_logits(q: Array, k: Array, q_pos: Array, k_pos: Array, *,
                  scale: float, soft_cap: Optional[float],
                  slopes: Optional[Array] = None, bias: Optional[Array] = None,
@@ -50,12 +70,10 @@ def block_logits(q: Array, k: Array, q_pos: Array, k_pos: Array, *,
     bias: [Bb, K|1, G|1, Tb, Sb] or None.
     far_q, far_k: like q and k, or None; used where i - j >= far_window.
   """
-  s = jnp.einsum("btkgh,bskh->bkgts", q, k,
-                 preferred_element_type=jnp.float32) * scale
+  s = qk(q, k) * scale
   dist = (q_pos[:, :, None] - k_pos[:, None, :])[:, None, None]  # [Bp,1,1,T,S]
   if far_q is not None:
-    s_far = jnp.einsum("btkgh,bskh->bkgts", far_q, far_k,
-                       preferred_element_type=jnp.float32) * scale
+    s_far = qk(far_q, far_k) * scale
     s = jnp.where(dist >= far_window, s_far, s)
   if soft_cap is not None:
     s = soft_cap * jnp.tanh(s / soft_cap)
@@ -112,8 +130,7 @@ def dense_attention(request: core.AttentionRequest):
   p = jnp.exp(logits - m)
   l = jnp.sum(p, axis=-1, keepdims=True)
   l_safe = jnp.where(l > 0, l, 1.0)
-  out = jnp.einsum("bkgts,bskh->btkgh", (p / l_safe).astype(request.value.dtype),
-                   request.value, preferred_element_type=jnp.float32)
+  out = pv((p / l_safe).astype(request.value.dtype), request.value)
   lse = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)[..., 0]  # [B,K,G,T]
   out = out.reshape(b, t, n, hv).astype(request.query.dtype)
   return out, lse.reshape(b, n, t)

@@ -175,8 +175,7 @@ def _forward(st: _Static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias,
         alpha = jnp.exp(m - m_safe)
         p = jnp.exp(s - m_safe[..., None])
         l = alpha * l + p.sum(-1)
-        pv = jnp.einsum("bkgts,bskh->bkgth", p.astype(v.dtype), bl.v[j],
-                        preferred_element_type=jnp.float32)
+        pv = jnp.moveaxis(xla_lib.pv(p.astype(v.dtype), bl.v[j]), 1, 3)
         return m_new, l, alpha[..., None] * acc + pv
 
       carry = jax.lax.switch(bl.branch[i, j], [
@@ -226,51 +225,65 @@ def _backward(st: _Static, res, cotangents):
     delta = delta - d_lse_b
   lse_safe = jnp.where(jnp.isfinite(lse_b), lse_b, 0.0)
 
-  zeros = lambda x: None if x is None else jnp.zeros(x.shape, jnp.float32)
-  q_acc0 = (zeros(bl.q), zeros(bl.far_q), zeros(bl.slopes), zeros(bl.bias))
-
-  def k_block(q_acc, j):
+  def block_grads(i, j, use_mask):
+    """Gradients from block (i, j): (q side, k side) tuples."""
+    qi, fqi = bl.q_inputs(i)
     kj, fkj = bl.k_inputs(j)
-    vj = bl.v[j]
+    fn = lambda *xs: bl.logits(i, j, *xs)
+    s, vjp = jax.vjp(fn, qi, kj, fqi, fkj, bl.slopes, bl.bias_block(i, j))
+    if use_mask:
+      s = _masked(s, bl.visible(i, j))
+    p = jnp.exp(s - lse_safe[i][..., None])
+    b_, kh, g_, t_, s_ = p.shape
+    dv = jnp.einsum("bnts,btnh->bsnh", p.astype(do.dtype).reshape(
+        b_, kh * g_, t_, s_), do[i].reshape(b_, t_, kh * g_, -1),
+                    preferred_element_type=jnp.float32)
+    dv = dv.reshape(b_, s_, kh, g_, -1).sum(3)
+    dp = xla_lib.qk(do[i], bl.v[j])
+    gq, gk, gfq, gfk, gsl, gbias = vjp(p * (dp - delta[i][..., None]))
+    return (gq, gfq, gsl, gbias), (gk, gfk, dv)
 
-    def q_step(carry, i):
-      k_acc, q_acc = carry
+  def skip_or(branch_out, zeros_like_out, i, j):
+    """lax.switch over the block's label; a skipped block gives zeros."""
+    zero = lambda: jax.tree_util.tree_map(jnp.zeros_like, zeros_like_out)
+    return jax.lax.switch(bl.branch[i, j], [
+        lambda: zero(),
+        lambda: branch_out(True),
+        lambda: branch_out(False)])
 
-      def compute(carry, use_mask):
-        (dk, dfk, dv), (dq, dfq, dsl, dbias) = carry
-        qi, fqi = bl.q_inputs(i)
-        fn = lambda *xs: bl.logits(i, j, *xs)
-        s, vjp = jax.vjp(fn, qi, kj, fqi, fkj, bl.slopes, bl.bias_block(i, j))
-        if use_mask:
-          s = _masked(s, bl.visible(i, j))
-        p = jnp.exp(s - lse_safe[i][..., None])
-        dv = dv + jnp.einsum("bkgts,btkgh->bskh", p.astype(do.dtype), do[i],
-                             preferred_element_type=jnp.float32)
-        dp = jnp.einsum("btkgh,bskh->bkgts", do[i], vj,
-                        preferred_element_type=jnp.float32)
-        ds = p * (dp - delta[i][..., None])
-        gq, gk, gfq, gfk, gsl, gbias = vjp(ds)
-        add = lambda acc, grad: None if acc is None else acc + grad
-        dq = dq.at[i].add(gq)
-        dfq = None if dfq is None else dfq.at[i].add(gfq)
-        dbias = None if dbias is None else bl.bias_add(dbias, gbias, i, j)
-        return (dk + gk, add(dfk, gfk), dv), (dq, dfq, add(dsl, gsl), dbias)
+  # Two sweeps with block-sized carries only (a full-size accumulator passed
+  # through lax.switch would be copied at every step): dq, dfar_q, dslopes
+  # and dbias with queries outside; dk, dfar_k and dv with keys outside.
+  def q_sweep(i):
+    qi, fqi = bl.q_inputs(i)
 
-      carry = jax.lax.switch(bl.branch[i, j], [
-          lambda c: c,
-          lambda c: compute(c, True),
-          lambda c: compute(c, False)], (k_acc, q_acc))
-      return carry, None
+    def step(acc, j):
+      shape = jax.eval_shape(lambda: block_grads(i, j, True)[0])
+      g = skip_or(lambda m: block_grads(i, j, m)[0], shape, i, j)
+      gq, gfq, gsl, gbias = g
+      add = lambda a, b: None if a is None else a + b
+      return (acc[0] + gq, add(acc[1], gfq), add(acc[2], gsl)), gbias
 
-    k_acc0 = (jnp.zeros(kj.shape, jnp.float32),
-              None if fkj is None else jnp.zeros(fkj.shape, jnp.float32),
-              jnp.zeros(vj.shape, jnp.float32))
-    (k_acc, q_acc), _ = jax.lax.scan(q_step, (k_acc0, q_acc),
-                                     jnp.arange(bl.nq))
-    return q_acc, k_acc
+    zeros = lambda x: None if x is None else jnp.zeros(x.shape, jnp.float32)
+    init = (zeros(qi), zeros(fqi), zeros(bl.slopes))
+    return jax.lax.scan(step, init, jnp.arange(bl.nk))
 
-  (dq, dfq, dsl, dbias), (dk, dfk, dv) = jax.lax.scan(
-      k_block, q_acc0, jnp.arange(bl.nk))
+  def k_sweep(j):
+    kj, fkj = bl.k_inputs(j)
+
+    def step(acc, i):
+      shape = jax.eval_shape(lambda: block_grads(i, j, True)[1])
+      g = skip_or(lambda m: block_grads(i, j, m)[1], shape, i, j)
+      add = lambda a, b: None if a is None else a + b
+      return tuple(add(a, b) for a, b in zip(acc, g)), None
+
+    init = (jnp.zeros(kj.shape, jnp.float32),
+            None if fkj is None else jnp.zeros(fkj.shape, jnp.float32),
+            jnp.zeros(bl.v[j].shape, jnp.float32))
+    return jax.lax.scan(step, init, jnp.arange(bl.nq))[0]
+
+  (dq, dfq, dsl), dbias = jax.lax.map(q_sweep, jnp.arange(bl.nq))
+  dk, dfk, dv = jax.lax.map(k_sweep, jnp.arange(bl.nk))
 
   def unq(x, like):
     # [nq, B, bq, K, G, H] -> [B, T, N, H]
@@ -282,10 +295,17 @@ def _backward(st: _Static, res, cotangents):
 
   d_bias = None
   if bias is not None:
-    d_bias = dbias[..., :bias.shape[2] if bl.bias_full_t else 1, :]
-    d_bias = d_bias[..., :bias.shape[3] if bl.bias_full_s else 1]
-    d_bias = d_bias.reshape(bias.shape).astype(bias.dtype)
-  d_slopes = None if slopes is None else dsl.reshape(slopes.shape)
+    # [nq, nk, Bb, K|1, G|1, bq|1, bk|1] -> [Bb, K|1, G|1, T|1, S|1]
+    g = dbias.transpose(2, 3, 4, 0, 5, 1, 6)
+    if not bl.bias_full_t:
+      g = g.sum(3, keepdims=True)
+    if not bl.bias_full_s:
+      g = g.sum(5, keepdims=True)
+    g = g.reshape(g.shape[:3] + (g.shape[3] * g.shape[4],
+                                 g.shape[5] * g.shape[6]))
+    g = g[..., :bias.shape[2], :bias.shape[3]]
+    d_bias = g.reshape(bias.shape).astype(bias.dtype)
+  d_slopes = None if slopes is None else dsl.sum(0).reshape(slopes.shape)
   return (unq(dq, q), unk(dk, k), unk(dv, v), None, None, None, None,
           d_slopes, d_bias, None if far_q is None else unq(dfq, far_q),
           None if far_k is None else unk(dfk, far_k))
