@@ -95,7 +95,9 @@ _REGISTRY: dict[str, Callable[[], Implementation]] = {}
 _AUTO_ORDER = {
     "gpu": ("pallas_gpu", "cudnn", "xla", "xla_chunked"),
     "tpu": ("pallas_tpu", "xla", "xla_chunked"),
-    "cpu": ("xla", "xla_chunked"),
+    # On the CPU the chunked path beats the dense one from T = 1k up
+    # (BENCHMARKS.md), so it goes first; "xla" stays the oracle.
+    "cpu": ("xla_chunked", "xla"),
 }
 # Auto mode only uses the dense path while its logits stay below this many
 # float32 elements (B * N * T * S); past it the chunked path runs.
