@@ -8,7 +8,7 @@ import pytest
 
 # CI runs with CI=true: fewer examples, no deadline (compilation dominates).
 hypothesis.settings.register_profile(
-    "ci", max_examples=8, deadline=None, derandomize=True,
+    "ci", max_examples=25, deadline=None, derandomize=True,
     suppress_health_check=[hypothesis.HealthCheck.too_slow])
 hypothesis.settings.register_profile(
     "dev", max_examples=25, deadline=None,
