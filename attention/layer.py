@@ -187,6 +187,8 @@ class Attention(nnx.Module):
       raise ValueError(f"position must be one of "
                        f"{[s.__name__ for s in _SCHEMES]}, got {position!r}")
     self.mask = masks_lib.as_mask(mask)
+    if isinstance(position, Rope):
+      position.frequencies(head_dim)   # bad rope settings fail here
     if isinstance(position, Rope) and position.distance_ceiling is not None:
       if not isinstance(self.mask, masks_lib.Lambda):
         raise ValueError("Rope(distance_ceiling=...) needs a Lambda mask, got "

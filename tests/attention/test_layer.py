@@ -143,6 +143,7 @@ def test_learned_position_embedding_cannot_extrapolate():
     (dict(position="rope"), "position must be one of"),
     (dict(position=L.Rope(distance_ceiling=4)), "needs a Lambda mask"),
     (dict(length_scaling=1), "length_scaling must be >= 2, got 1"),
+    (dict(position=L.Rope(rope_scaling={"rope_type": "linear"})), "factor"),
 ])
 def test_layer_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -1,0 +1,124 @@
+"""The decoder-only LM in flax.nnx.
+
+Token embedding (tied or not) -> optional absolute positions -> layers of
+[pre-norm RMSNorm -> grouped-query attention -> residual, pre-norm RMSNorm ->
+SwiGLU MLP -> residual] -> final RMSNorm -> logits (float32).
+
+``model(tokens, *, positions=None, segment_ids=None)``: packed rows pass
+per-document positions (restarting at 0) and segment ids; each document then
+gives the same logits as it would alone.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from extrapolax.attention import layer as attn_layer
+from extrapolax.attention import positional
+
+from .config import ModelConfig
+
+Array = jax.Array
+
+
+def _dtype(name: str):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+class SwiGLU(nnx.Module):
+  """down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, d_model: int, hidden: int, *, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    dense = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype,
+                                    param_dtype=param_dtype, rngs=rngs)
+    self.gate = dense(d_model, hidden)
+    self.up = dense(d_model, hidden)
+    self.down = dense(hidden, d_model)
+
+  def __call__(self, x: Array) -> Array:
+    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+  """One pre-norm decoder layer."""
+
+  def __init__(self, config: ModelConfig, index: int, *, rngs: nnx.Rngs):
+    spec = config.layer_spec(index)
+    dtype, param_dtype = _dtype(config.dtype), _dtype(config.param_dtype)
+    norm = lambda: nnx.RMSNorm(config.d_model, epsilon=config.norm_eps,
+                               dtype=dtype, param_dtype=param_dtype,
+                               rngs=rngs)
+    self.attn_norm = norm()
+    self.attn = attn_layer.Attention(
+        config.d_model, config.num_heads, num_kv_heads=config.kv_heads,
+        head_dim=config.per_head_dim, position=spec.to_position(),
+        mask=spec.to_mask(), implementation=config.implementation,
+        logits_soft_cap=spec.logits_soft_cap,
+        length_scaling=spec.length_scaling, dtype=dtype,
+        param_dtype=param_dtype, rngs=rngs)
+    self.mlp_norm = norm()
+    self.mlp = SwiGLU(config.d_model, config.mlp_dim, dtype=dtype,
+                      param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x, positions, segment_ids):
+    x = x + self.attn(self.attn_norm(x), positions=positions,
+                      segment_ids=segment_ids)
+    return x + self.mlp(self.mlp_norm(x))
+
+
+class DecoderLM(nnx.Module):
+  """A decoder-only language model built from a ``ModelConfig``."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    dtype, param_dtype = _dtype(config.dtype), _dtype(config.param_dtype)
+    self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype,
+                           param_dtype=param_dtype, rngs=rngs)
+    if config.absolute == "learned":
+      self.position_embed = attn_layer.LearnedPositionEmbedding(
+          config.max_len, config.d_model, rngs=rngs, param_dtype=param_dtype)
+    self.blocks = nnx.List(
+        [Block(config, i, rngs=rngs) for i in range(config.num_layers)])
+    self.final_norm = nnx.RMSNorm(config.d_model, epsilon=config.norm_eps,
+                                  dtype=dtype, param_dtype=param_dtype,
+                                  rngs=rngs)
+    if not config.tie_embeddings:
+      self.lm_head = nnx.Linear(config.d_model, config.vocab_size,
+                                use_bias=False, dtype=dtype,
+                                param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, tokens: Array, *, positions: Optional[Array] = None,
+               segment_ids: Optional[Array] = None) -> Array:
+    """tokens int [B, T] -> logits float32 [B, T, vocab]."""
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"tokens must be an int array [batch, seq], got "
+                       f"{tokens.dtype}{list(tokens.shape)}")
+    b, t = tokens.shape
+    x = self.embed(tokens)
+    abs_positions = (jnp.arange(t, dtype=jnp.int32) if positions is None
+                     else jnp.asarray(positions, jnp.int32))
+    abs_positions = jnp.broadcast_to(abs_positions, (b, t))
+    if self.config.absolute == "sinusoidal":
+      x = x + positional.sinusoidal_embedding(
+          abs_positions, self.config.d_model).astype(x.dtype)
+    elif self.config.absolute == "learned":
+      x = x + self.position_embed(abs_positions).astype(x.dtype)
+    for block in self.blocks:
+      x = block(x, positions, segment_ids)
+    x = self.final_norm(x)
+    if self.config.tie_embeddings:
+      logits = self.embed.attend(x)
+    else:
+      logits = self.lm_head(x)
+    return logits.astype(jnp.float32)
+
+
+def num_params(model: nnx.Module) -> int:
+  """Number of parameter scalars."""
+  return sum(x.size for x in jax.tree_util.tree_leaves(
+      nnx.state(model, nnx.Param)))
