@@ -170,7 +170,7 @@ class Attention(nnx.Module):
                implementation: Union[str, core.Implementation, None] = None,
                logits_soft_cap: Optional[float] = None,
                length_scaling: Optional[int] = None,
-               use_bias: bool = False, dtype=None,
+               qkv_bias: bool = False, out_bias: bool = False, dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     masks_lib._check_int("num_heads", num_heads, 1)  # pylint: disable=protected-access
@@ -203,13 +203,13 @@ class Attention(nnx.Module):
     self.length_scaling = length_scaling
     self.dtype = dtype
     dense = lambda n: nnx.LinearGeneral(
-        features, (n, head_dim), use_bias=use_bias, dtype=dtype,
+        features, (n, head_dim), use_bias=qkv_bias, dtype=dtype,
         param_dtype=param_dtype, rngs=rngs)
     self.q_proj = dense(num_heads)
     self.k_proj = dense(num_kv_heads)
     self.v_proj = dense(num_kv_heads)
     self.o_proj = nnx.LinearGeneral(
-        (num_heads, head_dim), features, axis=(-2, -1), use_bias=use_bias,
+        (num_heads, head_dim), features, axis=(-2, -1), use_bias=out_bias,
         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if isinstance(position, T5Bias):
       self.t5_table = nnx.Param(nnx.initializers.normal(0.02)(

@@ -59,7 +59,8 @@ class Block(nnx.Module):
         head_dim=config.per_head_dim, position=spec.to_position(),
         mask=spec.to_mask(), implementation=config.implementation,
         logits_soft_cap=spec.logits_soft_cap,
-        length_scaling=spec.length_scaling, dtype=dtype,
+        length_scaling=spec.length_scaling, qkv_bias=config.qkv_bias,
+        dtype=dtype,
         param_dtype=param_dtype, rngs=rngs)
     self.mlp_norm = norm()
     self.mlp = SwiGLU(config.d_model, config.mlp_dim, dtype=dtype,
