@@ -143,12 +143,14 @@ class LearnedPositionEmbedding(nnx.Module):
         rngs.params(), (max_len, dim), param_dtype))
 
   def __call__(self, positions: Array) -> Array:
-    if not isinstance(positions, jax.core.Tracer):
+    try:
       top = int(jnp.max(positions)) if jnp.size(positions) else 0
-      if top >= self.max_len:
-        raise ValueError(f"position {top} is past the learned table "
-                         f"(max_len={self.max_len}); learned absolute "
-                         "embeddings cannot extrapolate")
+    except jax.errors.ConcretizationTypeError:
+      top = None      # traced: out-of-table rows come back as NaN
+    if top is not None and top >= self.max_len:
+      raise ValueError(f"position {top} is past the learned table "
+                       f"(max_len={self.max_len}); learned absolute "
+                       "embeddings cannot extrapolate")
     return jnp.take(self.table[...], positions, axis=0, mode="fill",
                     fill_value=jnp.nan)
 
