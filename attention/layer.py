@@ -229,22 +229,76 @@ class Attention(nnx.Module):
       self.fire_threshold = nnx.Param(
           jnp.asarray(position.init_threshold, param_dtype))
 
-  def _bias(self, positions):
+  def _bias(self, q_positions, k_positions):
     p = self.position
     if isinstance(p, T5Bias):
       return positional.t5_bias(
-          self.t5_table[...], positions, positions,
+          self.t5_table[...], q_positions, k_positions,
           bidirectional=p.bidirectional, num_buckets=p.num_buckets,
           max_distance=p.max_distance)
     if isinstance(p, Kerple):
       r = jax.nn.softplus(self.kerple_raw[...])
-      return positional.kerple_log_bias(r[0], r[1], positions, positions)
+      return positional.kerple_log_bias(r[0], r[1], q_positions, k_positions)
     if isinstance(p, Fire):
       mlp = lambda d: self.fire_out(jax.nn.relu(self.fire_in(d)))
       return positional.fire_bias(
           mlp, jnp.abs(self.fire_c[...]), jnp.abs(self.fire_threshold[...]),
-          positions, positions)
+          q_positions, k_positions)
     return None
+
+  def attend(self, q: Array, k: Array, v: Array, q_positions: Array,
+             k_positions: Array, *, segment_ids=None, rope_q_positions=None,
+             rope_k_positions=None, explicit: bool = True) -> Array:
+    """Attention of projected heads; keys and queries not yet rotated.
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, S, K, H] (a KV cache holds keys before RoPE).
+      q_positions, k_positions: int [B, T] / [B, S] absolute positions (the
+        mask and the relative biases use them).
+      rope_q_positions, rope_k_positions: positions RoPE rotates with, when
+        they differ (StreamingLLM re-positions keys by cache slot).
+      explicit: pass the positions to the attention call (False: the default
+        bottom-right alignment, which lets every implementation serve).
+    Returns:
+      [B, T, N, H] before the output projection.
+    """
+    rope_q = q_positions if rope_q_positions is None else rope_q_positions
+    rope_k = k_positions if rope_k_positions is None else rope_k_positions
+    far = {}
+    p = self.position
+    if isinstance(p, Rope):
+      inv_freq, att = p.frequencies(self.head_dim,
+                                    seq_len=jnp.max(rope_q) + 1)
+      rot = lambda y, pos: rope_lib.apply_rope(
+          y, pos, inv_freq, attention_scaling=att, layout=p.layout)
+      if p.self_extend is not None:
+        group, window = p.self_extend
+        far_q_pos, _ = positional.self_extend_positions(
+            rope_q, group_size=group, window=window)
+        _, far_k_pos = positional.self_extend_positions(
+            rope_k, group_size=group, window=window)
+        far = dict(far_query=rot(q, far_q_pos), far_key=rot(k, far_k_pos),
+                   far_window=window)
+      elif p.distance_ceiling is not None:
+        # Row i's far (sink) keys sit at distance min(ceiling, i).
+        far = dict(far_query=rot(q, jnp.minimum(p.distance_ceiling, rope_q)),
+                   far_key=k, far_window=self.mask.window)
+      q, k = rot(q, rope_q), rot(k, rope_k)
+    if self.length_scaling is not None:
+      scale = positional.length_logit_scale(q_positions, self.length_scaling)
+      q = q * scale[..., None, None].astype(q.dtype)
+      if far:
+        far["far_query"] = far["far_query"] * scale[..., None, None].astype(
+            q.dtype)
+    slopes = positional.alibi_slopes(self.num_heads) if isinstance(
+        p, Alibi) else None
+    return core.dot_product_attention(
+        q, k, v, mask=self.mask, segment_ids=segment_ids,
+        alibi_slopes=slopes, bias=self._bias(q_positions, k_positions),
+        logits_soft_cap=self.logits_soft_cap,
+        implementation=self.implementation,
+        query_positions=q_positions if explicit else None,
+        key_positions=k_positions if explicit else None, **far)
 
   def __call__(self, x: Array, *, positions: Optional[Array] = None,
                segment_ids: Optional[Array] = None) -> Array:
@@ -254,37 +308,6 @@ class Attention(nnx.Module):
       positions = jnp.arange(t, dtype=jnp.int32)
     positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, t))
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-    far = {}
-    p = self.position
-    if isinstance(p, Rope):
-      inv_freq, att = p.frequencies(self.head_dim,
-                                    seq_len=jnp.max(positions) + 1)
-      rot = lambda y, pos: rope_lib.apply_rope(
-          y, pos, inv_freq, attention_scaling=att, layout=p.layout)
-      if p.self_extend is not None:
-        group, window = p.self_extend
-        far_q_pos, far_k_pos = positional.self_extend_positions(
-            positions, group_size=group, window=window)
-        far = dict(far_query=rot(q, far_q_pos), far_key=rot(k, far_k_pos),
-                   far_window=window)
-      elif p.distance_ceiling is not None:
-        ceiling = jnp.minimum(p.distance_ceiling, jnp.max(positions))
-        far = dict(far_query=rot(q, jnp.full_like(positions, ceiling)),
-                   far_key=k, far_window=self.mask.window)
-      q, k = rot(q, positions), rot(k, positions)
-    if self.length_scaling is not None:
-      scale = positional.length_logit_scale(positions, self.length_scaling)
-      q = q * scale[..., None, None].astype(q.dtype)
-      if far:
-        far["far_query"] = far["far_query"] * scale[..., None, None].astype(
-            q.dtype)
-    slopes = positional.alibi_slopes(self.num_heads) if isinstance(
-        p, Alibi) else None
-    bias = self._bias(positions)
-    out = core.dot_product_attention(
-        q, k, v, mask=self.mask, segment_ids=segment_ids,
-        alibi_slopes=slopes, bias=bias, logits_soft_cap=self.logits_soft_cap,
-        implementation=self.implementation,
-        query_positions=positions if explicit else None,
-        key_positions=positions if explicit else None, **far)
+    out = self.attend(q, k, v, positions, positions, segment_ids=segment_ids,
+                      explicit=explicit)
     return self.o_proj(out)
