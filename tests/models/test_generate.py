@@ -1,0 +1,145 @@
+"""KV-cache decoding equals the full forward, and streams in bounded memory."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from extrapolax.models import AttentionSpec, DecoderLM, ModelConfig
+from extrapolax.models.generate import CachePolicy, generate
+
+TINY = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4,
+            num_kv_heads=2, mlp_dim=64, max_len=32)
+
+
+def model_of(*specs, **kwargs):
+  config = ModelConfig(attention=tuple(specs) or (AttentionSpec(),),
+                       **{**TINY, **kwargs})
+  return DecoderLM(config, rngs=nnx.Rngs(0))
+
+
+def tokens(b, t, seed=0):
+  return jax.random.randint(jax.random.key(seed), (b, t), 0, 64)
+
+
+def decoded_logits(model, prompt, policy):
+  _, logits, _ = generate(model, prompt, 1, policy=policy, return_logits=True)
+  return np.asarray(logits)
+
+
+CASES = {
+    "rope": (AttentionSpec(),),
+    "alibi": (AttentionSpec(position="alibi"),),
+    "t5": (AttentionSpec(position="t5", t5_num_buckets=8,
+                         t5_max_distance=16),),
+    "hybrid_window": (AttentionSpec(mask="sliding_window", window=5),
+                      AttentionSpec(position="nope")),
+    "yarn": (AttentionSpec(rope_scaling={
+        "rope_type": "yarn", "factor": 4.0,
+        "original_max_position_embeddings": 8}),),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_full_cache_equals_full_forward(name):
+  model = model_of(*CASES[name])
+  prompt = tokens(2, 20)
+  want = np.asarray(model(prompt))
+  got = decoded_logits(model, prompt, CachePolicy.full(21))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_ntk_is_exact_at_every_length():
+  # Dynamic NTK's frequencies depend on the current length: step p equals the
+  # full forward over the first p + 1 tokens, because keys are cached before
+  # RoPE and re-rotated every step. One layer: deeper layers' cached keys come
+  # from hidden states computed at an earlier length, which no cache can
+  # revise (transformers' cache has the same property).
+  model = model_of(AttentionSpec(
+      rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+      rope_max_position_embeddings=8), num_layers=1)
+  prompt = tokens(2, 20)
+  got = decoded_logits(model, prompt, CachePolicy.full(21))
+  for p in (3, 7, 8, 12, 19):
+    want = np.asarray(model(prompt[:, :p + 1]))[:, -1]
+    np.testing.assert_allclose(got[:, p], want, rtol=1e-4, atol=1e-4)
+  # Past max_position_embeddings the frequencies really change.
+  whole = np.asarray(model(prompt))
+  assert np.abs(got[:, 12] - whole[:, 12]).max() > 1e-4
+
+
+def test_learned_absolute_decodes_like_forward():
+  model = model_of(AttentionSpec(position="nope"), absolute="learned")
+  prompt = tokens(1, 16)
+  np.testing.assert_allclose(
+      decoded_logits(model, prompt, CachePolicy.full(17)),
+      np.asarray(model(prompt)), rtol=1e-4, atol=1e-4)
+
+
+def test_window_cache_equals_window_model_everywhere():
+  # A model whose every layer sees 6 keys needs only a 6-slot rolling cache.
+  model = model_of(AttentionSpec(mask="sliding_window", window=6))
+  prompt = tokens(2, 30)
+  np.testing.assert_allclose(
+      decoded_logits(model, prompt, CachePolicy.window(6)),
+      np.asarray(model(prompt)), rtol=1e-4, atol=1e-4)
+
+
+def test_lm_infinite_cache_equals_lambda_model_everywhere():
+  spec = AttentionSpec(mask="lambda", num_sinks=2, window=5)
+  model = model_of(spec)
+  prompt = tokens(2, 30)
+  policy = CachePolicy.sinks(2, 5, reposition=False)
+  np.testing.assert_allclose(decoded_logits(model, prompt, policy),
+                             np.asarray(model(prompt)), rtol=1e-4, atol=1e-4)
+
+
+def test_streaming_llm_cache_is_exact_within_its_capacity():
+  model = model_of(AttentionSpec())
+  prompt = tokens(1, 24)
+  policy = CachePolicy.sinks(4, 8)          # capacity 12
+  got = decoded_logits(model, prompt, policy)
+  want = np.asarray(model(prompt))
+  np.testing.assert_allclose(got[:, :12], want[:, :12], rtol=1e-4, atol=1e-4)
+  assert np.abs(got[:, 12:] - want[:, 12:]).max() > 1e-4   # evicted tokens
+
+
+@pytest.mark.parametrize("policy", [CachePolicy.window(8),
+                                    CachePolicy.sinks(4, 12)], ids=repr)
+def test_streams_8x_past_training_length_with_a_fixed_cache(policy):
+  model = model_of(AttentionSpec())     # trained length 32
+  prompt = tokens(1, 4)
+  out, logits, cache = generate(model, prompt, 8 * 32, policy=policy,
+                                return_logits=True)
+  assert out.shape == (1, 4 + 256)
+  assert np.isfinite(np.asarray(logits)).all()
+  for layer in cache["layers"]:
+    assert layer["k"].shape == (1, policy.capacity, 2, 8)
+    assert layer["v"].shape == (1, policy.capacity, 2, 8)
+  assert cache["slot_pos"].shape == (1, policy.capacity)
+  assert int(cache["slot_pos"].max()) == 4 + 256 - 2
+
+
+def test_sampling():
+  model = model_of(AttentionSpec())
+  prompt = tokens(2, 5)
+  greedy = generate(model, prompt, 6)
+  assert (generate(model, prompt, 6, temperature=1.0, top_k=1) == greedy).all()
+  a = generate(model, prompt, 6, temperature=1.0, rng=jax.random.key(3))
+  b = generate(model, prompt, 6, temperature=1.0, rng=jax.random.key(3))
+  assert (a == b).all() and (a[:, :5] == prompt).all()
+  # Greedy continuation = argmax of the full forward, step by step.
+  logits = model(greedy[:, :-1])
+  np.testing.assert_array_equal(np.asarray(jnp.argmax(logits[:, 4:], -1)),
+                                np.asarray(greedy[:, 5:]))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(temperature=1.0, top_k=0), "top_k must be in"),
+    (dict(policy=CachePolicy.full(4)), "do not fit a full cache of 4"),
+])
+def test_generate_bad_arguments(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    generate(model_of(AttentionSpec()), tokens(1, 3), 4, **kwargs)
