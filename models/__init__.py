@@ -8,3 +8,4 @@ from .config import AttentionSpec, ModelConfig
 from .transformer import DecoderLM, num_params
 from .generate import CachePolicy, decode_step, generate, init_cache
 from .hf import config_from_hf, load_hf
+from . import zoo
