@@ -1,7 +1,6 @@
-"""extrapolax.models: the decoder LM and its configuration.
+"""extrapolax.models: the decoder LM, KV-cache generation, the zoo, HF import.
 
-KV-cache generation, the model zoo, checkpoints and Hugging Face import land
-with the rest of the models issue (see README.md in this folder).
+See README.md in this folder.
 """
 
 from .config import AttentionSpec, ModelConfig

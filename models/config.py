@@ -121,7 +121,8 @@ class ModelConfig:
   Attributes:
     attention: specs cycled over the layers (layer i uses
       ``attention[i % len(attention)]``).
-    qkv_bias: biases on the q/k/v projections (Qwen2); none elsewhere.
+    qkv_bias: biases on the q/k/v projections (Qwen2, Llama attention_bias).
+    out_bias: a bias on the output projection (Llama attention_bias).
     absolute: absolute position embeddings added to the token embeddings.
     max_len: the training length (the learned table's size).
     dtype: compute dtype; parameters are ``param_dtype``.
@@ -135,6 +136,7 @@ class ModelConfig:
   mlp_dim: int = 512
   tie_embeddings: bool = True
   qkv_bias: bool = False
+  out_bias: bool = False
   absolute: str = "none"
   max_len: int = 256
   attention: tuple[AttentionSpec, ...] = (AttentionSpec(),)

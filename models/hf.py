@@ -27,8 +27,7 @@ transformers 4 ``rope_scaling`` + top-level ``rope_theta`` layout):
 
 Anything the model here cannot express raises ``ValueError`` naming it:
 another ``model_type``, ``hidden_act`` other than silu, Llama's
-``attention_bias`` (it also puts a bias on o_proj) or ``mlp_bias``,
-``partial_rotary_factor`` != 1, quantized checkpoints. config.json keys that
+``mlp_bias``, ``partial_rotary_factor`` != 1, quantized checkpoints. config.json keys that
 neither change the forward pass nor are read here (and are not null) trigger
 a warning naming them. Tensors are checked by name and shape: a missing,
 unexpected or misshapen tensor raises (the rotary ``inv_freq`` buffers old
@@ -288,11 +287,6 @@ def config_from_hf(hf_config: Mapping[str, Any], *,
   if hf.get("mlp_bias"):
     raise ValueError("mlp_bias=True is not supported (the MLP here has no "
                      "biases)")
-  if hf.get("attention_bias"):
-    raise ValueError(
-        "attention_bias=True is not supported for model_type 'llama': it "
-        "also puts a bias on o_proj, which ModelConfig cannot express (only "
-        "q/k/v biases, qkv_bias)")
   d_model = _int("hidden_size", hf["hidden_size"])
   num_heads = _int("num_attention_heads", hf["num_attention_heads"])
   kv_heads = hf["num_key_value_heads"]
@@ -339,7 +333,10 @@ def config_from_hf(hf_config: Mapping[str, Any], *,
         num_layers=num_layers, num_heads=num_heads, num_kv_heads=kv_heads,
         head_dim=head_dim,
         mlp_dim=_int("intermediate_size", hf["intermediate_size"]),
-        tie_embeddings=tied, qkv_bias=model_type == "qwen2",
+        tie_embeddings=tied,
+        # Qwen2: q/k/v biases; Llama/Mistral attention_bias: q/k/v and o.
+        qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias")),
+        out_bias=model_type != "qwen2" and bool(hf.get("attention_bias")),
         max_len=max_positions, attention=specs, norm_eps=float(eps))
   except ValueError as e:
     raise ValueError(f"config.json (model_type {model_type!r}) does not make "
@@ -379,6 +376,9 @@ def _weight_map(config: ModelConfig) -> dict[str, tuple]:
                                                    (m * h,), heads_bias(m))
     out[hf + "self_attn.o_proj.weight"] = (
         ours + ("attn", "o_proj", "kernel"), (d, n * h), heads_out)
+    if config.out_bias:
+      out[hf + "self_attn.o_proj.bias"] = (ours + ("attn", "o_proj", "bias"),
+                                           (d,), same)
     for name, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
       out[hf + f"mlp.{name}_proj.weight"] = (ours + ("mlp", name, "kernel"),
                                              shape, transpose)

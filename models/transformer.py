@@ -60,7 +60,7 @@ class Block(nnx.Module):
         mask=spec.to_mask(), implementation=config.implementation,
         logits_soft_cap=spec.logits_soft_cap,
         length_scaling=spec.length_scaling, qkv_bias=config.qkv_bias,
-        dtype=dtype,
+        out_bias=config.out_bias, dtype=dtype,
         param_dtype=param_dtype, rngs=rngs)
     self.mlp_norm = norm()
     self.mlp = SwiGLU(config.d_model, config.mlp_dim, dtype=dtype,

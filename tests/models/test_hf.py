@@ -55,6 +55,7 @@ CASES = {
     # Short factors up to length 16, long factors past it.
     "llama_longrope": ("llama", dict(rope_scaling=dict(LONGROPE)),
                        (12, T)),
+    "llama_attention_bias": ("llama", dict(attention_bias=True), (T,)),
     "mistral_window": ("mistral", dict(sliding_window=16, head_dim=24), (T,)),
     "qwen2_bias_tied": ("qwen2", dict(tie_word_embeddings=True), (T,)),
     "qwen2_window": ("qwen2", dict(num_hidden_layers=3, use_sliding_window=True,
@@ -272,7 +273,6 @@ LLAMA_DICT = dict(SMALL, model_type="llama", rope_theta=10000.0)
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(attention_bias=True), "attention_bias=True"),
     (dict(mlp_bias=True), "mlp_bias=True"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
     (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
