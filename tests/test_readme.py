@@ -18,6 +18,7 @@ def test_quickstart_runs():
   assert out.shape == (2, 1024, 8, 64) and np.isfinite(np.asarray(out)).all()
   assert y.shape == (2, 1024, 512) and np.isfinite(np.asarray(y)).all()
   assert namespace["attention_factor"] > 1.0    # YaRN's factor at 4x
+  assert namespace["tokens"].shape == (1, 8 + 64)
 
 
 def test_ci_runs_the_readme_test_command():
