@@ -81,8 +81,7 @@ def init_cache(model: DecoderLM, batch: int, policy: CachePolicy):
   """An empty cache: keys/values per layer, and each slot's position (-1)."""
   cfg = model.config
   shape = (batch, policy.capacity, cfg.kv_heads, cfg.per_head_dim)
-  dtype = model.embed.embedding[...].dtype if cfg.dtype == "float32" else (
-      jnp.bfloat16)
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
   layers = [dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
             for _ in range(cfg.num_layers)]
   return dict(layers=layers,
