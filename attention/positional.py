@@ -83,6 +83,16 @@ def _as_array(x):
   return x if isinstance(x, (jax.Array, np.ndarray)) else np.asarray(x)
 
 
+def _numeric_positions(positions):
+  """Positions as an array with an integer or float dtype."""
+  positions = _as_array(positions)
+  if not (jnp.issubdtype(positions.dtype, jnp.integer)
+          or jnp.issubdtype(positions.dtype, jnp.floating)):
+    raise ValueError(
+        f"positions must have an integer or float dtype, got {positions.dtype}")
+  return positions
+
+
 def _check_positions(name: str, positions, *, integer: bool = False):
   positions = _as_array(positions)
   if positions.ndim not in (1, 2):
@@ -432,11 +442,7 @@ def sinusoidal_embedding(positions, dim: int, *,
   if dim % 2:
     raise ValueError(f"dim must be even, got {dim}")
   base = _check_float("base", base, positive=True)
-  positions = _as_array(positions)
-  if not (jnp.issubdtype(positions.dtype, jnp.integer)
-          or jnp.issubdtype(positions.dtype, jnp.floating)):
-    raise ValueError(
-        f"positions must have an integer or float dtype, got {positions.dtype}")
+  positions = _numeric_positions(positions)
   return _sinusoidal(positions, dim, base)
 
 
@@ -561,11 +567,7 @@ def length_logit_scale(positions, train_len: int, *,
   train_len = _check_int("train_len", train_len, 2)
   if min_scale is not None:
     min_scale = _check_float("min_scale", min_scale)
-  positions = _as_array(positions)
-  if not (jnp.issubdtype(positions.dtype, jnp.integer)
-          or jnp.issubdtype(positions.dtype, jnp.floating)):
-    raise ValueError(
-        f"positions must have an integer or float dtype, got {positions.dtype}")
+  positions = _numeric_positions(positions)
   return _length_logit_scale(positions, train_len, min_scale)
 
 
