@@ -20,13 +20,17 @@ _CORE = [
     "absl-py>=2.1",
     "ml-collections>=1.0",
     "numpy>=1.26",
+    # The experiment runner: plots, progress bars, TensorBoard event files.
+    "matplotlib>=3.8",
+    "tqdm>=4.66",
+    "tensorboardX>=2.6",
 ]
 
 _EXTRAS = {
     "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],
     # Comparison tests against Hugging Face on the CPU.
     "hf": ["torch==2.13.0", "transformers>=4.57", "safetensors>=0.4"],
-    "notebooks": ["matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.10",
+    "notebooks": ["nbclient>=0.10", "nbformat>=5.10",
                   "ipykernel>=6.29"],
     "gpu": ["jax[cuda12]>=0.10,<0.13"],
     "tpu": ["jax[tpu]>=0.10,<0.13"],
