@@ -11,6 +11,7 @@ from .masks import (Causal, Chunked, Lambda, PrefixLM, SlidingWindow,
 from .xla import Xla
 from .xla_chunked import XlaChunked
 from .cudnn import Cudnn
+from .pallas import PallasGpu, PallasTpu
 from . import layer, positional
 from .layer import (Alibi, Attention, Fire, Kerple, LearnedPositionEmbedding,
                     NoPE, Rope, T5Bias)

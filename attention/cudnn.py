@@ -61,22 +61,4 @@ class Cudnn(core.Implementation):
     return out, jnp.swapaxes(lse.astype(jnp.float32), 1, 2)
 
 
-class _NotYet(core.Implementation):
-  """A registered kernel name whose kernel lands with the kernels issue."""
-
-  def __call__(self, request):
-    raise NotImplementedError(
-        f"{self.name}: the Pallas kernel is not implemented yet")
-
-
-class PallasGpu(_NotYet):
-  name = "pallas_gpu"
-
-
-class PallasTpu(_NotYet):
-  name = "pallas_tpu"
-
-
 core.register_implementation("cudnn", Cudnn)
-core.register_implementation("pallas_gpu", PallasGpu)
-core.register_implementation("pallas_tpu", PallasTpu)

@@ -1,0 +1,120 @@
+"""The fused Pallas kernels behind ``dot_product_attention``.
+
+``pallas_gpu`` runs ``extrapolax.pallas_kernels.flash_gpu`` (Pallas, Triton
+lowering) and ``pallas_tpu`` runs ``extrapolax.pallas_kernels.flash_tpu``
+(Pallas Mosaic TPU). On a machine without that accelerator the same kernel
+runs in Pallas interpret mode (slow; for tests). The kernels compute masks,
+segment ids, ALiBi, soft cap and the far query in the kernel; a dense
+``bias`` is not supported (NotImplementedError, so automatic dispatch falls
+through to an XLA path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from . import core
+
+
+def _unsupported(request: core.AttentionRequest) -> Optional[str]:
+  if request.bias is not None:
+    return ("does not take a dense bias (ALiBi, masks, segments and soft cap "
+            "are computed in the kernel)")
+  if request.query.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    return f"needs float32, bfloat16 or float16, got {request.query.dtype}"
+  if not (request.query.dtype == request.key.dtype == request.value.dtype):
+    return "needs query, key and value of one dtype"
+  if request.far_query is not None and not (
+      request.far_query.dtype == request.far_key.dtype ==
+      request.query.dtype):
+    return "needs far_query and far_key in the query dtype"
+  b, t, s, n, k, h, hv = request.shape_info
+  if t == 0 or s == 0:
+    return "needs T > 0 and S > 0"
+  if max(h, hv) > 256:
+    return f"supports head_dim up to 256, got {max(h, hv)}"
+  return None
+
+
+def _run(module, static_kwargs, request: core.AttentionRequest):
+  b, t, s, n, k, h, hv = request.shape_info
+  static = module.make_static(
+      mask=request.mask, scale=request.scale,
+      soft_cap=request.logits_soft_cap, far_window=request.far_window,
+      has_segments=request.q_segment_ids is not None,
+      has_slopes=request.alibi_slopes is not None,
+      has_far=request.far_query is not None, q_len=t, kv_len=s,
+      num_kv_heads=k, **static_kwargs)
+  return module.flash_attention(
+      static, request.query, request.key, request.value,
+      request.query_positions, request.key_positions, request.q_segment_ids,
+      request.kv_segment_ids, request.alibi_slopes, request.far_query,
+      request.far_key)
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasGpu(core.Implementation):
+  """Pallas flash attention for GPUs (Triton lowering).
+
+  Attributes:
+    block_sizes: a ``flash_gpu.BlockSizes`` or None for the defaults.
+    interpret: None (interpret mode exactly when the backend is not a GPU),
+      or force it on / off.
+  """
+  block_sizes: Any = None
+  interpret: Optional[bool] = None
+  name = "pallas_gpu"
+
+  def __call__(self, request: core.AttentionRequest):
+    from extrapolax.pallas_kernels import flash_gpu  # pylint: disable=g-import-not-at-top
+    why = _unsupported(request)
+    if why is not None:
+      raise NotImplementedError(f"pallas_gpu {why}")
+    interpret = self.interpret
+    if interpret is None:
+      interpret = jax.default_backend() != "gpu"
+    blocks = self.block_sizes or flash_gpu.BlockSizes()
+    if not isinstance(blocks, flash_gpu.BlockSizes):
+      raise ValueError(f"block_sizes must be a flash_gpu.BlockSizes, got "
+                       f"{blocks!r}")
+    if not interpret:
+      blocks.check_hardware()
+    return _run(flash_gpu, dict(block_sizes=blocks, interpret=interpret),
+                request)
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasTpu(core.Implementation):
+  """Pallas flash attention for TPUs (Mosaic).
+
+  Attributes:
+    block_sizes: a ``flash_tpu.BlockSizes`` or None for the defaults.
+    interpret: None (interpret mode exactly when the backend is not a TPU),
+      or force it on / off.
+  """
+  block_sizes: Any = None
+  interpret: Optional[bool] = None
+  name = "pallas_tpu"
+
+  def __call__(self, request: core.AttentionRequest):
+    from extrapolax.pallas_kernels import flash_tpu  # pylint: disable=g-import-not-at-top
+    why = _unsupported(request)
+    if why is not None:
+      raise NotImplementedError(f"pallas_tpu {why}")
+    interpret = self.interpret
+    if interpret is None:
+      interpret = jax.default_backend() != "tpu"
+    blocks = self.block_sizes or flash_tpu.BlockSizes()
+    if not isinstance(blocks, flash_tpu.BlockSizes):
+      raise ValueError(f"block_sizes must be a flash_tpu.BlockSizes, got "
+                       f"{blocks!r}")
+    return _run(flash_tpu, dict(block_sizes=blocks, interpret=interpret),
+                request)
+
+
+core.register_implementation("pallas_gpu", PallasGpu)
+core.register_implementation("pallas_tpu", PallasTpu)

@@ -1,0 +1,588 @@
+"""Flash attention for GPUs in Pallas (Triton lowering), forward and backward.
+
+One program per (query block, batch, query head) for the forward and dq
+passes, one per (key block, batch, query head) for the dk/dv pass. Each
+program walks only its row (column) of the block schedule (``tiles.schedule``):
+the non-empty blocks, each with its FULL / PARTIAL label. EMPTY blocks are
+never loaded or computed; FULL ones skip the mask arithmetic. The labels come
+from ``masks.classify_blocks`` on the device (mask geometry plus per-block
+position and segment min/max), so a new packing every batch costs no host
+work and no recompilation.
+
+In the kernel: the mask predicate, segment ids, ALiBi from the slope (never a
+T x S tensor), soft cap, LM-Infinite's far query / key for distant pairs,
+grouped-query attention (key/value head = query head // G), T != S and
+ragged lengths (inputs are padded to whole blocks; padded rows and keys are
+masked). Softmax statistics are float32.
+
+Inputs are BTNH like ``dot_product_attention``. With ``interpret=True`` the
+same kernels run in Pallas interpret mode on any backend (the tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+import jax.numpy as jnp
+
+from extrapolax.attention import masks as masks_lib
+from . import tiles
+
+Array = jax.Array
+
+
+def _check_block(name, value):
+  masks_lib._check_int(name, value, 1)  # pylint: disable=protected-access
+  if value & (value - 1):
+    raise ValueError(f"{name} must be a power of two, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes of the GPU kernels (powers of two; 16 or more on a GPU).
+
+  block_q, block_k: forward. block_q_dq, block_k_dq: the dq pass.
+  block_q_dkv, block_k_dkv: the dk/dv pass. num_warps / num_stages: Triton
+  launch settings (None: chosen from the head size).
+  """
+  block_q: int = 128
+  block_k: int = 64
+  block_q_dq: int = 64
+  block_k_dq: int = 64
+  block_q_dkv: int = 64
+  block_k_dkv: int = 64
+  num_warps: Optional[int] = None
+  num_stages: int = 2
+
+  def __post_init__(self):
+    for f in ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv",
+              "block_k_dkv"):
+      _check_block(f, getattr(self, f))
+    if self.num_warps is not None:
+      _check_block("num_warps", self.num_warps)
+    masks_lib._check_int("num_stages", self.num_stages, 1)  # pylint: disable=protected-access
+
+  def check_hardware(self):
+    """Triton's matrix units need tiles of at least 16."""
+    for f in ("block_q", "block_k", "block_q_dq", "block_k_dq",
+              "block_q_dkv", "block_k_dkv"):
+      if getattr(self, f) < 16:
+        raise ValueError(f"{f}={getattr(self, f)} must be >= 16 on a GPU "
+                         "(smaller tiles only run in interpret mode)")
+
+  @property
+  def q_multiple(self):
+    return max(self.block_q, self.block_q_dq, self.block_q_dkv)
+
+  @property
+  def k_multiple(self):
+    return max(self.block_k, self.block_k_dq, self.block_k_dkv)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  cfg: tiles.TileConfig
+  blocks: BlockSizes
+  num_kv_heads: int
+  interpret: bool
+  debug: bool
+
+
+def _program(static: _Static, kind: str, body, grid, inputs, outputs,
+             head_dim):
+  """pallas_call over named (array, BlockSpec) inputs and outputs."""
+  names = [name for name, _, _ in inputs]
+  arrays = [a for _, a, _ in inputs]
+  in_specs = [spec for _, _, spec in inputs]
+  out_names = [name for name, _, _ in outputs]
+
+  def kernel(*refs):
+    refs = dict(zip(names + out_names, refs))
+    body(refs)
+
+  blocks = static.blocks
+  warps = blocks.num_warps or (4 if head_dim <= 64 else 8)
+  return pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs,
+      out_specs=[spec for _, _, spec in outputs],
+      out_shape=[shape for _, shape, _ in outputs],
+      compiler_params=pltriton.CompilerParams(
+          num_warps=warps, num_stages=blocks.num_stages),
+      interpret=static.interpret, name=f"extrapolax_flash_{kind}")(*arrays)
+
+
+class _Inputs:
+  """Padded kernel inputs shared by the three passes."""
+
+  def __init__(self, static: _Static, q, k, v, q_pos, k_pos, q_seg, kv_seg,
+               slopes, far_q, far_k):
+    cfg, blocks = static.cfg, static.blocks
+    b, t, n, h = q.shape
+    s, hv = k.shape[1], v.shape[-1]
+    self.b, self.n, self.kh = b, n, k.shape[2]
+    self.g = n // self.kh
+    self.tp = -(-t // blocks.q_multiple) * blocks.q_multiple
+    self.sp = -(-s // blocks.k_multiple) * blocks.k_multiple
+    self.hp = max(tiles.next_power_of_2(h), 16)
+    self.hvp = max(tiles.next_power_of_2(hv), 16)
+    pad_q = lambda x, hp: tiles.pad_to(tiles.pad_to(x, 1, self.tp), 3, hp)
+    pad_k = lambda x, hp: tiles.pad_to(tiles.pad_to(x, 1, self.sp), 3, hp)
+    self.q, self.k, self.v = pad_q(q, self.hp), pad_k(k, self.hp), pad_k(
+        v, self.hvp)
+    self.far_q = None if far_q is None else pad_q(far_q, self.hp)
+    self.far_k = None if far_k is None else pad_k(far_k, self.hp)
+    self.raw_pos = (q_pos, k_pos, q_seg, kv_seg)
+    self.q_pos = tiles.pad_to(q_pos, 1, self.tp)
+    self.k_pos = tiles.pad_to(k_pos, 1, self.sp)
+    self.q_seg = None if q_seg is None else tiles.pad_to(q_seg, 1, self.tp)
+    self.kv_seg = None if kv_seg is None else tiles.pad_to(kv_seg, 1, self.sp)
+    self.slopes = None
+    self.slopes_batched = False
+    if slopes is not None:
+      self.slopes_batched = slopes.shape[0] > 1
+      flat = slopes.astype(jnp.float32).reshape(-1)
+      self.slopes = tiles.pad_to(flat, 0, tiles.next_power_of_2(flat.size))
+
+  def labels(self, cfg, block_q, block_k, transpose=False):
+    """Schedule [Bl, rows, W] for a pass's block sizes (grid-shaped)."""
+    q_pos, k_pos, q_seg, kv_seg = self.raw_pos
+    labels = tiles.row_labels(cfg, block_q, block_k, q_pos, k_pos, q_seg,
+                              kv_seg)
+    nq, nk = self.tp // block_q, self.sp // block_k
+    labels = jnp.pad(labels, ((0, 0), (0, nq - labels.shape[1]),
+                              (0, nk - labels.shape[2])))   # EMPTY == 0
+    if transpose:
+      labels = jnp.swapaxes(labels, 1, 2)
+    cols = labels.shape[2]
+    return tiles.schedule(labels, tiles.next_power_of_2(cols + 1))
+
+  # BlockSpec helpers. Grid axes are (block, batch, query head).
+  def bsel(self, x):
+    """Batch index for an input with a batch axis of 1 or B."""
+    return (lambda b: b) if x.shape[0] > 1 else (lambda b: 0)
+
+  def q_block(self, x, block, hp):
+    return pl.BlockSpec((None, block, None, hp),
+                        lambda i, b, h: (b, i, h, 0))
+
+  def q_whole(self, hp):
+    return pl.BlockSpec((None, self.tp, None, hp),
+                        lambda j, b, h: (b, 0, h, 0))
+
+  def kv_block(self, block, hp):
+    g = self.g
+    return pl.BlockSpec((None, block, None, hp),
+                        lambda j, b, h: (b, j, h // g, 0))
+
+  def kv_whole(self, hp):
+    g = self.g
+    return pl.BlockSpec((None, self.sp, None, hp),
+                        lambda i, b, h: (b, 0, h // g, 0))
+
+  def rows_block(self, x, block):
+    sel = self.bsel(x)
+    return pl.BlockSpec((None, block), lambda i, b, h: (sel(b), i))
+
+  def rows_whole(self, x):
+    sel = self.bsel(x)
+    return pl.BlockSpec((None, x.shape[1]), lambda i, b, h: (sel(b), 0))
+
+  def sched_spec(self, sched):
+    sel = self.bsel(sched)
+    return pl.BlockSpec((None, None, sched.shape[2]),
+                        lambda i, b, h: (sel(b), i, 0))
+
+  def slopes_spec(self):
+    return pl.BlockSpec((self.slopes.shape[0],), lambda i, b, h: (0,))
+
+  def slope(self, refs):
+    if self.slopes is None:
+      return None
+    b, h = pl.program_id(1), pl.program_id(2)
+    row = b if self.slopes_batched else 0
+    return refs["slopes"][row * self.n + h]
+
+  def stat_block(self, block):
+    return pl.BlockSpec((None, None, block), lambda i, b, h: (b, h, i))
+
+  def stat_whole(self):
+    return pl.BlockSpec((None, None, self.tp), lambda j, b, h: (b, h, 0))
+
+
+def _visible_masked(cfg, s, q_pos, k_pos, q_seg, k_seg, q_index, k_index):
+  visible = tiles.tile_visible(cfg, q_pos, k_pos, q_seg, k_seg, k_index)
+  inside_q = jnp.broadcast_to((q_index < cfg.q_len)[:, None], s.shape)
+  visible = inside_q if visible is None else visible & inside_q
+  return tiles.apply_visible(s, visible)
+
+
+def _forward(static: _Static, x: _Inputs):
+  cfg, blocks = static.cfg, static.blocks
+  bq, bk = blocks.block_q, blocks.block_k
+  nq = x.tp // bq
+  sched = x.labels(cfg, bq, bk)
+  precision = tiles.precision_for(x.q.dtype)
+
+  def body(refs):
+    i = pl.program_id(0)
+    q = refs["q"][...]
+    q_pos = refs["q_pos"][...]
+    q_seg = refs["q_seg"][...] if cfg.has_segments else None
+    far_q = refs["far_q"][...] if cfg.has_far else None
+    slope = x.slope(refs)
+    q_index = i * bq + jnp.arange(bq)
+    count = refs["sched"][0]
+
+    def step(r, carry):
+      m, l, acc, visits = carry
+      entry = refs["sched"][r + 1]
+      start = pl.multiple_of(tiles.entry_block(entry) * bk, bk)
+      ks = pl.ds(start, bk)
+      k_pos = refs["k_pos"][ks]
+      dist = tiles.tile_distance(q_pos, k_pos)
+      s, _ = tiles.tile_logits(
+          cfg, q, refs["k"][ks, :], dist, slope=slope, far_q=far_q,
+          far_k=refs["far_k"][ks, :] if cfg.has_far else None,
+          precision=precision)
+
+      def masked(s):
+        k_seg = refs["kv_seg"][ks] if cfg.has_segments else None
+        return _visible_masked(cfg, s, q_pos, k_pos, q_seg, k_seg, q_index,
+                               start + jnp.arange(bk))
+
+      s = lax.cond(tiles.entry_is_full(entry), lambda s: s, masked, s)
+      m, l, acc = tiles.online_softmax_step(m, l, acc, s, refs["v"][ks, :],
+                                            precision)
+      return m, l, acc, visits + 1
+
+    init = (jnp.full((bq,), -jnp.inf, jnp.float32),
+            jnp.zeros((bq,), jnp.float32),
+            jnp.zeros((bq, x.hvp), jnp.float32), jnp.int32(0))
+    m, l, acc, visits = lax.fori_loop(0, count, step, init)
+    out, lse = tiles.finish(m, l, acc)
+    refs["o"][...] = out.astype(refs["o"].dtype)
+    refs["lse"][...] = lse
+    if static.debug:
+      refs["visits"][...] = jnp.full((bq,), visits, jnp.int32)
+
+  inputs = [("q", x.q, x.q_block(x.q, bq, x.hp)),
+            ("k", x.k, x.kv_whole(x.hp)), ("v", x.v, x.kv_whole(x.hvp)),
+            ("q_pos", x.q_pos, x.rows_block(x.q_pos, bq)),
+            ("k_pos", x.k_pos, x.rows_whole(x.k_pos)),
+            ("sched", sched, x.sched_spec(sched))]
+  if cfg.has_segments:
+    inputs += [("q_seg", x.q_seg, x.rows_block(x.q_seg, bq)),
+               ("kv_seg", x.kv_seg, x.rows_whole(x.kv_seg))]
+  if cfg.has_slopes:
+    inputs.append(("slopes", x.slopes, x.slopes_spec()))
+  if cfg.has_far:
+    inputs += [("far_q", x.far_q, x.q_block(x.far_q, bq, x.hp)),
+               ("far_k", x.far_k, x.kv_whole(x.hp))]
+  outputs = [
+      ("o", jax.ShapeDtypeStruct((x.b, x.tp, x.n, x.hvp), x.q.dtype),
+       x.q_block(x.q, bq, x.hvp)),
+      ("lse", jax.ShapeDtypeStruct((x.b, x.n, x.tp), jnp.float32),
+       x.stat_block(bq))]
+  if static.debug:
+    outputs.append(("visits", jax.ShapeDtypeStruct((x.b, x.n, x.tp),
+                                                   jnp.int32),
+                    x.stat_block(bq)))
+  res = _program(static, "fwd", body, (nq, x.b, x.n), inputs, outputs, x.hp)
+  visits = res[2][:, :, ::bq] if static.debug else None
+  return res[0], res[1], visits
+
+
+def _backward_dq(static: _Static, x: _Inputs, do, lse, delta):
+  cfg, blocks = static.cfg, static.blocks
+  bq, bk = blocks.block_q_dq, blocks.block_k_dq
+  sched = x.labels(cfg, bq, bk)
+  precision = tiles.precision_for(x.q.dtype)
+
+  def body(refs):
+    i = pl.program_id(0)
+    q = refs["q"][...]
+    do_ = refs["do"][...]
+    lse_ = refs["lse"][...]
+    delta_ = refs["delta"][...]
+    q_pos = refs["q_pos"][...]
+    q_seg = refs["q_seg"][...] if cfg.has_segments else None
+    far_q = refs["far_q"][...] if cfg.has_far else None
+    slope = x.slope(refs)
+    q_index = i * bq + jnp.arange(bq)
+    count = refs["sched"][0]
+
+    def step(r, carry):
+      dq, dfq, dsl, visits = carry
+      entry = refs["sched"][r + 1]
+      start = pl.multiple_of(tiles.entry_block(entry) * bk, bk)
+      ks = pl.ds(start, bk)
+      k = refs["k"][ks, :]
+      v = refs["v"][ks, :]
+      far_k = refs["far_k"][ks, :] if cfg.has_far else None
+      k_pos = refs["k_pos"][ks]
+      dist = tiles.tile_distance(q_pos, k_pos)
+      s, aux = tiles.tile_logits(cfg, q, k, dist, slope=slope, far_q=far_q,
+                                 far_k=far_k, precision=precision)
+
+      def masked(s):
+        k_seg = refs["kv_seg"][ks] if cfg.has_segments else None
+        return _visible_masked(cfg, s, q_pos, k_pos, q_seg, k_seg, q_index,
+                               start + jnp.arange(bk))
+
+      s = lax.cond(tiles.entry_is_full(entry), lambda s: s, masked, s)
+      p = tiles.tile_probs(s, lse_)
+      dp = tiles.dot_nt(do_, v, precision)
+      ds = p * (dp - delta_[:, None])
+      ds, ds_far, dsl_rows = tiles.tile_dlogits(cfg, ds, aux, dist)
+      dq = dq + tiles.dot_nn(ds.astype(k.dtype), k, precision)
+      if cfg.has_far:
+        dfq = dfq + tiles.dot_nn(ds_far.astype(k.dtype), far_k, precision)
+      if cfg.has_slopes:
+        dsl = dsl + dsl_rows
+      return dq, dfq, dsl, visits + 1
+
+    zeros = jnp.zeros((bq, x.hp), jnp.float32)
+    init = (zeros, zeros if cfg.has_far else jnp.float32(0),
+            jnp.zeros((bq,), jnp.float32), jnp.int32(0))
+    dq, dfq, dsl, visits = lax.fori_loop(0, count, step, init)
+    refs["dq"][...] = dq.astype(refs["dq"].dtype)
+    if cfg.has_far:
+      refs["dfar_q"][...] = dfq.astype(refs["dfar_q"].dtype)
+    if cfg.has_slopes:
+      refs["dslope_rows"][...] = dsl
+    if static.debug:
+      refs["visits"][...] = jnp.full((bq,), visits, jnp.int32)
+
+  inputs = [("q", x.q, x.q_block(x.q, bq, x.hp)),
+            ("k", x.k, x.kv_whole(x.hp)), ("v", x.v, x.kv_whole(x.hvp)),
+            ("do", do, x.q_block(do, bq, x.hvp)),
+            ("lse", lse, x.stat_block(bq)), ("delta", delta, x.stat_block(bq)),
+            ("q_pos", x.q_pos, x.rows_block(x.q_pos, bq)),
+            ("k_pos", x.k_pos, x.rows_whole(x.k_pos)),
+            ("sched", sched, x.sched_spec(sched))]
+  if cfg.has_segments:
+    inputs += [("q_seg", x.q_seg, x.rows_block(x.q_seg, bq)),
+               ("kv_seg", x.kv_seg, x.rows_whole(x.kv_seg))]
+  if cfg.has_slopes:
+    inputs.append(("slopes", x.slopes, x.slopes_spec()))
+  if cfg.has_far:
+    inputs += [("far_q", x.far_q, x.q_block(x.far_q, bq, x.hp)),
+               ("far_k", x.far_k, x.kv_whole(x.hp))]
+  shape_q = jax.ShapeDtypeStruct((x.b, x.tp, x.n, x.hp), jnp.float32)
+  outputs = [("dq", shape_q, x.q_block(x.q, bq, x.hp))]
+  if cfg.has_far:
+    outputs.append(("dfar_q", shape_q, x.q_block(x.q, bq, x.hp)))
+  stat = jax.ShapeDtypeStruct((x.b, x.n, x.tp), jnp.float32)
+  if cfg.has_slopes:
+    outputs.append(("dslope_rows", stat, x.stat_block(bq)))
+  if static.debug:
+    outputs.append(("visits", stat.update(dtype=jnp.int32), x.stat_block(bq)))
+  res = _program(static, "dq", body, (x.tp // bq, x.b, x.n), inputs, outputs,
+                 x.hp)
+  res = dict(zip([name for name, _, _ in outputs], res))
+  if static.debug:
+    res["visits"] = res["visits"][:, :, ::bq]
+  return res
+
+
+def _backward_dkv(static: _Static, x: _Inputs, do, lse, delta):
+  cfg, blocks = static.cfg, static.blocks
+  bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
+  sched = x.labels(cfg, bq, bk, transpose=True)
+  precision = tiles.precision_for(x.q.dtype)
+
+  def body(refs):
+    j = pl.program_id(0)
+    k = refs["k"][...]
+    v = refs["v"][...]
+    far_k = refs["far_k"][...] if cfg.has_far else None
+    k_pos = refs["k_pos"][...]
+    k_seg = refs["kv_seg"][...] if cfg.has_segments else None
+    slope = x.slope(refs)
+    k_index = j * bk + jnp.arange(bk)
+    count = refs["sched"][0]
+
+    def step(r, carry):
+      dk, dv, dfk, visits = carry
+      entry = refs["sched"][r + 1]
+      start = pl.multiple_of(tiles.entry_block(entry) * bq, bq)
+      qs = pl.ds(start, bq)
+      q = refs["q"][qs, :]
+      do_ = refs["do"][qs, :]
+      far_q = refs["far_q"][qs, :] if cfg.has_far else None
+      q_pos = refs["q_pos"][qs]
+      dist = tiles.tile_distance(q_pos, k_pos)
+      s, aux = tiles.tile_logits(cfg, q, k, dist, slope=slope, far_q=far_q,
+                                 far_k=far_k, precision=precision)
+
+      def masked(s):
+        q_seg = refs["q_seg"][qs] if cfg.has_segments else None
+        return _visible_masked(cfg, s, q_pos, k_pos, q_seg, k_seg,
+                               start + jnp.arange(bq), k_index)
+
+      s = lax.cond(tiles.entry_is_full(entry), lambda s: s, masked, s)
+      p = tiles.tile_probs(s, refs["lse"][qs])
+      dv = dv + tiles.dot_tn(p.astype(do_.dtype), do_, precision)
+      dp = tiles.dot_nt(do_, v, precision)
+      ds = p * (dp - refs["delta"][qs][:, None])
+      ds, ds_far, _ = tiles.tile_dlogits(cfg, ds, aux, dist)
+      dk = dk + tiles.dot_tn(ds.astype(q.dtype), q, precision)
+      if cfg.has_far:
+        dfk = dfk + tiles.dot_tn(ds_far.astype(q.dtype), far_q, precision)
+      return dk, dv, dfk, visits + 1
+
+    zeros = jnp.zeros((bk, x.hp), jnp.float32)
+    init = (zeros, jnp.zeros((bk, x.hvp), jnp.float32),
+            zeros if cfg.has_far else jnp.float32(0), jnp.int32(0))
+    dk, dv, dfk, visits = lax.fori_loop(0, count, step, init)
+    refs["dk"][...] = dk
+    refs["dv"][...] = dv
+    if cfg.has_far:
+      refs["dfar_k"][...] = dfk
+    if static.debug:
+      refs["visits"][...] = jnp.full((bk,), visits, jnp.int32)
+
+  inputs = [("q", x.q, x.q_whole(x.hp)),
+            ("k", x.k, x.kv_block(bk, x.hp)), ("v", x.v, x.kv_block(bk, x.hvp)),
+            ("do", do, x.q_whole(x.hvp)),
+            ("lse", lse, x.stat_whole()), ("delta", delta, x.stat_whole()),
+            ("q_pos", x.q_pos, x.rows_whole(x.q_pos)),
+            ("k_pos", x.k_pos, x.rows_block(x.k_pos, bk)),
+            ("sched", sched, x.sched_spec(sched))]
+  if cfg.has_segments:
+    inputs += [("q_seg", x.q_seg, x.rows_whole(x.q_seg)),
+               ("kv_seg", x.kv_seg, x.rows_block(x.kv_seg, bk))]
+  if cfg.has_slopes:
+    inputs.append(("slopes", x.slopes, x.slopes_spec()))
+  if cfg.has_far:
+    inputs += [("far_q", x.far_q, x.q_whole(x.hp)),
+               ("far_k", x.far_k, x.kv_block(bk, x.hp))]
+  # Per query head; the G heads sharing a key/value head are summed after.
+  per_head = lambda hp: pl.BlockSpec((None, bk, None, hp),
+                                     lambda j, b, h: (b, j, h, 0))
+  shape = lambda hp: jax.ShapeDtypeStruct((x.b, x.sp, x.n, hp), jnp.float32)
+  outputs = [("dk", shape(x.hp), per_head(x.hp)),
+             ("dv", shape(x.hvp), per_head(x.hvp))]
+  if cfg.has_far:
+    outputs.append(("dfar_k", shape(x.hp), per_head(x.hp)))
+  if static.debug:
+    outputs.append(("visits", jax.ShapeDtypeStruct((x.b, x.n, x.sp),
+                                                   jnp.int32),
+                    pl.BlockSpec((None, None, bk), lambda j, b, h: (b, h, j))))
+  res = _program(static, "dkv", body, (x.sp // bk, x.b, x.n), inputs,
+                 outputs, x.hp)
+  res = dict(zip([name for name, _, _ in outputs], res))
+  if static.debug:
+    res["visits"] = res["visits"][:, :, ::bk]
+  return res
+
+
+def _run_forward(static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q,
+                 far_k):
+  x = _Inputs(static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q,
+              far_k)
+  out, lse, visits = _forward(static, x)
+  t, hv = q.shape[1], v.shape[-1]
+  return out[:, :t, :, :hv], lse[:, :, :t], visits, (out, lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q,
+           far_k):
+  out, lse, _, _ = _run_forward(static, q, k, v, q_pos, k_pos, q_seg, kv_seg,
+                                slopes, far_q, far_k)
+  return out, lse
+
+
+def _flash_fwd(static, *args):
+  out, lse, _, padded = _run_forward(static, *args)
+  return (out, lse), (args, padded)
+
+
+def _flash_bwd(static, res, cotangents):
+  args, (out_p, lse_p) = res
+  q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q, far_k = args
+  grads = _gradients(static, args, out_p, lse_p, cotangents)
+  return (grads["dq"], grads["dk"], grads["dv"], None, None, None, None,
+          grads.get("dslopes"), grads.get("dfar_q"), grads.get("dfar_k"))
+
+
+def _gradients(static, args, out_p, lse_p, cotangents):
+  q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q, far_k = args
+  d_out, d_lse = cotangents
+  x = _Inputs(static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q,
+              far_k)
+  b, t, n, h = q.shape
+  s, kh, hv = k.shape[1], k.shape[2], v.shape[-1]
+  do = tiles.pad_to(tiles.pad_to(d_out.astype(q.dtype), 1, x.tp), 3, x.hvp)
+  # delta = rowsum(dO * O) - dLSE, the softmax backward's per-row term.
+  delta = jnp.einsum("btnh,btnh->bnt", do.astype(jnp.float32),
+                     out_p.astype(jnp.float32))
+  if d_lse is not None:
+    delta = delta - tiles.pad_to(d_lse.astype(jnp.float32), 2, x.tp)
+  dq_res = _backward_dq(static, x, do, lse_p, delta)
+  dkv_res = _backward_dkv(static, x, do, lse_p, delta)
+
+  def per_kv_head(g, width):
+    g = g[:, :s, :, :width].reshape(b, s, kh, n // kh, width)
+    return g.sum(3)
+
+  grads = {"dq": dq_res["dq"][:, :t, :, :h].astype(q.dtype),
+           "dk": per_kv_head(dkv_res["dk"], h).astype(k.dtype),
+           "dv": per_kv_head(dkv_res["dv"], hv).astype(v.dtype)}
+  if far_q is not None:
+    grads["dfar_q"] = dq_res["dfar_q"][:, :t, :, :h].astype(far_q.dtype)
+    grads["dfar_k"] = per_kv_head(dkv_res["dfar_k"], h).astype(far_k.dtype)
+  if slopes is not None:
+    rows = dq_res["dslope_rows"][:, :, :t].sum(2)           # [B, N]
+    if slopes.shape[0] == 1:
+      rows = rows.sum(0, keepdims=True)
+    grads["dslopes"] = rows.astype(slopes.dtype)
+  if static.debug:
+    grads["visits_dq"] = dq_res["visits"]
+    grads["visits_dkv"] = dkv_res["visits"]
+  return grads
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def make_static(*, mask, scale, soft_cap, far_window, has_segments,
+                has_slopes, has_far, q_len, kv_len, num_kv_heads,
+                block_sizes: BlockSizes, interpret: bool, debug: bool = False):
+  cfg = tiles.TileConfig(mask=mask, scale=float(scale), soft_cap=soft_cap,
+                         far_window=far_window, has_segments=has_segments,
+                         has_slopes=has_slopes, has_far=has_far, q_len=q_len,
+                         kv_len=kv_len)
+  return _Static(cfg=cfg, blocks=block_sizes, num_kv_heads=num_kv_heads,
+                 interpret=interpret, debug=debug)
+
+
+def flash_attention(static: _Static, q, k, v, q_pos, k_pos, q_seg=None,
+                    kv_seg=None, slopes=None, far_q=None, far_k=None):
+  """(out [B, T, N, Hv], lse float32 [B, N, T]); differentiable in q, k, v,
+  slopes, far_q and far_k."""
+  return _flash(static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q,
+                far_k)
+
+
+def visit_counts(static: _Static, q, k, v, q_pos, k_pos, q_seg=None,
+                 kv_seg=None, slopes=None, far_q=None, far_k=None):
+  """Blocks each program of the three kernels actually computed (debug).
+
+  Returns dict fwd [B, N, nq], dq [B, N, nq_dq], dkv [B, N, nk_dkv]: the
+  loop-trip counters of the kernels, for tests that prove skipping.
+  """
+  static = dataclasses.replace(static, debug=True)
+  args = (q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q, far_k)
+  out, lse, visits, (out_p, lse_p) = _run_forward(static, *args)
+  grads = _gradients(static, args, out_p, lse_p,
+                     (jnp.ones_like(out), jnp.zeros_like(lse)))
+  return {"fwd": visits, "dq": grads["visits_dq"],
+          "dkv": grads["visits_dkv"]}
