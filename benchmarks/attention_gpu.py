@@ -33,6 +33,7 @@ after every configuration) and prints markdown tables.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -318,6 +319,61 @@ def tokamax_fn(mask_name, kw, scale):
   return fn
 
 
+TUNE_FWD = [  # (block_q, block_k, num_warps, num_stages)
+    (128, 64, None, 2), (128, 128, 8, 2), (128, 64, 4, 3), (128, 32, 4, 3),
+    (64, 64, 4, 2), (128, 64, 8, 3)]
+TUNE_BWD = [  # (block_q_dq, block_k_dq, block_q_dkv, block_k_dkv, warps, st)
+    (64, 64, 64, 64, None, 2), (64, 64, 64, 64, 4, 2),
+    (128, 64, 64, 128, 8, 2), (64, 32, 32, 64, 4, 2), (64, 64, 64, 64, 4, 3),
+    (128, 32, 32, 128, 8, 2)]
+BEST = {}   # head_dim -> flash_gpu.BlockSizes chosen by --tune
+
+
+def run_tune(out_dir, t=16384, tokens=32768, reps=10):
+  """Times block-size candidates on causal T=16k; the fastest is used."""
+  records = []
+  for h in (128, 64):
+    args, kw = bench_inputs("causal", t, h, tokens)
+    fwd_best = None
+    for bq, bk, w, st in TUNE_FWD:
+      blocks = flash_gpu.BlockSizes(block_q=bq, block_k=bk, num_warps=w,
+                                    num_stages=st)
+      try:
+        sec, _ = time_fn(ours(xa.PallasGpu(block_sizes=blocks), kw), args,
+                         reps, False)
+      except Exception as e:  # pylint: disable=broad-except
+        print("tune fwd failed", blocks, e, flush=True)
+        continue
+      records.append(dict(H=h, T=t, pass_="fwd", blocks=str(blocks),
+                          ms=sec * 1e3))
+      print(json.dumps(records[-1]), flush=True)
+      if fwd_best is None or sec < fwd_best[0]:
+        fwd_best = (sec, blocks)
+    best = fwd_best[1]
+    bwd_best = None
+    for bqq, bkq, bqk, bkk, w, st in TUNE_BWD:
+      blocks = dataclasses.replace(
+          best, block_q_dq=bqq, block_k_dq=bkq, block_q_dkv=bqk,
+          block_k_dkv=bkk, num_warps_bwd=w, num_stages_bwd=st)
+      try:
+        sec, _ = time_fn(ours(xa.PallasGpu(block_sizes=blocks), kw), args,
+                         reps, True)
+      except Exception as e:  # pylint: disable=broad-except
+        print("tune bwd failed", blocks, e, flush=True)
+        continue
+      records.append(dict(H=h, T=t, pass_="fwd_bwd", blocks=str(blocks),
+                          ms=sec * 1e3))
+      print(json.dumps(records[-1]), flush=True)
+      if bwd_best is None or sec < bwd_best[0]:
+        bwd_best = (sec, blocks)
+    BEST[h] = bwd_best[1]
+    print("best", h, BEST[h], flush=True)
+  with open(os.path.join(out_dir, "attention_gpu_tune.json"), "w") as f:
+    json.dump(dict(info=_device_info(), records=records,
+                   best={str(h): str(b) for h, b in BEST.items()}), f,
+              indent=1)
+
+
 def ours(implementation, kw):
   def fn(q, k, v):
     return xa.dot_product_attention(q, k, v, implementation=implementation,
@@ -363,8 +419,10 @@ def run_bench(out_dir, lengths, head_dims, mask_names, impls, tokens, reps,
         scale = h ** -0.5
         pairs = visible_pairs(kw, b, t) * n
         frac = visited_fraction(kw, t, blocks)
+        impl_gpu = ("pallas_gpu" if h not in BEST else
+                    xa.PallasGpu(block_sizes=BEST[h]))
         candidates = {
-            "pallas_gpu": ours("pallas_gpu", kw),
+            "pallas_gpu": ours(impl_gpu, kw),
             "xla": ours("xla", kw) if b * n * t * t * 4 * 3 <=
                    dense_limit_gb * 1e9 else None,
             "xla_chunked": ours("xla_chunked", kw) if t <= chunked_max_t
@@ -383,6 +441,8 @@ def run_bench(out_dir, lengths, head_dims, mask_names, impls, tokens, reps,
               continue
             rec = dict(impl=impl, mask=mask_name, T=t, H=h, B=b, N=n,
                        dtype="bfloat16", **{"pass": pname})
+            if impl == "pallas_gpu":
+              rec["blocks"] = str(BEST.get(h, flash_gpu.BlockSizes()))
             try:
               sec, compile_s = time_fn(fn, args, reps, grad)
               mult = 3.5 if grad else 1.0
@@ -422,6 +482,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--check", action="store_true")
   p.add_argument("--bench", action="store_true")
+  p.add_argument("--tune", action="store_true")
   p.add_argument("--out", default=os.environ.get("OUT", "."))
   p.add_argument("--lengths", type=int, nargs="+",
                  default=[2048, 4096, 8192, 16384, 32768])
@@ -442,6 +503,8 @@ def main():
     bad = [r["name"] + "/" + r.get("dtype", "") for r in recs
            if not r.get("ok")]
     print("check failures:", bad, flush=True)
+  if a.tune:
+    run_tune(a.out)
   if a.bench:
     recs = run_bench(a.out, a.lengths, a.head_dims, a.masks, a.impls,
                      a.tokens, a.reps, a.dense_limit_gb, a.chunked_max_t,

@@ -2,9 +2,10 @@
 
 One program per (query block, batch, query head) for the forward and dq
 passes, one per (key block, batch, query head) for the dk/dv pass. Each
-program walks only its row (column) of the block schedule (``tiles.schedule``):
-the non-empty blocks, each with its FULL / PARTIAL label. EMPTY blocks are
-never loaded or computed; FULL ones skip the mask arithmetic. The labels come
+program walks only its row (column) of the block schedule
+(``tiles.split_schedule``): first its FULL blocks in a loop without masking,
+then its PARTIAL blocks in a loop with the mask (no branch inside a loop, so
+Triton can pipeline the loads). EMPTY blocks are never loaded or computed. The labels come
 from ``masks.classify_blocks`` on the device (mask geometry plus per-block
 position and segment min/max), so a new packing every batch costs no host
 work and no recompilation.
@@ -49,7 +50,8 @@ class BlockSizes:
 
   block_q, block_k: forward. block_q_dq, block_k_dq: the dq pass.
   block_q_dkv, block_k_dkv: the dk/dv pass. num_warps / num_stages: Triton
-  launch settings (None: chosen from the head size).
+  launch settings of the forward, ``*_bwd`` of the two backward passes
+  (num_warps None: 4 for head_dim <= 64, else 8).
   """
   block_q: int = 128
   block_k: int = 64
@@ -59,14 +61,18 @@ class BlockSizes:
   block_k_dkv: int = 64
   num_warps: Optional[int] = None
   num_stages: int = 2
+  num_warps_bwd: Optional[int] = None
+  num_stages_bwd: int = 2
 
   def __post_init__(self):
     for f in ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv",
               "block_k_dkv"):
       _check_block(f, getattr(self, f))
-    if self.num_warps is not None:
-      _check_block("num_warps", self.num_warps)
-    masks_lib._check_int("num_stages", self.num_stages, 1)  # pylint: disable=protected-access
+    for f in ("num_warps", "num_warps_bwd"):
+      if getattr(self, f) is not None:
+        _check_block(f, getattr(self, f))
+    for f in ("num_stages", "num_stages_bwd"):
+      masks_lib._check_int(f, getattr(self, f), 1)  # pylint: disable=protected-access
 
   def check_hardware(self):
     """Triton's matrix units need tiles of at least 16."""
@@ -107,13 +113,15 @@ def _program(static: _Static, kind: str, body, grid, inputs, outputs,
     body(refs)
 
   blocks = static.blocks
-  warps = blocks.num_warps or (4 if head_dim <= 64 else 8)
+  warps, stages = ((blocks.num_warps, blocks.num_stages) if kind == "fwd" else
+                   (blocks.num_warps_bwd, blocks.num_stages_bwd))
+  warps = warps or (4 if head_dim <= 64 else 8)
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs,
       out_specs=[spec for _, _, spec in outputs],
       out_shape=[shape for _, shape, _ in outputs],
       compiler_params=pltriton.CompilerParams(
-          num_warps=warps, num_stages=blocks.num_stages),
+          num_warps=warps, num_stages=stages),
       interpret=static.interpret, name=f"extrapolax_flash_{kind}")(*arrays)
 
 
@@ -160,7 +168,7 @@ class _Inputs:
     if transpose:
       labels = jnp.swapaxes(labels, 1, 2)
     cols = labels.shape[2]
-    return tiles.schedule(labels, tiles.next_power_of_2(cols + 1))
+    return tiles.split_schedule(labels, tiles.next_power_of_2(cols + 2))
 
   # BlockSpec helpers. Grid axes are (block, batch, query head).
   def bsel(self, x):
@@ -237,11 +245,11 @@ def _forward(static: _Static, x: _Inputs):
     far_q = refs["far_q"][...] if cfg.has_far else None
     slope = x.slope(refs)
     q_index = i * bq + jnp.arange(bq)
-    count = refs["sched"][0]
+    count, num_full = refs["sched"][0], refs["sched"][1]
 
-    def step(r, carry):
+    def step(masked_block, r, carry):
       m, l, acc, visits = carry
-      entry = refs["sched"][r + 1]
+      entry = refs["sched"][r + 2]
       start = pl.multiple_of(tiles.entry_block(entry) * bk, bk)
       ks = pl.ds(start, bk)
       k_pos = refs["k_pos"][ks]
@@ -256,7 +264,8 @@ def _forward(static: _Static, x: _Inputs):
         return _visible_masked(cfg, s, q_pos, k_pos, q_seg, k_seg, q_index,
                                start + jnp.arange(bk))
 
-      s = lax.cond(tiles.entry_is_full(entry), lambda s: s, masked, s)
+      if masked_block:
+        s = masked(s)
       m, l, acc = tiles.online_softmax_step(m, l, acc, s, refs["v"][ks, :],
                                             precision)
       return m, l, acc, visits + 1
@@ -264,7 +273,9 @@ def _forward(static: _Static, x: _Inputs):
     init = (jnp.full((bq,), -jnp.inf, jnp.float32),
             jnp.zeros((bq,), jnp.float32),
             jnp.zeros((bq, x.hvp), jnp.float32), jnp.int32(0))
-    m, l, acc, visits = lax.fori_loop(0, count, step, init)
+    carry = lax.fori_loop(0, num_full, functools.partial(step, False), init)
+    m, l, acc, visits = lax.fori_loop(num_full, count,
+                                      functools.partial(step, True), carry)
     out, lse = tiles.finish(m, l, acc)
     refs["o"][...] = out.astype(refs["o"].dtype)
     refs["lse"][...] = lse
@@ -315,11 +326,11 @@ def _backward_dq(static: _Static, x: _Inputs, do, lse, delta):
     far_q = refs["far_q"][...] if cfg.has_far else None
     slope = x.slope(refs)
     q_index = i * bq + jnp.arange(bq)
-    count = refs["sched"][0]
+    count, num_full = refs["sched"][0], refs["sched"][1]
 
-    def step(r, carry):
+    def step(masked_block, r, carry):
       dq, dfq, dsl, visits = carry
-      entry = refs["sched"][r + 1]
+      entry = refs["sched"][r + 2]
       start = pl.multiple_of(tiles.entry_block(entry) * bk, bk)
       ks = pl.ds(start, bk)
       k = refs["k"][ks, :]
@@ -335,7 +346,8 @@ def _backward_dq(static: _Static, x: _Inputs, do, lse, delta):
         return _visible_masked(cfg, s, q_pos, k_pos, q_seg, k_seg, q_index,
                                start + jnp.arange(bk))
 
-      s = lax.cond(tiles.entry_is_full(entry), lambda s: s, masked, s)
+      if masked_block:
+        s = masked(s)
       p = tiles.tile_probs(s, lse_)
       dp = tiles.dot_nt(do_, v, precision)
       ds = p * (dp - delta_[:, None])
@@ -350,7 +362,9 @@ def _backward_dq(static: _Static, x: _Inputs, do, lse, delta):
     zeros = jnp.zeros((bq, x.hp), jnp.float32)
     init = (zeros, zeros if cfg.has_far else jnp.float32(0),
             jnp.zeros((bq,), jnp.float32), jnp.int32(0))
-    dq, dfq, dsl, visits = lax.fori_loop(0, count, step, init)
+    carry = lax.fori_loop(0, num_full, functools.partial(step, False), init)
+    dq, dfq, dsl, visits = lax.fori_loop(num_full, count,
+                                         functools.partial(step, True), carry)
     refs["dq"][...] = dq.astype(refs["dq"].dtype)
     if cfg.has_far:
       refs["dfar_q"][...] = dfq.astype(refs["dfar_q"].dtype)
@@ -406,11 +420,11 @@ def _backward_dkv(static: _Static, x: _Inputs, do, lse, delta):
     k_seg = refs["kv_seg"][...] if cfg.has_segments else None
     slope = x.slope(refs)
     k_index = j * bk + jnp.arange(bk)
-    count = refs["sched"][0]
+    count, num_full = refs["sched"][0], refs["sched"][1]
 
-    def step(r, carry):
+    def step(masked_block, r, carry):
       dk, dv, dfk, visits = carry
-      entry = refs["sched"][r + 1]
+      entry = refs["sched"][r + 2]
       start = pl.multiple_of(tiles.entry_block(entry) * bq, bq)
       qs = pl.ds(start, bq)
       q = refs["q"][qs, :]
@@ -426,7 +440,8 @@ def _backward_dkv(static: _Static, x: _Inputs, do, lse, delta):
         return _visible_masked(cfg, s, q_pos, k_pos, q_seg, k_seg,
                                start + jnp.arange(bq), k_index)
 
-      s = lax.cond(tiles.entry_is_full(entry), lambda s: s, masked, s)
+      if masked_block:
+        s = masked(s)
       p = tiles.tile_probs(s, refs["lse"][qs])
       dv = dv + tiles.dot_tn(p.astype(do_.dtype), do_, precision)
       dp = tiles.dot_nt(do_, v, precision)
@@ -440,7 +455,9 @@ def _backward_dkv(static: _Static, x: _Inputs, do, lse, delta):
     zeros = jnp.zeros((bk, x.hp), jnp.float32)
     init = (zeros, jnp.zeros((bk, x.hvp), jnp.float32),
             zeros if cfg.has_far else jnp.float32(0), jnp.int32(0))
-    dk, dv, dfk, visits = lax.fori_loop(0, count, step, init)
+    carry = lax.fori_loop(0, num_full, functools.partial(step, False), init)
+    dk, dv, dfk, visits = lax.fori_loop(num_full, count,
+                                        functools.partial(step, True), carry)
     refs["dk"][...] = dk
     refs["dv"][...] = dv
     if cfg.has_far:

@@ -79,6 +79,33 @@ def schedule(labels: Array, width: Optional[int] = None) -> Array:
   return jnp.concatenate([count[..., None], entry], -1)
 
 
+def split_schedule(labels: Array, width: Optional[int] = None) -> Array:
+  """Like ``schedule`` but FULL blocks first: ``[count, num_full, entries]``.
+
+  A kernel runs two loops without a branch inside: entries [0, num_full)
+  unmasked, then [num_full, count) masked (a branch per block would keep the
+  compiler from pipelining the loads). Each group is in increasing block
+  order. Returns int32 [B, R, W] with W = ``width`` or 2 + C.
+  """
+  b, r, c = labels.shape
+  width = 2 + c if width is None else width
+  if width < 2 + c:
+    raise ValueError(f"split_schedule width={width} must be >= 2 + {c}")
+  full = labels == masks_lib.FULL
+  empty = labels == masks_lib.EMPTY
+  rank = jnp.where(full, 0, jnp.where(empty, 2, 1))
+  count = (~empty).sum(-1).astype(jnp.int32)
+  num_full = full.sum(-1).astype(jnp.int32)
+  order = jnp.argsort(rank, axis=-1, stable=True).astype(jnp.int32)
+  label = jnp.take_along_axis(labels, order, axis=-1).astype(jnp.int32)
+  entry = order * (1 << LABEL_BITS) + label
+  pad = width - 2 - c
+  if pad:
+    entry = jnp.concatenate(
+        [entry, jnp.broadcast_to(entry[..., -1:], (b, r, pad))], -1)
+  return jnp.concatenate([count[..., None], num_full[..., None], entry], -1)
+
+
 def entry_block(entry):
   return entry >> LABEL_BITS
 
