@@ -1,0 +1,43 @@
+r"""Tiny byte-level language model: the smallest training config.
+
+2 layers, d_model 64, 4 query heads over 2 key/value heads, SwiGLU 192, byte
+vocabulary (256), trained on 128-token windows of the Python standard
+library's sources (the zero-network default corpus). AdamW, peak learning
+rate 3e-3, 50 warmup steps, cosine decay to 3e-4.
+
+Command (from the repository root)::
+
+  python -m extrapolax.experiments.train \
+      --config=experiments/configs/tiny.py --workdir=/tmp/tiny
+
+Variants (``:key=value,...``)::
+
+  --config=experiments/configs/tiny.py:pe=alibi        # position encoding
+  --config=experiments/configs/tiny.py:pe=rope,steps=200,train_len=64
+
+``pe`` is one of nope, sinusoidal, learned, rope, alibi, t5, kerple, fire.
+Any field can also be overridden: ``--config.model.mask=sliding_window
+--config.model.window=32``, ``--config.learning_rate=1e-3``.
+
+Expected result: RESULT_PENDING
+"""
+
+from extrapolax.experiments import configs
+
+
+def get_config(arg=None):
+  """The tiny config; ``arg``: pe, steps, train_len, batch_size, seed."""
+  arg = configs.parse_arg(arg, pe="rope", steps=600, train_len=128,
+                          batch_size=16, seed=0)
+  config = configs.base_config()
+  config.seed = arg.seed
+  config.model.pe = arg.pe
+  config.model.d_model = 64
+  config.model.num_layers = 2
+  config.model.num_heads = 4
+  config.model.num_kv_heads = 2
+  config.model.mlp_dim = 192
+  config.train_len = arg.train_len
+  config.batch_size = arg.batch_size
+  config.train_steps = arg.steps
+  return config

@@ -1,0 +1,89 @@
+r"""Trains one model: a thin absl main over ``trainer.train``.
+
+From the repository root::
+
+  python -m extrapolax.experiments.train \
+      --config=experiments/configs/tiny.py --workdir=/tmp/tiny
+  python -m extrapolax.experiments.train \
+      --config=experiments/configs/tiny.py:pe=alibi --workdir=/tmp/alibi \
+      --config.train_steps=200 --config.model.d_model=128
+
+``--config`` takes a config file and optional variant arguments after a colon
+(see the file's docstring); each field can then be overridden with
+``--config.FIELD=VALUE``. A config path that does not exist is looked up by
+file name in the installed ``extrapolax/experiments/configs`` folder, so
+``--config=tiny.py`` works from anywhere. Rerunning the same command resumes
+from the workdir's latest checkpoint. The workdir then holds config.json,
+metrics.jsonl, TensorBoard event files and checkpoints/.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from extrapolax.experiments import configs
+from extrapolax.experiments import trainer
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file, optionally with ':ARGS'.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run folder: config.json, metrics.jsonl, checkpoints/.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def resolve_config_flag(argv: list[str]) -> list[str]:
+  """Rewrites ``--config=PATH[:ARGS]`` whose PATH is missing to the packaged
+  config file of the same name (``configs.path``)."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith("--config="):
+      value, prefix = arg[len("--config="):], "--config="
+    elif arg == "--config" and i + 1 < len(out):
+      value, prefix, i = out[i + 1], "", i + 1
+    else:
+      continue
+    path, sep, args = value.partition(":")
+    try:
+      path = configs.path(path)
+    except ValueError:
+      continue      # config_flags reports the missing file itself
+    out[i] = f"{prefix}{path}{sep}{args}"
+  return out
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(resolve_config_flag(argv))
+  except flags.Error as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
+                     "Pass --helpfull to see help on flags.\n")
+    sys.exit(1)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  try:
+    trainer.validate_config(config)
+    result = trainer.train(config, _WORKDIR.value)
+  except (ValueError, trainer.NonFiniteLossError) as e:
+    logging.error("%s", e)
+    sys.exit(f"error: {e}")
+  last = result.metrics[-1] if result.metrics else {}
+  print(f"trained {result.step} steps; final loss "
+        f"{last.get('loss', float('nan')):.4f}; workdir {_WORKDIR.value}")
+
+
+def run() -> None:
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,578 @@
+"""Training loop: AdamW with warmup and cosine decay, a functional jax.jit step,
+orbax checkpoints that include the data position, metrics and resume.
+
+``train(config, workdir)`` trains the model ``config`` describes (see
+``configs.base_config`` for the fields) and leaves in ``workdir``::
+
+  config.json        the config, as JSON (``load_model`` reads it back)
+  metrics.jsonl      one line per logged step: step, loss, lr, grad_norm,
+                     tokens_per_sec, tokens, elapsed_sec
+  events.out.tfevents.*   the same scalars for TensorBoard
+  checkpoints/<step>/     orbax: params, opt_state, data (step, seed and the
+                     data source's state)
+
+Rerunning with the same workdir resumes from the latest checkpoint. Batches
+are a pure function of (seed, step) and the step is deterministic, so a run
+killed part-way and resumed logs the same losses, bit for bit on the CPU, as
+one that never stopped (metrics logged after the checkpoint it resumes from are
+dropped and logged again). A non-finite loss stops the run with
+``NonFiniteLossError`` naming the step; no checkpoint is written past it.
+
+The step is a pure function of (params, opt_state, batch) under ``jax.jit``:
+the model is split once into a graph definition and its parameter state (nnx
+transforms cost Python time per call on models this small).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging as absl_logging
+from flax import nnx
+
+from extrapolax.experiments import modeling
+from extrapolax.models import DecoderLM, ModelConfig
+
+# Fields that may change when a run resumes (the rest must match config.json).
+RESUMABLE_FIELDS = ("train_steps", "log_every", "checkpoint_every",
+                    "keep_checkpoints")
+DATA_DIR_ENV = "EXTRAPOLAX_DATA_DIR"
+_REQUIRED_KEYS = ("tokens", "targets", "weights")
+_OPTIONAL_KEYS = ("positions", "segment_ids")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; ``step`` is the first such step."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What ``train`` returns.
+
+  Attributes:
+    model: the trained DecoderLM.
+    step: optimizer updates done (config.train_steps unless it resumed past
+      a smaller value).
+    metrics: every logged record of the run (metrics.jsonl), resumed parts
+      included.
+  """
+  model: DecoderLM
+  step: int
+  metrics: list[dict]
+
+
+# ----------------------------------------------------------------------------
+# Config checks, schedule, optimizer.
+
+
+def _check_number(name, value, *, minimum=None, integer=False,
+                  allow_none=False, maximum=None):
+  if value is None and allow_none:
+    return
+  kind = "an integer" if integer else "a number"
+  ok = not isinstance(value, bool) and isinstance(
+      value, (int,) if integer else (int, float))
+  ok = ok and math.isfinite(value)
+  ok = ok and (minimum is None or value >= minimum)
+  ok = ok and (maximum is None or value <= maximum)
+  if not ok:
+    bounds = "".join([f" >= {minimum}" if minimum is not None else "",
+                      f" and <= {maximum}" if maximum is not None else ""])
+    raise ValueError(f"config.{name}={value!r} must be {kind}{bounds}")
+
+
+def validate_config(config) -> None:
+  """Raises ValueError naming the first bad field of a training config."""
+  for name in ("train_len", "batch_size", "log_every", "checkpoint_every",
+               "keep_checkpoints"):
+    _check_number(name, config[name], minimum=1, integer=True)
+  _check_number("train_steps", config.train_steps, minimum=0, integer=True)
+  _check_number("warmup_steps", config.warmup_steps, minimum=0, integer=True)
+  _check_number("seed", config.seed, minimum=0, integer=True)
+  _check_number("learning_rate", config.learning_rate, minimum=0)
+  _check_number("min_lr_ratio", config.min_lr_ratio, minimum=0, maximum=1)
+  _check_number("weight_decay", config.weight_decay, minimum=0)
+  _check_number("adam_b1", config.adam_b1, minimum=0, maximum=1)
+  _check_number("adam_b2", config.adam_b2, minimum=0, maximum=1)
+  _check_number("grad_clip", config.grad_clip, minimum=0, allow_none=True)
+  modeling.model_config(config)
+
+
+def learning_rate_schedule(config, *, xp=jnp) -> Callable[[Any], Any]:
+  """count (updates done so far) -> learning rate of the next update.
+
+  Linear warmup reaching ``learning_rate`` at update ``warmup_steps`` (the
+  first update already gets learning_rate / warmup_steps), then a cosine
+  decay to ``learning_rate * min_lr_ratio`` at ``train_steps``. ``xp=np``
+  gives the same function in numpy (for logging without device work).
+  """
+  peak = float(config.learning_rate)
+  floor = peak * float(config.min_lr_ratio)
+  warmup, total = int(config.warmup_steps), int(config.train_steps)
+
+  def schedule(count):
+    step = xp.asarray(count, xp.float32)
+    warm = peak * xp.minimum(1.0, (step + 1.0) / max(warmup, 1))
+    progress = xp.clip((step - warmup) / max(total - warmup, 1), 0.0, 1.0)
+    cosine = floor + (peak - floor) * 0.5 * (1.0 + xp.cos(xp.pi * progress))
+    return xp.where(step < warmup, warm, cosine)
+
+  return schedule
+
+
+def _decay_mask(params):
+  """Weight decay on matrices (kernels, embeddings), not on norm scales."""
+  return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """Global-norm clipping (unless grad_clip is 0/None), then AdamW."""
+  adamw = optax.adamw(learning_rate_schedule(config), b1=config.adam_b1,
+                      b2=config.adam_b2, eps=1e-8,
+                      weight_decay=config.weight_decay, mask=_decay_mask)
+  if not config.grad_clip:
+    return adamw
+  return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
+
+
+# ----------------------------------------------------------------------------
+# The step.
+
+
+def init_params(config):
+  """(graphdef, parameter State) of a fresh model, seeded by config.seed."""
+  model_config = modeling.model_config(config)
+  graphdef, init = _compiled_init(model_config.to_json())
+  return graphdef, init(jax.random.key(config.seed))
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_init(model_config_json: str):
+  """Built under jax.jit: one compilation instead of one per initialiser op
+  (cached per model config, for several runs in one process)."""
+  model_config = ModelConfig.from_json(model_config_json)
+  graphdef, _ = nnx.split(nnx.eval_shape(
+      lambda: DecoderLM(model_config, rngs=nnx.Rngs(0))), nnx.Param)
+
+  @jax.jit
+  def init(key):
+    return nnx.state(DecoderLM(model_config, rngs=nnx.Rngs(key)), nnx.Param)
+
+  return graphdef, init
+
+
+def loss_fn(params, graphdef, batch) -> tuple[jax.Array, jax.Array]:
+  """Weighted next-token cross entropy: (mean loss, number of targets)."""
+  model = nnx.merge(graphdef, params)
+  logits_BxTxV = model(batch["tokens"], positions=batch.get("positions"),
+                       segment_ids=batch.get("segment_ids"))
+  losses_BxT = optax.softmax_cross_entropy_with_integer_labels(
+      logits_BxTxV, batch["targets"])
+  weights_BxT = batch["weights"].astype(jnp.float32)
+  # where(), not a product: a weight-0 position's NaN must not leak in.
+  total = jnp.sum(jnp.where(weights_BxT > 0, losses_BxT * weights_BxT, 0.0))
+  count = jnp.sum(weights_BxT)
+  return total / jnp.maximum(count, 1.0), count
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation):
+  """jit((params, opt_state, batch) -> (params, opt_state, metrics)).
+
+  params and opt_state are donated (updated in place where the backend can).
+  """
+
+  def train_step(params, opt_state, batch):
+    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, graphdef, batch)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, {"loss": loss, "grad_norm": grad_norm,
+                               "target_tokens": count}
+
+  return jax.jit(train_step, donate_argnums=(0, 1))
+
+
+_OPTIMIZER_FIELDS = ("learning_rate", "warmup_steps", "train_steps",
+                     "min_lr_ratio", "weight_decay", "adam_b1", "adam_b2",
+                     "grad_clip")
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_train_step(graphdef, optimizer_fields: tuple):
+  """make_train_step, kept per (model, optimizer settings): a second run of
+  the same model in one process (resume, another seed) skips compiling."""
+  optimizer = make_optimizer(ml_collections.ConfigDict(dict(optimizer_fields)))
+  return jax.jit(optimizer.init), make_train_step(graphdef, optimizer)
+
+
+def device_batch(batch, *, batch_size: int, seq_len: int) -> dict:
+  """A PackedBatch (or mapping) -> dict of int32/float32 arrays, checked."""
+  get = (batch.__getitem__ if hasattr(batch, "__getitem__")
+         else lambda k: getattr(batch, k))
+
+  def fetch(key):
+    try:
+      return get(key)
+    except (KeyError, AttributeError):
+      return None
+
+  arrays = {}
+  for key in _REQUIRED_KEYS + _OPTIONAL_KEYS:
+    value = fetch(key)
+    if value is None:
+      if key in _REQUIRED_KEYS:
+        raise ValueError(f"a training batch needs {key!r}; got keys "
+                         f"{[k for k in _REQUIRED_KEYS + _OPTIONAL_KEYS if fetch(k) is not None]}")
+      continue
+    value = np.asarray(value)
+    if value.shape != (batch_size, seq_len):
+      raise ValueError(f"batch[{key!r}] has shape {value.shape}, expected "
+                       f"(batch_size, train_len) = ({batch_size}, {seq_len})")
+    arrays[key] = value.astype(np.float32 if key == "weights" else np.int32)
+  return arrays
+
+
+# ----------------------------------------------------------------------------
+# Data.
+
+
+def data_dir(config, workdir: str) -> str:
+  """Where the token store goes: config.data.cache_dir, $EXTRAPOLAX_DATA_DIR,
+  else WORKDIR/data."""
+  return (config.data.cache_dir or os.environ.get(DATA_DIR_ENV)
+          or os.path.join(workdir, "data"))
+
+
+def vocab_size(config) -> int:
+  """config.model.vocab_size, else the tokenizer's."""
+  if config.model.get("vocab_size"):
+    return int(config.model.vocab_size)
+  from extrapolax.experiments import data  # pylint: disable=import-outside-toplevel
+  return int(data.get_tokenizer(config.data.tokenizer).vocab_size)
+
+
+def make_source(config, workdir: str):
+  """The training batches the config names: ``.batch(step)``, ``.state(step)``."""
+  raise NotImplementedError("waiting for extrapolax.experiments.data")
+
+
+# ----------------------------------------------------------------------------
+# Files in the workdir.
+
+
+def _json_safe(value):
+  if isinstance(value, (np.generic, jax.Array)):
+    return value.item()
+  return value
+
+
+def _source_state(source, step: int) -> Any:
+  state = source.state(step) if hasattr(source, "state") else None
+  return json.loads(json.dumps(state, default=_json_safe))
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config.json a training run wrote."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise ValueError(f"{workdir} holds no training run (no config.json)")
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _config_json(config) -> dict:
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def _differences(old: Mapping, new: Mapping, prefix="") -> list[str]:
+  out = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key), new.get(key)
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+      out += _differences(a, b, f"{prefix}{key}.")
+    elif a != b and f"{prefix}{key}" not in RESUMABLE_FIELDS:
+      out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+  return out
+
+
+def _write_config(config, workdir: str) -> None:
+  """Writes config.json; a resumed run may only change RESUMABLE_FIELDS."""
+  path = os.path.join(workdir, "config.json")
+  new = _config_json(config)
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      old = json.load(f)
+    changed = _differences(old, new)
+    if changed:
+      raise ValueError(
+          f"{workdir} holds a run with a different config ({'; '.join(changed)}"
+          f"); only {RESUMABLE_FIELDS} may change when resuming. Use another "
+          "--workdir for a new run")
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(new, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of metrics.jsonl (empty if there is none)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _truncate_metrics(workdir: str, last_step: int) -> None:
+  """Drops records past the checkpoint a run resumes from."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return
+  kept = [r for r in read_metrics(workdir) if r["step"] <= last_step]
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(r) + "\n" for r in kept)
+  os.replace(path + ".tmp", path)
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Orbax logs INFO chatter through absl on every save and restore."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(max(level, logging.WARNING))
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _checkpoint_manager(workdir: str, keep: int):
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=False)
+  with _quiet_orbax():
+    return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                                 options=options)
+
+
+def _abstract(tree):
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=device), tree)
+
+
+def _save(manager, step, params, opt_state, data_state) -> None:
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  with _quiet_orbax():
+    manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(nnx.to_pure_dict(params)),
+        opt_state=ocp.args.StandardSave(jax.tree.leaves(opt_state)),
+        data=ocp.args.JsonSave(data_state)))
+    manager.wait_until_finished()
+
+
+def _restore(manager, step, items: Mapping[str, Any]) -> dict:
+  """Restores the named items; ``items`` maps name -> target tree or None
+  (JSON)."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  args = {name: (ocp.args.JsonRestore() if target is None else
+                 ocp.args.StandardRestore(_abstract(target)))
+          for name, target in items.items()}
+  with _quiet_orbax():
+    restored = manager.restore(step, args=ocp.args.Composite(**args))
+  return {name: restored[name] for name in items}
+
+
+def _fill_params(params_state, pure: dict):
+  nnx.replace_by_pure_dict(params_state, pure)
+  return params_state
+
+
+# ----------------------------------------------------------------------------
+# train / load_model.
+
+
+def _prepare(config) -> ml_collections.ConfigDict:
+  """An unlocked copy with vocab_size resolved, validated."""
+  config = config.copy_and_resolve_references()
+  config.unlock()
+  validate_config(config)
+  config.model.vocab_size = vocab_size(config)
+  return config
+
+
+def _is_log_step(step: int, config) -> bool:
+  return (step == 1 or step % config.log_every == 0
+          or step == config.train_steps)
+
+
+def train(config, workdir: str, *, source=None) -> TrainResult:
+  """Trains (or resumes training) the model ``config`` describes.
+
+  Args:
+    config: a training ConfigDict (``configs.base_config`` lists the fields).
+    workdir: the run's folder; created if needed. A run already there
+      resumes from its latest checkpoint (its config must match except for
+      RESUMABLE_FIELDS).
+    source: optional data source (``.batch(step)`` returning a PackedBatch
+      or a mapping with tokens, targets, weights [and positions,
+      segment_ids], all [batch_size, train_len]; optional ``.state(step)``,
+      JSON-able, stored in checkpoints). Default: ``make_source(config)``.
+
+  Returns:
+    TrainResult(model, step, metrics).
+
+  Raises:
+    ValueError: a bad config value, or a workdir holding another config.
+    NonFiniteLossError: the loss became NaN or infinite (names the step).
+  """
+  config = _prepare(config)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  _write_config(config, workdir)
+  if source is None:
+    source = make_source(config, workdir)
+
+  graphdef, params = init_params(config)
+  init_opt_state, step_fn = _cached_train_step(
+      graphdef, tuple((k, config[k]) for k in _OPTIMIZER_FIELDS))
+  opt_state = init_opt_state(params)
+  manager = _checkpoint_manager(workdir, config.keep_checkpoints)
+  start = manager.latest_step() or 0
+  if start:
+    restored = _restore(manager, start, {
+        "params": nnx.to_pure_dict(params),
+        "opt_state": jax.tree.leaves(opt_state), "data": None})
+    data_state = restored["data"]
+    expected = {"step": start, "seed": config.seed,
+                "source": _source_state(source, start)}
+    if data_state != expected:
+      raise ValueError(f"the checkpoint at step {start} in {workdir} was "
+                       f"written with other data ({data_state}); this config "
+                       f"gives {expected}")
+    params = _fill_params(params, restored["params"])
+    opt_state = jax.tree.unflatten(jax.tree.structure(opt_state),
+                                   restored["opt_state"])
+    absl_logging.info("resuming %s from step %d", workdir, start)
+  _truncate_metrics(workdir, start)
+
+  schedule = learning_rate_schedule(config, xp=np)
+  tokens_per_step = config.batch_size * config.train_len
+  pending: list[tuple[int, dict]] = []
+  last_time = run_start = time.perf_counter()
+  last_step = start
+  with contextlib.ExitStack() as stack:
+    stack.callback(manager.close)
+    writer = _summary_writer(workdir, start)
+    stack.callback(writer.close)
+    metrics_file = stack.enter_context(
+        open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8"))
+    progress = stack.enter_context(_progress(config.train_steps, start))
+    for index in range(start, config.train_steps):
+      step = index + 1
+      batch = device_batch(source.batch(index), batch_size=config.batch_size,
+                           seq_len=config.train_len)
+      params, opt_state, out = step_fn(params, opt_state, batch)
+      pending.append((step, out))
+      progress.update(1)
+      save = step % config.checkpoint_every == 0 or step == config.train_steps
+      if not (save or _is_log_step(step, config)):
+        continue
+      fetched = jax.device_get(pending)
+      pending = []
+      _check_finite(fetched, config, last_saved=manager.latest_step())
+      now = time.perf_counter()
+      record = {"step": step, "loss": float(fetched[-1][1]["loss"]),
+                "lr": float(schedule(index)),
+                "grad_norm": float(fetched[-1][1]["grad_norm"]),
+                "tokens_per_sec": tokens_per_step * (step - last_step) / max(
+                    now - last_time, 1e-9),
+                "tokens": step * tokens_per_step,
+                "elapsed_sec": now - run_start}
+      last_time, last_step = now, step
+      if _is_log_step(step, config):
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        for key in ("loss", "lr", "grad_norm", "tokens_per_sec"):
+          writer.add_scalar(f"train/{key}", record[key], step)
+        progress.set_postfix(loss=f"{record['loss']:.4f}")
+        absl_logging.info("step %d: loss %.4f, lr %.3g, %.0f tokens/s", step,
+                          record["loss"], record["lr"],
+                          record["tokens_per_sec"])
+      if save:
+        _save(manager, step, params, opt_state, {
+            "step": step, "seed": config.seed,
+            "source": _source_state(source, step)})
+  model = nnx.merge(graphdef, params)
+  return TrainResult(model=model, step=max(start, config.train_steps),
+                     metrics=read_metrics(workdir))
+
+
+def _check_finite(fetched, config, *, last_saved) -> None:
+  for step, out in fetched:
+    loss = float(out["loss"])
+    if not math.isfinite(loss):
+      saved = (f"the last checkpoint is step {last_saved}" if last_saved
+               else "no checkpoint was written")
+      raise NonFiniteLossError(
+          f"training stopped: the loss is {loss} at step {step} (grad_norm "
+          f"{float(out['grad_norm'])}, learning_rate {config.learning_rate}); "
+          f"{saved}. Lower the learning rate or check the data", step)
+
+
+def _summary_writer(workdir: str, start: int):
+  import tensorboardX  # pylint: disable=import-outside-toplevel
+  # purge_step hides events a killed run logged after its last checkpoint.
+  return tensorboardX.SummaryWriter(
+      logdir=workdir, purge_step=start + 1 if start else None)
+
+
+def _progress(total: int, initial: int):
+  import tqdm  # pylint: disable=import-outside-toplevel
+  # disable=None: no bar when stderr is not a terminal (logs, tests).
+  return tqdm.tqdm(total=total, initial=initial, unit="step", disable=None,
+                   dynamic_ncols=True)
+
+
+def load_model(workdir: str, *, step: Optional[int] = None
+               ) -> tuple[DecoderLM, ml_collections.ConfigDict]:
+  """The model of a run's latest (or given) checkpoint, and its config."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  config = read_config(workdir)
+  abstract = nnx.eval_shape(lambda: modeling.create_model(
+      config, nnx.Rngs(0)))
+  graphdef, params = nnx.split(abstract, nnx.Param)
+  manager = _checkpoint_manager(workdir, config.keep_checkpoints)
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise ValueError(f"{workdir} has no checkpoint yet")
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise ValueError(f"no checkpoint at step {step} in {workdir}; "
+                       f"steps: {sorted(steps)}")
+    pure = _restore(manager, step, {"params": nnx.to_pure_dict(params)})
+  finally:
+    manager.close()
+  params = _fill_params(params, pure["params"])
+  return nnx.merge(graphdef, params), config
