@@ -1,0 +1,25 @@
+"""Length-extrapolation evaluators: each returns a list of results records.
+
+* :func:`perplexity_vs_length` (perplexity.py): non-overlapping and sliding
+  perplexity from 1x to 16x the training length, and loss per position.
+* :func:`rope_scaling_sweep` (rope_scaling.py): zero-shot RoPE scalings.
+* :func:`perplexity_with_masks` (mask_sweep.py): sliding window and Lambda
+  masks at inference.
+* :func:`passkey_retrieval` (passkey.py): passkey accuracy, lengths x depths.
+* :func:`algorithmic_accuracy` (algorithmic.py): task accuracy vs length.
+* variants.py: the same weights with another implementation, RoPE scaling
+  or mask; ``describe`` gives a model's record labels.
+"""
+
+from .algorithmic import algorithmic_accuracy
+from .mask_sweep import perplexity_with_masks
+from .passkey import passkey_retrieval
+from .perplexity import (StreamScore, default_lengths, perplexity_vs_length,
+                         score_stream)
+from .rope_scaling import rope_scaling_sweep
+from .variants import describe, rebuild
+
+__all__ = ["algorithmic_accuracy", "perplexity_with_masks",
+           "passkey_retrieval", "StreamScore", "default_lengths",
+           "perplexity_vs_length", "score_stream", "rope_scaling_sweep",
+           "describe", "rebuild"]

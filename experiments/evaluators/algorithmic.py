@@ -1,0 +1,155 @@
+"""Algorithmic length generalisation: task accuracy vs length.
+
+A task (``extrapolax.experiments.data.get_task(name)``, or any object with
+``sample(rng, length) -> example`` where the example has ``tokens`` int[L]
+and ``answer_mask`` bool[L]) gives sequences whose answer tokens are
+graded. The model reads the whole sequence once (teacher forcing); the
+prediction of token t is the argmax of the logits at t - 1.
+
+* ``token_accuracy``: correct answer tokens / answer tokens.
+* ``sequence_accuracy``: examples whose answer tokens are all correct. Under
+  teacher forcing this equals exact match of greedy decoding (if every
+  teacher-forced prediction is right, greedy decoding produces the answer).
+
+Records carry the training range: ``train_len`` is the longest training
+length of the task and ``train_min_len`` the shortest, so the report can
+shade it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from extrapolax.experiments import records as records_lib
+
+from . import variants
+
+__all__ = ["METRICS", "grade_examples", "algorithmic_accuracy"]
+
+METRICS = ("sequence_accuracy", "token_accuracy")
+
+
+def _task_object(task):
+  if isinstance(task, str):
+    # pylint: disable-next=g-import-not-at-top
+    from extrapolax.experiments import data
+    return data.get_task(task)
+  return task
+
+
+def _task_name(task) -> str:
+  name = getattr(task, "name", None)
+  return name if isinstance(name, str) and name else type(task).__name__
+
+
+def grade_examples(logits_fn, tokens: Sequence[np.ndarray],
+                   answer_masks: Sequence[np.ndarray],
+                   *, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+  """Per-example (correct answer tokens, answer tokens), teacher-forced.
+
+  Args:
+    logits_fn: int32 [B, T] -> logits [B, T, V] (right padding is never
+      seen by a causal model, so examples are padded to the longest).
+    tokens, answer_masks: per example, int [L] and bool [L].
+    batch_size: examples per call (the last batch is padded).
+  """
+  if len(tokens) != len(answer_masks) or not len(tokens):
+    raise ValueError(f"need as many answer masks as examples (>= 1), got "
+                     f"{len(tokens)} and {len(answer_masks)}")
+  width = max(len(t) for t in tokens)
+  correct = np.zeros(len(tokens), np.int64)
+  graded = np.zeros(len(tokens), np.int64)
+  for lo in range(0, len(tokens), batch_size):
+    chunk = range(lo, min(lo + batch_size, len(tokens)))
+    batch = np.zeros((batch_size, width), np.int32)
+    mask = np.zeros((batch_size, width), bool)
+    for row, i in enumerate(chunk):
+      t, m = np.asarray(tokens[i]), np.asarray(answer_masks[i], bool)
+      if t.shape != m.shape or t.ndim != 1:
+        raise ValueError(f"example {i}: tokens {t.shape} and answer_mask "
+                         f"{m.shape} must be equal 1-D shapes")
+      batch[row, :len(t)], mask[row, :len(m)] = t, m
+    predicted = np.asarray(logits_fn(batch)).argmax(-1)   # predicts t + 1
+    hit = (predicted[:, :-1] == batch[:, 1:]) & mask[:, 1:]
+    rows = len(chunk)
+    correct[lo:lo + rows] = hit[:rows].sum(1)
+    graded[lo:lo + rows] = mask[:rows, 1:].sum(1)
+  return correct, graded
+
+
+def _model_logits_fn(model):
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def logits(state, tokens):
+    return nnx.merge(graphdef, state)(tokens)
+
+  return lambda tokens: logits(state, jnp.asarray(tokens))
+
+
+def algorithmic_accuracy(
+    model, task, *, lengths: Sequence[int], train_len: int,
+    train_min_len: Optional[int] = None, num_examples: int = 64,
+    seed: int = 0, batch_size: int = 32,
+    implementation: Optional[str] = "xla_chunked",
+    labels: Optional[Mapping[str, Any]] = None,
+    experiment: str = "algorithmic") -> list[dict]:
+  """Sequence and token accuracy of ``model`` on ``task`` at each length.
+
+  Args:
+    model: a DecoderLM.
+    task: a task object or a name for ``data.get_task``.
+    lengths: task lengths (the ``length`` argument of ``task.sample``).
+    train_len: the longest task length seen in training.
+    train_min_len: the shortest (default: not recorded).
+    num_examples: examples per length (drawn from ``seed``; the same for
+      every model).
+    seed: the examples' random seed.
+    batch_size: examples per call.
+    implementation: attention implementation (None: the model's).
+    labels: record fields (model, seed, step, variant, ...).
+    experiment: the records' experiment name.
+
+  Returns:
+    Two records per length (METRICS), with n_tokens = graded answer tokens
+    and n_trials = examples.
+  """
+  if num_examples < 1:
+    raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+  if not lengths:
+    raise ValueError("lengths is empty")
+  task = _task_object(task)
+  name = _task_name(task)
+  logits_fn = _model_logits_fn(
+      variants.with_implementation(model, implementation))
+  extra = {} if train_min_len is None else {"train_min_len": train_min_len}
+  shared = variants.labels_for(model, train_len, {**extra, **(labels or {})})
+  out = []
+  for length in lengths:
+    started = time.perf_counter()
+    rng = np.random.default_rng([seed, int(length)])
+    examples = [task.sample(rng, int(length)) for _ in range(num_examples)]
+    correct, graded = grade_examples(
+        logits_fn, [np.asarray(e.tokens) for e in examples],
+        [np.asarray(e.answer_mask) for e in examples], batch_size=batch_size)
+    if not graded.sum():
+      raise ValueError(f"task {name!r} at length {length} has no graded "
+                       "answer tokens")
+    values = dict(sequence_accuracy=float(np.mean(correct == graded)),
+                  token_accuracy=float(correct.sum() / graded.sum()))
+    for metric in METRICS:
+      out.append(records_lib.make_record(
+          **shared, eval_len=int(length), mode=None, stride=None, task=name,
+          metric=metric, value=values[metric], n_tokens=int(graded.sum()),
+          n_trials=num_examples, experiment=experiment))
+    logging.info("%s %s L=%d: seq %.3f token %.3f (%.1fs)", name,
+                 shared["model"], length, values["sequence_accuracy"],
+                 values["token_accuracy"], time.perf_counter() - started)
+  return out

@@ -1,0 +1,169 @@
+"""Passkey retrieval (Landmark Attention's test, reused by PI and YaRN).
+
+A prompt of N tokens (REFERENCE.md's template: instruction, filler, the line
+"The pass key is KEY. Remember it. KEY is the pass key." at depth d, more
+filler, "What is the pass key? The pass key is") is built by
+``passkey_prompt(num_tokens, depth, key, tokenizer) -> (prompt_ids,
+key_ids)`` (``extrapolax.experiments.data`` by default). The model then
+generates ``len(key_ids)`` tokens greedily; a trial passes when they equal
+``key_ids`` exactly. Accuracy per (length, depth) is the fraction of trials
+passed; keys are random ``key_digits``-digit numbers drawn from ``seed``.
+
+Greedy decoding reruns the full forward on a fixed-size buffer (prompt plus
+answer slots) once per generated token, inside one jitted ``fori_loop`` per
+length, with the memory-linear ``xla_chunked`` attention. Prompts of one
+length are batched (right-padded if the prompt builder returns slightly
+different lengths: a causal model never sees the padding).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from extrapolax.experiments import records as records_lib
+
+from . import variants
+
+__all__ = ["greedy_continuations", "passkey_retrieval", "DEFAULT_DEPTHS"]
+
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+PromptFn = Callable[[int, float, str, Any], tuple[Any, Any]]
+
+
+def greedy_continuations(model, prompts: Sequence[np.ndarray], steps: int,
+                         *, batch_size: int = 8) -> np.ndarray:
+  """Greedy ``steps`` tokens after each prompt, by full forwards.
+
+  Args:
+    model: a DecoderLM (or any nnx module ``tokens [B, T] -> logits``).
+    prompts: 1-D int arrays (lengths may differ; they are right-padded).
+    steps: tokens to generate.
+    batch_size: prompts per call (the last batch is padded).
+  Returns:
+    int32 [len(prompts), steps].
+  """
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1, got {steps}")
+  lengths = np.array([len(p) for p in prompts])
+  if not len(prompts) or lengths.min() < 1:
+    raise ValueError("need at least one non-empty prompt")
+  total = int(lengths.max()) + steps
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, buffer, prompt_len):
+    m = nnx.merge(graphdef, state)
+    rows = jnp.arange(buffer.shape[0])
+
+    def body(k, buffer):
+      logits = m(buffer)
+      nxt = jnp.argmax(logits[rows, prompt_len - 1 + k], axis=-1)
+      return buffer.at[rows, prompt_len + k].set(nxt.astype(buffer.dtype))
+
+    buffer = jax.lax.fori_loop(0, steps, body, buffer)
+    index = prompt_len[:, None] + jnp.arange(steps)[None]
+    return jnp.take_along_axis(buffer, index, axis=1)
+
+  out = np.zeros((len(prompts), steps), np.int32)
+  for lo in range(0, len(prompts), batch_size):
+    chunk = prompts[lo:lo + batch_size]
+    buffer = np.zeros((batch_size, total), np.int32)
+    prompt_len = np.ones(batch_size, np.int32)
+    for row, p in enumerate(chunk):
+      buffer[row, :len(p)] = p
+      prompt_len[row] = len(p)
+    got = np.asarray(run(state, buffer, prompt_len))
+    out[lo:lo + len(chunk)] = got[:len(chunk)]
+  return out
+
+
+def _default_prompt_fn() -> PromptFn:
+  from extrapolax.experiments import data  # pylint: disable=g-import-not-at-top
+  return data.passkey_prompt
+
+
+def _default_tokenizer():
+  from extrapolax.experiments import data  # pylint: disable=g-import-not-at-top
+  return data.get_tokenizer("byte")
+
+
+def passkey_retrieval(
+    model, *, lengths: Sequence[int], depths: Sequence[float] = DEFAULT_DEPTHS,
+    trials: int = 5, train_len: Optional[int] = None, key_digits: int = 5,
+    seed: int = 0, tokenizer=None, prompt_fn: Optional[PromptFn] = None,
+    implementation: Optional[str] = "xla_chunked",
+    tokens_per_batch: int = 16384,
+    labels: Optional[Mapping[str, Any]] = None,
+    experiment: str = "passkey") -> list[dict]:
+  """Passkey accuracy over lengths x depths.
+
+  Args:
+    model: a DecoderLM.
+    lengths: prompt lengths in tokens.
+    depths: where the key line sits, fractions in [0, 1].
+    trials: keys per (length, depth).
+    train_len: the training length (default ``model.config.max_len``).
+    key_digits: digits per key (keys are uniform among such numbers).
+    seed: the keys' random seed (the same keys for every model).
+    tokenizer: default ``get_tokenizer("byte")``.
+    prompt_fn: ``(num_tokens, depth, key, tokenizer) -> (prompt_ids,
+      key_ids)``; default ``extrapolax.experiments.data.passkey_prompt``.
+    implementation: attention implementation (None: the model's).
+    tokens_per_batch: prompts per call = max(1, this // length).
+    labels: record fields (model, seed, step, variant, ...).
+    experiment: the records' experiment name.
+
+  Returns:
+    One record per (length, depth): metric "passkey_accuracy", task
+    "passkey", depth, n_trials, n_tokens = graded key tokens.
+  """
+  if trials < 1 or key_digits < 1:
+    raise ValueError(f"trials and key_digits must be >= 1, got {trials}, "
+                     f"{key_digits}")
+  for d in depths:
+    if not 0.0 <= d <= 1.0:
+      raise ValueError(f"depths must lie in [0, 1], got {d!r}")
+  if not lengths:
+    raise ValueError("lengths is empty")
+  train_len = int(train_len or model.config.max_len)
+  tokenizer = tokenizer if tokenizer is not None else _default_tokenizer()
+  prompt_fn = prompt_fn or _default_prompt_fn()
+  runner = variants.with_implementation(model, implementation)
+  shared = variants.labels_for(model, train_len, labels)
+  rng = np.random.default_rng(seed)
+  out = []
+  for length in lengths:
+    started = time.perf_counter()
+    prompts, answers, cells = [], [], []
+    for depth in depths:
+      for _ in range(trials):
+        key = str(rng.integers(10**(key_digits - 1), 10**key_digits))
+        prompt_ids, key_ids = prompt_fn(int(length), float(depth), key,
+                                        tokenizer)
+        prompts.append(np.asarray(prompt_ids, np.int32))
+        answers.append(np.asarray(key_ids, np.int32))
+        cells.append(depth)
+    steps = max(len(a) for a in answers)
+    generated = greedy_continuations(
+        runner, prompts, steps,
+        batch_size=max(1, tokens_per_batch // (int(length) + steps)))
+    passed = np.array([np.array_equal(g[:len(a)], a)
+                       for g, a in zip(generated, answers)])
+    for depth in depths:
+      hits = [p for p, c in zip(passed, cells) if c == depth]
+      graded = sum(len(a) for a, c in zip(answers, cells) if c == depth)
+      out.append(records_lib.make_record(
+          **shared, eval_len=int(length), mode=None, stride=None,
+          task="passkey", metric="passkey_accuracy",
+          value=float(np.mean(hits)), n_tokens=int(graded),
+          depth=float(depth), n_trials=len(hits), experiment=experiment))
+    logging.info("passkey %s L=%d: %.2f (%.1fs)", shared["model"], length,
+                 passed.mean(), time.perf_counter() - started)
+  return out

@@ -1,0 +1,152 @@
+"""Passkey retrieval and algorithmic accuracy: grading arithmetic against
+hand-computed values, and a tiny random DecoderLM through both."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from extrapolax.experiments import records
+from extrapolax.experiments.evaluators import algorithmic
+from extrapolax.experiments.evaluators import passkey
+from extrapolax.models import DecoderLM, ModelConfig, generate
+
+TINY = dict(vocab_size=256, d_model=32, num_layers=2, num_heads=2,
+            mlp_dim=64, max_len=32)
+MODEL = DecoderLM(ModelConfig(**TINY), rngs=nnx.Rngs(0))
+
+
+class Bytes:
+  name, vocab_size = "byte", 256
+
+  def encode(self, text):
+    return np.frombuffer(text.encode(), np.uint8).astype(np.int32)
+
+
+def filler_prompt(num_tokens, depth, key, tokenizer):
+  """A byte prompt of exactly num_tokens with the key line at depth."""
+  line = f" The pass key is {key}. "
+  tail = " The pass key is"
+  room = num_tokens - len(line) - len(tail)
+  before = int(round(depth * room))
+  text = "g" * before + line + "s" * (room - before) + tail
+  return tokenizer.encode(text), tokenizer.encode(" " + key)
+
+
+def test_greedy_continuations_equal_kv_cache_generation():
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(0, 256, n).astype(np.int32) for n in (12, 9, 12)]
+  got = passkey.greedy_continuations(MODEL, prompts, 4, batch_size=2)
+  # Prompts of one length share a generate call.
+  want = np.asarray(generate(MODEL, jnp.asarray(np.stack(prompts[::2])), 4))
+  np.testing.assert_array_equal(got[::2], want[:, 12:])
+  want = np.asarray(generate(MODEL, jnp.asarray(prompts[1][None]), 4))
+  np.testing.assert_array_equal(got[1], want[0, 9:])
+
+
+def test_passkey_grading_against_known_continuations():
+  # The key the prompt asks for is what the model will generate at depth
+  # 0 and something else at the other depths: accuracy 1, 0, 0.
+  depths = (0.0, 0.5, 1.0)
+  prompts = np.stack([filler_prompt(40, d, "00000", Bytes())[0]
+                      for d in depths])
+  continuations = np.asarray(generate(MODEL, jnp.asarray(prompts), 3))[:, -3:]
+
+  def rigged(num_tokens, depth, key, tokenizer):
+    del num_tokens, key, tokenizer
+    i = depths.index(depth)
+    return prompts[i], (continuations[i] + (depth != 0)) % 256
+
+  out = passkey.passkey_retrieval(
+      MODEL, lengths=(40,), depths=depths, trials=2,
+      tokenizer=Bytes(), prompt_fn=rigged, labels=dict(model="rope-tiny"))
+  assert [(r["depth"], r["value"], r["n_trials"], r["n_tokens"])
+          for r in out] == [(0.0, 1.0, 2, 6), (0.5, 0.0, 2, 6),
+                            (1.0, 0.0, 2, 6)]
+
+
+def test_passkey_records_from_a_random_model():
+  out = passkey.passkey_retrieval(
+      MODEL, lengths=(32, 64), depths=(0.0, 1.0), trials=2,
+      tokenizer=Bytes(), prompt_fn=filler_prompt,
+      labels=dict(model="rope-tiny", seed=0, step=1))
+  assert [(r["eval_len"], r["depth"]) for r in out] == [
+      (32, 0.0), (32, 1.0), (64, 0.0), (64, 1.0)]
+  for r in out:
+    assert records.make_record(**r) == r
+    assert r["metric"] == "passkey_accuracy" and r["task"] == "passkey"
+    assert r["value"] in (0.0, 0.5, 1.0) and r["n_tokens"] == 2 * 6
+    assert r["train_len"] == 32 and r["experiment"] == "passkey"
+  with pytest.raises(ValueError, match="depths"):
+    passkey.passkey_retrieval(MODEL, lengths=(32,), depths=(1.5,),
+                              tokenizer=Bytes(), prompt_fn=filler_prompt)
+
+
+def fake_logits(predictions):
+  """Logits whose argmax at each position is ``predictions`` there."""
+
+  def logits_fn(batch):
+    out = np.zeros(batch.shape + (16,), np.float32)
+    b, t = batch.shape
+    pred = np.zeros((b, t), int)
+    pred[:len(predictions), :predictions.shape[1]] = predictions
+    np.put_along_axis(out, pred[..., None], 1.0, axis=-1)
+    return out
+
+  return logits_fn
+
+
+def test_grading_hand_computed():
+  tokens = [np.array([1, 2, 3, 4, 5]), np.array([1, 2, 3])]
+  masks = [np.array([0, 0, 1, 1, 1], bool), np.array([0, 1, 1], bool)]
+  # Predictions at t are for token t + 1: example 0 gets 3 and 5 right and
+  # 4 wrong; example 1 gets both answers right.
+  predictions = np.array([[9, 3, 7, 5, 0], [2, 3, 0, 0, 0]])
+  correct, graded = algorithmic.grade_examples(
+      fake_logits(predictions), tokens, masks, batch_size=4)
+  np.testing.assert_array_equal(correct, [2, 2])
+  np.testing.assert_array_equal(graded, [3, 2])
+
+
+@dataclasses.dataclass
+class Example:
+  tokens: np.ndarray
+  answer_mask: np.ndarray
+
+
+class Copy:
+  """"abc=abc": answers are the copy after '='."""
+  name = "copy"
+
+  def sample(self, rng, length):
+    body = rng.integers(97, 123, length).astype(np.int32)
+    tokens = np.concatenate([body, [61], body]).astype(np.int32)
+    mask = np.zeros(len(tokens), bool)
+    mask[length + 1:] = True
+    return Example(tokens, mask)
+
+
+def test_algorithmic_records_match_a_direct_evaluation():
+  out = algorithmic.algorithmic_accuracy(
+      MODEL, Copy(), lengths=(4, 8), train_len=4, train_min_len=1,
+      num_examples=6, batch_size=4, labels=dict(model="rope-tiny"))
+  assert [(r["eval_len"], r["metric"]) for r in out] == [
+      (4, "sequence_accuracy"), (4, "token_accuracy"),
+      (8, "sequence_accuracy"), (8, "token_accuracy")]
+  for r in out:
+    assert records.make_record(**r) == r
+    assert (r["task"], r["train_len"], r["train_min_len"]) == ("copy", 4, 1)
+    assert r["n_trials"] == 6 and r["experiment"] == "algorithmic"
+  # The same examples through the plain model.
+  rng = np.random.default_rng([0, 8])
+  examples = [Copy().sample(rng, 8) for _ in range(6)]
+  batch = np.stack([e.tokens for e in examples])
+  predicted = np.asarray(nnx.jit(lambda m, x: m(x))(MODEL, batch)).argmax(-1)
+  mask = np.stack([e.answer_mask for e in examples])[:, 1:]
+  hit = (predicted[:, :-1] == batch[:, 1:]) & mask
+  assert out[3]["n_tokens"] == mask.sum() == 48
+  assert out[3]["value"] == pytest.approx(hit.sum() / mask.sum())
+  assert out[2]["value"] == pytest.approx(
+      np.mean(hit.sum(1) == mask.sum(1)))
