@@ -1,0 +1,144 @@
+"""report.md and PNGs from hand-made records, and the command line."""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from matplotlib import image as mpl_image
+
+from extrapolax.experiments import records
+from extrapolax.experiments import report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def rec(**fields):
+  base = dict(model="rope", pe="rope", scaling="none", scale=1.0,
+              mask="causal", train_len=64, eval_len=64, mode="nonoverlap",
+              stride=None, task=None, metric="perplexity", value=1.0,
+              n_tokens=1000, seed=0, step=10)
+  base.update(fields)
+  return records.make_record(**base)
+
+
+PPL = {"rope": [20.07, 19.79, 31.58, 79.25],
+       "alibi": [19.73, 19.14, 18.41, 18.31],
+       "learned": [21.5, math.nan, math.nan, math.nan]}
+LENGTHS = [64, 128, 256, 1024]
+
+
+def hand_records():
+  out = []
+  for model, values in PPL.items():
+    for length, value in zip(LENGTHS, values):
+      out.append(rec(model=model, pe=model, eval_len=length, value=value,
+                     experiment="length"))
+      out.append(rec(model=model, pe=model, eval_len=length, mode="sliding",
+                     stride=32, value=value * 0.9, experiment="length"))
+    for position in range(0, 1024, 256):
+      out.append(rec(model=model, pe=model, eval_len=1024,
+                     metric="position_nll", value=2.0 + position / 1000,
+                     position=position, position_end=position + 256,
+                     experiment="length"))
+  out.append(rec(scaling="linear", scale=4.0, eval_len=256, value=25.5,
+                 variant="rope linear x4", experiment="rope_scaling"))
+  out.append(rec(mask="lambda(sinks=4, window=64)", eval_len=256,
+                 value=22.25, experiment="mask"))
+  for length in (64, 256):
+    for depth in (0.0, 0.5, 1.0):
+      out.append(rec(eval_len=length, depth=depth, mode=None,
+                     task="passkey", metric="passkey_accuracy",
+                     value=1.0 if length == 64 else depth / 2,
+                     n_trials=4, experiment="passkey"))
+  for model, acc in (("nope", [1.0, 0.75, 0.5]), ("rope", [1.0, 0.2, 0.0])):
+    for length, value in zip((8, 16, 32), acc):
+      out.append(rec(model=model, pe=model, eval_len=length, train_len=16,
+                     train_min_len=4, mode=None, task="copy",
+                     metric="sequence_accuracy", value=value, n_trials=32,
+                     experiment="algorithmic"))
+  return out
+
+
+def check_png(path):
+  with open(path, "rb") as f:
+    assert f.read(8) == PNG_MAGIC
+  pixels = mpl_image.imread(path)
+  assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+  assert np.ptp(pixels) > 0          # not a blank image
+
+
+def table_rows(text, heading):
+  section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+  return [line for line in section.splitlines() if line.startswith("| ")]
+
+
+def test_report_tables_and_plots(tmp_path):
+  path = report.write_report(hand_records(), str(tmp_path))
+  assert path == str(tmp_path / "report.md")
+  text = open(path).read()
+  rows = table_rows(text, "length: perplexity (nonoverlap)")
+  assert rows[0] == "| eval length | rope | alibi | learned |"
+  assert rows[1] == "| 64 (train) | 20.07 | 19.73 | 21.50 |"
+  assert rows[4] == "| 1024 | 79.25 | 18.31 | n/a |"
+  rows = table_rows(text, "length: perplexity (sliding, stride 32)")
+  assert rows[2] == "| 128 | 17.81 | 17.23 | n/a |"
+  # Sweeps show the same model's base column beside theirs.
+  rows = table_rows(text, "rope_scaling: perplexity (nonoverlap)")
+  assert rows == ["| eval length | rope | rope linear x4 |",
+                  "| 256 | 31.58 | 25.50 |"]
+  rows = table_rows(text, "mask: perplexity (nonoverlap)")
+  assert rows[-1] == "| 256 | 31.58 | 22.25 |"
+  # Passkey: mean over depths (0, 0.25, 0.5 at 256), then by depth.
+  rows = table_rows(text, "passkey: passkey_accuracy")
+  assert rows[:3] == ["| eval length | rope |", "| 64 (train) | 1.000 |",
+                      "| 256 | 0.250 |"]
+  assert "| 256 | 0.000 | 0.250 | 0.500 |" in rows
+  rows = table_rows(text, "algorithmic: sequence_accuracy on copy")
+  assert rows[0] == "| eval length | nope | rope |"
+  assert rows[3] == "| 32 | 0.500 | 0.000 |"
+  assert "Training range: lengths 4..16." in text
+  pngs = sorted(f for f in os.listdir(tmp_path) if f.endswith(".png"))
+  assert pngs == sorted([
+      "length_perplexity_nonoverlap.png",
+      "length_perplexity_sliding_32.png",
+      "length_position_nll_nonoverlap.png",
+      "rope_scaling_perplexity_nonoverlap.png",
+      "mask_perplexity_nonoverlap.png",
+      "passkey_passkey_accuracy_passkey.png",
+      "algorithmic_sequence_accuracy_copy.png"])
+  for name in pngs:
+    assert f"]({name})" in text
+    check_png(tmp_path / name)
+
+
+def test_reruns_and_seeds(tmp_path):
+  rows = [rec(value=10.0), rec(value=12.0),            # a rerun: last wins
+          rec(model="alibi", pe="alibi", value=4.0),
+          rec(model="alibi", pe="alibi", value=6.0, seed=1)]
+  text = open(report.write_report(rows, str(tmp_path))).read()
+  assert "| 64 (train) | 12.00 | 5.00 |" in text
+  assert "(mean over 2 seeds)" in text
+
+
+def test_report_from_results_file_and_cli(tmp_path):
+  workdir = tmp_path / "run"
+  records.append(str(workdir / "results.jsonl"), hand_records())
+  from_file = report.markdown_tables(str(workdir))
+  assert from_file == report.markdown_tables(hand_records())
+  out = subprocess.run(
+      [sys.executable, "-m", "extrapolax.experiments.report",
+       "--workdir", str(workdir)], capture_output=True, text=True,
+      check=True)
+  assert "| 64 (train) | 20.07 | 19.73 | 21.50 |" in out.stdout
+  assert (workdir / "report.md").exists()
+  check_png(workdir / "length_perplexity_nonoverlap.png")
+
+
+def test_nothing_to_report(tmp_path):
+  with pytest.raises(ValueError, match="no results file"):
+    report.write_report(str(tmp_path), str(tmp_path))
+  with pytest.raises(ValueError, match="no records"):
+    report.write_report([], str(tmp_path))
