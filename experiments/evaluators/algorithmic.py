@@ -29,6 +29,7 @@ from flax import nnx
 
 from extrapolax.experiments import records as records_lib
 
+from . import perplexity
 from . import variants
 
 __all__ = ["METRICS", "grade_examples", "algorithmic_accuracy"]
@@ -58,12 +59,14 @@ def grade_examples(logits_fn, tokens: Sequence[np.ndarray],
     logits_fn: int32 [B, T] -> logits [B, T, V] (right padding is never
       seen by a causal model, so examples are padded to the longest).
     tokens, answer_masks: per example, int [L] and bool [L].
-    batch_size: examples per call (the last batch is padded).
+    batch_size: the most examples per call (balanced; the last batch is
+      padded).
   """
   if len(tokens) != len(answer_masks) or not len(tokens):
     raise ValueError(f"need as many answer masks as examples (>= 1), got "
                      f"{len(tokens)} and {len(answer_masks)}")
   width = max(len(t) for t in tokens)
+  batch_size = perplexity.balanced_batch(len(tokens), batch_size)
   correct = np.zeros(len(tokens), np.int64)
   graded = np.zeros(len(tokens), np.int64)
   for lo in range(0, len(tokens), batch_size):

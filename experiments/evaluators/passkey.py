@@ -29,6 +29,7 @@ from flax import nnx
 
 from extrapolax.experiments import records as records_lib
 
+from . import perplexity
 from . import variants
 
 __all__ = ["greedy_continuations", "passkey_retrieval", "DEFAULT_DEPTHS"]
@@ -45,7 +46,8 @@ def greedy_continuations(model, prompts: Sequence[np.ndarray], steps: int,
     model: a DecoderLM (or any nnx module ``tokens [B, T] -> logits``).
     prompts: 1-D int arrays (lengths may differ; they are right-padded).
     steps: tokens to generate.
-    batch_size: prompts per call (the last batch is padded).
+    batch_size: the most prompts per call (balanced; the last batch is
+      padded).
   Returns:
     int32 [len(prompts), steps].
   """
@@ -71,6 +73,7 @@ def greedy_continuations(model, prompts: Sequence[np.ndarray], steps: int,
     index = prompt_len[:, None] + jnp.arange(steps)[None]
     return jnp.take_along_axis(buffer, index, axis=1)
 
+  batch_size = perplexity.balanced_batch(len(prompts), batch_size)
   out = np.zeros((len(prompts), steps), np.int32)
   for lo in range(0, len(prompts), batch_size):
     chunk = prompts[lo:lo + batch_size]

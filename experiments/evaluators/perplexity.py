@@ -184,8 +184,8 @@ def score_stream(nll_fn: NllFn, tokens: Tokens, length: int, *,
     length: window length L.
     mode, stride: see the module docstring.
     max_tokens: cap on scored tokens (None: the whole stream).
-    batch_size: windows per call (the last batch is padded, so every call
-      has the same shape).
+    batch_size: the most windows per call (balanced so the last, padded
+      batch wastes little; every call has the same shape).
   Raises:
     ValueError: no window of length + 1 tokens fits any document.
   """
@@ -197,6 +197,7 @@ def score_stream(nll_fn: NllFn, tokens: Tokens, length: int, *,
                      f"document has {max(len(d) for d in docs)} tokens")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  batch_size = balanced_batch(len(plan), batch_size)
   position_sum = np.zeros(length, np.float64)
   position_count = np.zeros(length, np.int64)
   index = np.arange(length)
@@ -220,6 +221,16 @@ def score_stream(nll_fn: NllFn, tokens: Tokens, length: int, *,
                      n_tokens=int(position_count.sum()), n_windows=len(plan),
                      position_nll_sum=position_sum,
                      position_count=position_count)
+
+
+def balanced_batch(num_items: int, max_batch: int) -> int:
+  """The smallest batch <= max_batch that needs as few calls as max_batch.
+
+  25 items at max_batch 15: 13 (two calls, one padded row) instead of 15
+  (two calls, five padded rows).
+  """
+  calls = -(-num_items // max_batch)
+  return max(1, -(-num_items // calls))
 
 
 def default_lengths(train_len: int,
