@@ -32,7 +32,8 @@ from extrapolax.experiments import records as records_lib
 from . import perplexity
 from . import variants
 
-__all__ = ["METRICS", "grade_examples", "algorithmic_accuracy"]
+__all__ = ["METRICS", "grade_examples", "model_logits_fn",
+           "algorithmic_accuracy"]
 
 METRICS = ("sequence_accuracy", "token_accuracy")
 
@@ -87,7 +88,8 @@ def grade_examples(logits_fn, tokens: Sequence[np.ndarray],
   return correct, graded
 
 
-def _model_logits_fn(model):
+def model_logits_fn(model):
+  """A jitted ``tokens [B, T] -> logits`` of an nnx model."""
   graphdef, state = nnx.split(model)
 
   @jax.jit
@@ -130,7 +132,7 @@ def algorithmic_accuracy(
     raise ValueError("lengths is empty")
   task = _task_object(task)
   name = _task_name(task)
-  logits_fn = _model_logits_fn(
+  logits_fn = model_logits_fn(
       variants.with_implementation(model, implementation))
   extra = {} if train_min_len is None else {"train_min_len": train_min_len}
   shared = variants.labels_for(model, train_len, {**extra, **(labels or {})})

@@ -4,15 +4,23 @@ A prompt of N tokens (REFERENCE.md's template: instruction, filler, the line
 "The pass key is KEY. Remember it. KEY is the pass key." at depth d, more
 filler, "What is the pass key? The pass key is") is built by
 ``passkey_prompt(num_tokens, depth, key, tokenizer) -> (prompt_ids,
-key_ids)`` (``extrapolax.experiments.data`` by default). The model then
-generates ``len(key_ids)`` tokens greedily; a trial passes when they equal
+key_ids)`` (``extrapolax.experiments.data`` by default). A trial passes
+when the model's greedy continuation of ``len(key_ids)`` tokens equals
 ``key_ids`` exactly. Accuracy per (length, depth) is the fraction of trials
 passed; keys are random ``key_digits``-digit numbers drawn from ``seed``.
 
-Greedy decoding reruns the full forward on a fixed-size buffer (prompt plus
-answer slots) once per generated token, inside one jitted ``fori_loop`` per
-length, with the memory-linear ``xla_chunked`` attention. Prompts of one
-length are batched (right-padded if the prompt builder returns slightly
+Two ways to decide it, with the same answer:
+
+* ``decode="teacher_forced"`` (default): one forward over prompt + key; the
+  trial passes iff the argmax at every key position is the key token. Greedy
+  decoding reproduces the key exactly iff each of its steps, fed the key's
+  prefix, picks the next key token, which is this condition, so the
+  accuracy equals greedy exact match at a fraction of the cost.
+* ``decode="greedy"``: generate ``len(key_ids)`` tokens by rerunning the full
+  forward on a fixed buffer (one jitted ``fori_loop`` per length).
+
+Both use the memory-linear ``xla_chunked`` attention by default and batch the
+prompts of one length (right-padded if the prompt builder returns slightly
 different lengths: a causal model never sees the padding).
 """
 
@@ -29,12 +37,15 @@ from flax import nnx
 
 from extrapolax.experiments import records as records_lib
 
+from . import algorithmic
 from . import perplexity
 from . import variants
 
-__all__ = ["greedy_continuations", "passkey_retrieval", "DEFAULT_DEPTHS"]
+__all__ = ["greedy_continuations", "passkey_retrieval", "DEFAULT_DEPTHS",
+           "DECODES"]
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+DECODES = ("teacher_forced", "greedy")
 PromptFn = Callable[[int, float, str, Any], tuple[Any, Any]]
 
 
@@ -102,7 +113,7 @@ def passkey_retrieval(
     trials: int = 5, train_len: Optional[int] = None, key_digits: int = 5,
     seed: int = 0, tokenizer=None, prompt_fn: Optional[PromptFn] = None,
     implementation: Optional[str] = "xla_chunked",
-    tokens_per_batch: int = 16384,
+    tokens_per_batch: int = 16384, decode: str = "teacher_forced",
     labels: Optional[Mapping[str, Any]] = None,
     experiment: str = "passkey") -> list[dict]:
   """Passkey accuracy over lengths x depths.
@@ -120,6 +131,8 @@ def passkey_retrieval(
       key_ids)``; default ``extrapolax.experiments.data.passkey_prompt``.
     implementation: attention implementation (None: the model's).
     tokens_per_batch: prompts per call = max(1, this // length).
+    decode: "teacher_forced" or "greedy" (the same accuracy; see the module
+      docstring).
     labels: record fields (model, seed, step, variant, ...).
     experiment: the records' experiment name.
 
@@ -135,12 +148,15 @@ def passkey_retrieval(
       raise ValueError(f"depths must lie in [0, 1], got {d!r}")
   if not lengths:
     raise ValueError("lengths is empty")
+  if decode not in DECODES:
+    raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
   train_len = int(train_len or model.config.max_len)
   tokenizer = tokenizer if tokenizer is not None else _default_tokenizer()
   prompt_fn = prompt_fn or _default_prompt_fn()
   runner = variants.with_implementation(model, implementation)
   shared = variants.labels_for(model, train_len, labels)
   rng = np.random.default_rng(seed)
+  logits_fn = None
   out = []
   for length in lengths:
     started = time.perf_counter()
@@ -154,11 +170,21 @@ def passkey_retrieval(
         answers.append(np.asarray(key_ids, np.int32))
         cells.append(depth)
     steps = max(len(a) for a in answers)
-    generated = greedy_continuations(
-        runner, prompts, steps,
-        batch_size=max(1, tokens_per_batch // (int(length) + steps)))
-    passed = np.array([np.array_equal(g[:len(a)], a)
-                       for g, a in zip(generated, answers)])
+    batch_size = max(1, tokens_per_batch // (int(length) + steps))
+    if decode == "greedy":
+      generated = greedy_continuations(runner, prompts, steps,
+                                       batch_size=batch_size)
+      passed = np.array([np.array_equal(g[:len(a)], a)
+                         for g, a in zip(generated, answers)])
+    else:
+      if logits_fn is None:
+        logits_fn = algorithmic.model_logits_fn(runner)
+      correct, graded = algorithmic.grade_examples(
+          logits_fn, [np.concatenate([p, a]) for p, a in zip(prompts,
+                                                               answers)],
+          [np.arange(len(p) + len(a)) >= len(p)
+           for p, a in zip(prompts, answers)], batch_size=batch_size)
+      passed = correct == graded
     for depth in depths:
       hits = [p for p, c in zip(passed, cells) if c == depth]
       graded = sum(len(a) for a, c in zip(answers, cells) if c == depth)

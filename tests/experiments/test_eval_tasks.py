@@ -46,9 +46,11 @@ def test_greedy_continuations_equal_kv_cache_generation():
   np.testing.assert_array_equal(got[1], want[0, 9:])
 
 
-def test_passkey_grading_against_known_continuations():
-  # The key the prompt asks for is what the model will generate at depth
-  # 0 and something else at the other depths: accuracy 1, 0, 0.
+@pytest.mark.parametrize("decode", passkey.DECODES)
+def test_passkey_grading_against_known_continuations(decode):
+  # The key asked for is the model's own greedy continuation at depth 0,
+  # that continuation with its last token changed at depth 0.5 (a right
+  # prefix is not enough) and with its first token changed at depth 1.
   depths = (0.0, 0.5, 1.0)
   prompts = np.stack([filler_prompt(40, d, "00000", Bytes())[0]
                       for d in depths])
@@ -57,11 +59,14 @@ def test_passkey_grading_against_known_continuations():
   def rigged(num_tokens, depth, key, tokenizer):
     del num_tokens, key, tokenizer
     i = depths.index(depth)
-    return prompts[i], (continuations[i] + (depth != 0)) % 256
+    key_ids = continuations[i].copy()
+    if i:
+      key_ids[-1 if i == 1 else 0] += 1
+    return prompts[i], key_ids % 256
 
   out = passkey.passkey_retrieval(
-      MODEL, lengths=(40,), depths=depths, trials=2,
-      tokenizer=Bytes(), prompt_fn=rigged, labels=dict(model="rope-tiny"))
+      MODEL, lengths=(40,), depths=depths, trials=2, tokenizer=Bytes(),
+      prompt_fn=rigged, decode=decode, labels=dict(model="rope-tiny"))
   assert [(r["depth"], r["value"], r["n_trials"], r["n_tokens"])
           for r in out] == [(0.0, 1.0, 2, 6), (0.5, 0.0, 2, 6),
                             (1.0, 0.0, 2, 6)]
@@ -81,6 +86,9 @@ def test_passkey_records_from_a_random_model():
     assert r["train_len"] == 32 and r["experiment"] == "passkey"
   with pytest.raises(ValueError, match="depths"):
     passkey.passkey_retrieval(MODEL, lengths=(32,), depths=(1.5,),
+                              tokenizer=Bytes(), prompt_fn=filler_prompt)
+  with pytest.raises(ValueError, match="beam"):
+    passkey.passkey_retrieval(MODEL, lengths=(32,), decode="beam",
                               tokenizer=Bytes(), prompt_fn=filler_prompt)
 
 
