@@ -1,6 +1,27 @@
-"""extrapolax.experiments.data: corpora, tokenizers and document splits."""
+"""extrapolax.experiments.data: text and tasks -> tokens -> training rows.
+
+corpus (``load_corpus``) -> whole-document split (``split_documents``) ->
+tokenizer (``get_tokenizer``) -> token store on disk (``build_store``,
+``TokenStore``) -> packed rows (``pack``, ``PackedBatch``) -> training
+batches as a pure function of (seed, step) (``TrainSource``). Synthetic
+tasks (``get_task``, ``TaskSource``) and the passkey prompt
+(``passkey_prompt``) are byte-level text.
+"""
 
 from .corpora import (ARCHIVES, CORPUS_NAMES, Corpus, DownloadError,
                       default_cache_dir, documents_sha256, fetch_archive,
                       load_corpus, split_documents, split_indices)
+from .packing import (PACKING_METHODS, PackedBatch, Packing, materialize,
+                      pack, pack_documents)
+from .store import SPLITS, TokenStore, build_store, default_store_path
 from .tokenizers import ByteTokenizer, Tokenizer, get_tokenizer
+
+__all__ = [
+    "ARCHIVES", "CORPUS_NAMES", "Corpus", "DownloadError",
+    "default_cache_dir", "documents_sha256", "fetch_archive", "load_corpus",
+    "split_documents", "split_indices",
+    "PACKING_METHODS", "PackedBatch", "Packing", "materialize", "pack",
+    "pack_documents",
+    "SPLITS", "TokenStore", "build_store", "default_store_path",
+    "ByteTokenizer", "Tokenizer", "get_tokenizer",
+]
