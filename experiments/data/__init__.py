@@ -13,7 +13,10 @@ from .corpora import (ARCHIVES, CORPUS_NAMES, Corpus, DownloadError,
                       load_corpus, split_documents, split_indices)
 from .packing import (PACKING_METHODS, PackedBatch, Packing, materialize,
                       pack, pack_documents)
+from .pipeline import TaskSource, TrainSource
 from .store import SPLITS, TokenStore, build_store, default_store_path
+from .tasks import (TASK_NAMES, Task, TaskExample, examples_to_batch,
+                    get_task, passkey_prompt)
 from .tokenizers import ByteTokenizer, Tokenizer, get_tokenizer
 
 __all__ = [
@@ -22,6 +25,9 @@ __all__ = [
     "split_documents", "split_indices",
     "PACKING_METHODS", "PackedBatch", "Packing", "materialize", "pack",
     "pack_documents",
+    "TaskSource", "TrainSource",
     "SPLITS", "TokenStore", "build_store", "default_store_path",
+    "TASK_NAMES", "Task", "TaskExample", "examples_to_batch", "get_task",
+    "passkey_prompt",
     "ByteTokenizer", "Tokenizer", "get_tokenizer",
 ]
