@@ -20,7 +20,7 @@ length: windows are taken in order from the start, so every length scores
 Perplexity is token-weighted: ``exp(sum NLL / tokens)`` over all scored
 tokens. The loss per position (mean NLL at each index within the window) is
 kept too: in full as :class:`StreamScore` arrays and, bucketed, as
-``position_nll`` records for the longest length.
+``position_nll`` records for the longest non-overlapping length.
 
 The model runs on a memory-linear attention implementation (``xla_chunked``
 by default) so 16x the training length fits; one jit compilation per length
@@ -96,8 +96,8 @@ class StreamScore:
 
 def as_documents(tokens: Tokens) -> list[np.ndarray]:
   """A 1-D array (one stream) or a sequence of 1-D arrays -> documents."""
-  if isinstance(tokens, np.ndarray) or hasattr(tokens, "__array__") and (
-      np.ndim(tokens) == 1):
+  if isinstance(tokens, np.ndarray) or (hasattr(tokens, "__array__") and
+                                        np.ndim(tokens) == 1):
     docs = [np.asarray(tokens)]
   else:
     docs = [np.asarray(d) for d in tokens]
@@ -287,8 +287,8 @@ def perplexity_vs_length(
     max_tokens: scored tokens per length and mode (None: all).
     tokens_per_batch: windows per call = max(1, tokens_per_batch // length).
     implementation: attention implementation to run (None: the model's).
-    position_buckets: the longest length's loss per position is recorded in
-      this many buckets (0: none).
+    position_buckets: the longest nonoverlap length's loss per position is
+      recorded in this many buckets (0: none).
     labels: record fields to set (model, seed, step, variant, ...); the rest
       come from :func:`variants.labels_for`.
     experiment: the records' ``experiment`` (one report table each).
@@ -297,7 +297,8 @@ def perplexity_vs_length(
 
   Returns:
     A list of records (metric "perplexity" per mode and length, then
-    "position_nll" buckets), and the scores with ``return_scores``. A learned
+    "position_nll" buckets of the longest nonoverlap length), and the scores
+    with ``return_scores``. A learned
     absolute model past its table gets a NaN record with n_tokens 0.
   """
   train_len = int(train_len or model.config.max_len)
@@ -335,12 +336,10 @@ def perplexity_vs_length(
       out.append(records_lib.make_record(
           **base, metric="perplexity", value=score.perplexity,
           n_tokens=score.n_tokens))
-  if position_buckets:
-    for mode in modes:
-      longest = max((l for (m, l) in scores if m == mode), default=None)
-      if longest is not None:
-        score = scores[(mode, longest)]
-        base = dict(shared, eval_len=longest, mode=mode, stride=score.stride,
-                    task=task, experiment=experiment)
-        out.extend(position_records(score, base, position_buckets))
+  longest = max((l for (m, l) in scores if m == "nonoverlap"), default=None)
+  if position_buckets and longest is not None:
+    base = dict(shared, eval_len=longest, mode="nonoverlap", stride=None,
+                task=task, experiment=experiment)
+    out.extend(position_records(scores[("nonoverlap", longest)], base,
+                                position_buckets))
   return (out, scores) if return_scores else out
