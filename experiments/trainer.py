@@ -49,7 +49,6 @@ from extrapolax.models import DecoderLM, ModelConfig
 # Fields that may change when a run resumes (the rest must match config.json).
 RESUMABLE_FIELDS = ("train_steps", "log_every", "checkpoint_every",
                     "keep_checkpoints")
-DATA_DIR_ENV = "EXTRAPOLAX_DATA_DIR"
 _REQUIRED_KEYS = ("tokens", "targets", "weights")
 _OPTIONAL_KEYS = ("positions", "segment_ids")
 
@@ -113,6 +112,7 @@ def validate_config(config) -> None:
   _check_number("adam_b2", config.adam_b2, minimum=0, maximum=1)
   _check_number("grad_clip", config.grad_clip, minimum=0, allow_none=True)
   modeling.model_config(config)
+  validate_data_config(config)
 
 
 def learning_rate_schedule(config, *, xp=jnp) -> Callable[[Any], Any]:
@@ -204,8 +204,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation):
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": loss, "grad_norm": grad_norm,
-                               "target_tokens": count}
+    del count
+    return params, opt_state, {"loss": loss, "grad_norm": grad_norm}
 
   return jax.jit(train_step, donate_argnums=(0, 1))
 
@@ -255,23 +255,74 @@ def device_batch(batch, *, batch_size: int, seq_len: int) -> dict:
 
 
 def data_dir(config, workdir: str) -> str:
-  """Where the token store goes: config.data.cache_dir, $EXTRAPOLAX_DATA_DIR,
-  else WORKDIR/data."""
-  return (config.data.cache_dir or os.environ.get(DATA_DIR_ENV)
-          or os.path.join(workdir, "data"))
+  """Where the token stores go: config.data.cache_dir, else WORKDIR/data.
+
+  Several runs (the variants of a study) share one tokenisation by pointing
+  config.data.cache_dir at one folder; a store is rebuilt only when its
+  corpus sha256, tokenizer or split differ.
+  """
+  return os.path.abspath(os.path.expanduser(
+      config.data.cache_dir or os.path.join(workdir, "data")))
+
+
+def _data():
+  from extrapolax.experiments import data  # pylint: disable=import-outside-toplevel
+  return data
+
+
+def validate_data_config(config) -> None:
+  """Raises ValueError naming a bad config.data value."""
+  data, fields = _data(), config.data
+  if fields.packing not in data.PACKING_METHODS:
+    raise ValueError(f"config.data.packing={fields.packing!r} is not one of "
+                     f"{data.PACKING_METHODS}")
+  if fields.task is not None:
+    if fields.task not in data.TASK_NAMES:
+      raise ValueError(f"config.data.task={fields.task!r} is not one of "
+                       f"{data.TASK_NAMES} (or None for language modelling)")
+    if fields.tokenizer != "byte":
+      raise ValueError(f"config.data.tokenizer={fields.tokenizer!r}: the "
+                       "synthetic tasks are byte-level text; use 'byte'")
+  if not isinstance(fields.corpus, str) or not fields.corpus:
+    raise ValueError(f"config.data.corpus={fields.corpus!r} must be a corpus "
+                     f"name ({data.CORPUS_NAMES}) or a path")
+  _check_number("data.eval_fraction", fields.eval_fraction, minimum=0,
+                maximum=1)
+  _check_number("data.split_seed", fields.split_seed, minimum=0, integer=True)
 
 
 def vocab_size(config) -> int:
   """config.model.vocab_size, else the tokenizer's."""
   if config.model.get("vocab_size"):
     return int(config.model.vocab_size)
-  from extrapolax.experiments import data  # pylint: disable=import-outside-toplevel
-  return int(data.get_tokenizer(config.data.tokenizer).vocab_size)
+  return int(_data().get_tokenizer(config.data.tokenizer).vocab_size)
 
 
 def make_source(config, workdir: str):
-  """The training batches the config names: ``.batch(step)``, ``.state(step)``."""
-  raise NotImplementedError("waiting for extrapolax.experiments.data")
+  """The training batches config.data names (``.batch(step)``,
+  ``.state(step)``).
+
+  A task: ``data.TaskSource`` (answer-only weights; example sizes in
+  [data.task_min_length, data.task_max_length], default: all that fit
+  train_len). Otherwise the training split of config.data.corpus, tokenized
+  into a token store under ``data_dir`` (cached), served by
+  ``data.TrainSource`` with config.data.packing.
+  """
+  data, fields = _data(), config.data
+  if fields.task is not None:
+    return data.TaskSource(
+        fields.task, seq_len=config.train_len, batch_size=config.batch_size,
+        seed=config.seed, min_length=fields.get("task_min_length"),
+        max_length=fields.get("task_max_length"))
+  path = data.default_store_path(data_dir(config, workdir), fields.corpus,
+                                 fields.tokenizer, "train")
+  store = data.build_store(
+      path, fields.corpus, fields.tokenizer, split="train",
+      eval_fraction=fields.eval_fraction, split_seed=fields.split_seed,
+      cache_dir=fields.cache_dir)
+  return data.TrainSource(store, seq_len=config.train_len,
+                          batch_size=config.batch_size, seed=config.seed,
+                          packing=fields.packing)
 
 
 # ----------------------------------------------------------------------------
@@ -321,6 +372,11 @@ def _write_config(config, workdir: str) -> None:
     with open(path, encoding="utf-8") as f:
       old = json.load(f)
     changed = _differences(old, new)
+    if old.get("train_steps") != new["train_steps"]:
+      absl_logging.warning(
+          "train_steps changed from %s to %s: the cosine schedule of the "
+          "remaining steps follows the new value", old.get("train_steps"),
+          new["train_steps"])
     if changed:
       raise ValueError(
           f"{workdir} holds a run with a different config ({'; '.join(changed)}"
@@ -374,6 +430,11 @@ def _checkpoint_manager(workdir: str, keep: int):
                                  options=options)
 
 
+def _close(manager) -> None:
+  with _quiet_orbax():
+    manager.close()
+
+
 def _abstract(tree):
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
@@ -420,6 +481,25 @@ def _prepare(config) -> ml_collections.ConfigDict:
   return config
 
 
+def _resume(manager, start, params, opt_state, config, source, workdir):
+  """(params, opt_state) of checkpoint ``start``, after checking that the
+  data source would serve the same batches."""
+  restored = _restore(manager, start, {
+      "params": nnx.to_pure_dict(params),
+      "opt_state": jax.tree.leaves(opt_state), "data": None})
+  expected = {"step": start, "seed": config.seed,
+              "source": _source_state(source, start)}
+  if restored["data"] != expected:
+    raise ValueError(f"the checkpoint at step {start} in {workdir} was "
+                     f"written with other data ({restored['data']}); this "
+                     f"config gives {expected}")
+  params = _fill_params(params, restored["params"])
+  opt_state = jax.tree.unflatten(jax.tree.structure(opt_state),
+                                 restored["opt_state"])
+  absl_logging.info("resuming %s from step %d", workdir, start)
+  return params, opt_state
+
+
 def _is_log_step(step: int, config) -> bool:
   return (step == 1 or step % config.log_every == 0
           or step == config.train_steps)
@@ -456,37 +536,24 @@ def train(config, workdir: str, *, source=None) -> TrainResult:
   init_opt_state, step_fn = _cached_train_step(
       graphdef, tuple((k, config[k]) for k in _OPTIMIZER_FIELDS))
   opt_state = init_opt_state(params)
-  manager = _checkpoint_manager(workdir, config.keep_checkpoints)
-  start = manager.latest_step() or 0
-  if start:
-    restored = _restore(manager, start, {
-        "params": nnx.to_pure_dict(params),
-        "opt_state": jax.tree.leaves(opt_state), "data": None})
-    data_state = restored["data"]
-    expected = {"step": start, "seed": config.seed,
-                "source": _source_state(source, start)}
-    if data_state != expected:
-      raise ValueError(f"the checkpoint at step {start} in {workdir} was "
-                       f"written with other data ({data_state}); this config "
-                       f"gives {expected}")
-    params = _fill_params(params, restored["params"])
-    opt_state = jax.tree.unflatten(jax.tree.structure(opt_state),
-                                   restored["opt_state"])
-    absl_logging.info("resuming %s from step %d", workdir, start)
-  _truncate_metrics(workdir, start)
-
   schedule = learning_rate_schedule(config, xp=np)
   tokens_per_step = config.batch_size * config.train_len
-  pending: list[tuple[int, dict]] = []
-  last_time = run_start = time.perf_counter()
-  last_step = start
   with contextlib.ExitStack() as stack:
-    stack.callback(manager.close)
+    manager = _checkpoint_manager(workdir, config.keep_checkpoints)
+    stack.callback(_close, manager)
+    start = manager.latest_step() or 0
+    if start:
+      params, opt_state = _resume(manager, start, params, opt_state, config,
+                                  source, workdir)
+    _truncate_metrics(workdir, start)
     writer = _summary_writer(workdir, start)
     stack.callback(writer.close)
     metrics_file = stack.enter_context(
         open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8"))
     progress = stack.enter_context(_progress(config.train_steps, start))
+    pending: list[tuple[int, dict]] = []
+    last_time = run_start = time.perf_counter()
+    last_step = start
     for index in range(start, config.train_steps):
       step = index + 1
       batch = device_batch(source.batch(index), batch_size=config.batch_size,
@@ -573,6 +640,6 @@ def load_model(workdir: str, *, step: Optional[int] = None
                        f"steps: {sorted(steps)}")
     pure = _restore(manager, step, {"params": nnx.to_pure_dict(params)})
   finally:
-    manager.close()
+    _close(manager)
   params = _fill_params(params, pure["params"])
   return nnx.merge(graphdef, params), config
