@@ -158,3 +158,20 @@ def test_algorithmic_records_match_a_direct_evaluation():
   assert out[3]["value"] == pytest.approx(hit.sum() / mask.sum())
   assert out[2]["value"] == pytest.approx(
       np.mean(hit.sum(1) == mask.sum(1)))
+
+
+def test_defaults_use_the_data_package():
+  # Byte tokenizer and REFERENCE.md's passkey template; tasks by name.
+  from extrapolax.experiments import data   # pylint: disable=import-outside-toplevel
+  prompt, key_ids = data.passkey_prompt(320, 0.5, "12345",
+                                        data.get_tokenizer("byte"))
+  assert len(prompt) == 320 and bytes(key_ids.astype(np.uint8)) == b" 12345"
+  out = passkey.passkey_retrieval(MODEL, lengths=(320,), depths=(0.5,),
+                                  trials=2)
+  assert out[0]["eval_len"] == 320 and out[0]["n_tokens"] == 2 * 6
+  out = algorithmic.algorithmic_accuracy(MODEL, "copy", lengths=(4,),
+                                         train_len=4, num_examples=4)
+  assert out[0]["task"] == "copy" and out[0]["n_trials"] == 4
+  rng = np.random.default_rng([0, 4])     # the evaluator's examples
+  examples = [data.get_task("copy").sample(rng, 4) for _ in range(4)]
+  assert out[0]["n_tokens"] == sum(e.answer_mask[1:].sum() for e in examples)
