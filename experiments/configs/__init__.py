@@ -118,11 +118,14 @@ def base_config() -> ml_collections.ConfigDict:
       (whole documents with segment ids and per-document positions).
     data.task: None for language modelling, or a synthetic task (copy,
       reverse, addition, parity, associative_recall, flip_flop); the loss
-      then covers only the answer tokens.
+      then covers only the answer tokens. data.task_min_length,
+      data.task_max_length: the range of task sizes trained on (None: the
+      task's smallest / the largest that fits train_len).
     data.eval_fraction, data.split_seed: the document split (the evaluators
-      use the same one).
-    data.cache_dir: where the token store goes; None: $EXTRAPOLAX_DATA_DIR,
-      else WORKDIR/data.
+      use the same one: ``data.build_store(..., split="eval",
+      eval_fraction=..., split_seed=...)``).
+    data.cache_dir: the token stores (and downloaded corpus archives); None:
+      stores in WORKDIR/data, archives in data.default_cache_dir().
     train_len: training sequence length (the model's max_len).
     batch_size, train_steps: rows per step; optimizer updates.
     learning_rate, warmup_steps, min_lr_ratio: linear warmup to the peak,
@@ -137,7 +140,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = modeling.default_model_config()
   config.data = ml_collections.ConfigDict(dict(
       corpus="python_stdlib", tokenizer="byte", packing="concat",
-      task=config_dict.placeholder(str), eval_fraction=0.1, split_seed=0,
+      task=config_dict.placeholder(str),
+      task_min_length=config_dict.placeholder(int),
+      task_max_length=config_dict.placeholder(int),
+      eval_fraction=0.1, split_seed=0,
       cache_dir=config_dict.placeholder(str)))
   config.train_len = 128
   config.batch_size = 16

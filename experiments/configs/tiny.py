@@ -19,7 +19,13 @@ Variants (``:key=value,...``)::
 Any field can also be overridden: ``--config.model.mask=sliding_window
 --config.model.window=32``, ``--config.learning_rate=1e-3``.
 
-Expected result: RESULT_PENDING
+Expected result (measured on the 2-core AMD EPYC CPU of the CI machine, jax
+0.10.2, float32, default command): the logged per-batch loss (nats per byte)
+goes 6.13 (step 1) -> 2.60 (50) -> 2.01 (150) -> 1.83 (250) -> 1.75 (350) ->
+1.62-1.78 over steps 500-600 (1.78 at step 600; one batch, so +-0.1 noise).
+Wall time 55 s for the whole command: about 5 s to the first step (imports,
+token store of the stdlib sources, compilation), then about 27,000 training
+tokens/s (75 ms per 16 x 128 step) while other jobs shared the CPU.
 """
 
 from extrapolax.experiments import configs
