@@ -9,7 +9,10 @@ trained state merged in, then scored by
 Factors: a number s runs that scaling at every length; ``"matched"`` uses
 s = max(1, eval_len / train_len) at each length (position interpolation's
 usual choice). Dynamic NTK already follows the length (its ratio is
-``s * l / M - (s - 1)``, l/M at s = 1), so "matched" runs dynamic at s = 1.
+``s * l / M - (s - 1)``, l/M at s = 1), so "matched" runs dynamic at s = 1,
+which is exactly static NTK at the matched factor (base * (l/M)^(d/(d-2)))
+in a full forward: the two "matched" columns agree by construction. Fixed
+factors tell them apart (dynamic at s = 2 is emozilla's original setting).
 """
 
 from __future__ import annotations
