@@ -77,6 +77,16 @@ def test_dynamic_is_the_identity_up_to_its_training_length():
   assert rope_scaling.matched_factor("yarn", 8, 16) == 1.0
 
 
+def test_matched_dynamic_equals_matched_static_ntk():
+  # X has 40 tokens: dynamic at factor 1 over M = 8 is NTK at factor 5.
+  dynamic = variants.with_rope_scaling(
+      ROPE, variants.rope_scaling_dict("dynamic", 1.0, 8), train_len=8)
+  ntk = variants.with_rope_scaling(
+      ROPE, variants.rope_scaling_dict("ntk", 5.0, 8), train_len=8)
+  np.testing.assert_allclose(logits(dynamic), logits(ntk), rtol=1e-4,
+                             atol=1e-4)
+
+
 def test_scaling_leaves_nope_layers_alone():
   hybrid = tiny(AttentionSpec(), AttentionSpec(position="nope"))
   variant = variants.with_rope_scaling(
