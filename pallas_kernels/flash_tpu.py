@@ -288,7 +288,10 @@ class _Pass:
 
     def index(*args):
       b, h, _, _ = self.ids(*args)
-      return (b, self.blocks(*args)[side == "k"], h // g)
+      # lax.div, not //: ids are >= 0, and floor division's sign fix-up
+      # costs scalar instructions on every grid step.
+      return (b, self.blocks(*args)[side == "k"],
+              h if g == 1 else lax.div(h, g))
     return pl.BlockSpec((None, size, width), index)
 
   def positions(self, side, arr):
@@ -540,8 +543,9 @@ def _backward_dkv(static: _Static, x: _Inputs, do, lse_rows, delta_rows):
 
   def body(refs, ids, step):
     b, h, _, t = ids
+    member = lax.rem(h, g)        # position among the kv head's query heads
 
-    pl.when((t == 0) & (h % g == 0))(
+    pl.when((t == 0) & (member == 0))(
         lambda: _zero(refs, [nm + "_acc" for nm in acc_names]))
 
     @step
@@ -560,7 +564,7 @@ def _backward_dkv(static: _Static, x: _Inputs, do, lse_rows, delta_rows):
         refs["dfar_k_acc"][...] += tiles.dot_nn(ds_far.astype(far_q.dtype),
                                                 far_q, precision)
 
-    pl.when((t == p.slots - 1) & (h % g == g - 1))(
+    pl.when((t == p.slots - 1) & (member == g - 1))(
         lambda: _flush(refs, acc_names))
 
   inputs = p.inputs(do, lse_rows, delta_rows)
