@@ -20,9 +20,9 @@ Expected result (measured on the 2-core AMD EPYC CPU of the CI machine, jax
 0.10.2, the default command, task=copy): the answer-token loss stays high
 while the model memorises letter statistics (6.01 at step 1, 2.81 at 100,
 1.98 at 400), then drops once copying is learnt (induction heads): 1.21 at
-550, 0.50 at 700, 0.29 at step 1000. Wall time 86 s (about 30,000 padded
-tokens/s, 32 x 64 per step) while other jobs shared the CPU. With
-steps=1500 the loss reaches 0.08.
+550, 0.50 at 700, 0.29 at step 1000. Wall time 49 s on the otherwise idle
+machine (about 48,000 padded tokens/s, 32 x 64 per step), 86 s while other
+jobs shared the CPU. With steps=1500 the loss reaches 0.08.
 """
 
 from extrapolax.experiments import configs

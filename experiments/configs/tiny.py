@@ -23,9 +23,12 @@ Expected result (measured on the 2-core AMD EPYC CPU of the CI machine, jax
 0.10.2, float32, default command): the logged per-batch loss (nats per byte)
 goes 6.13 (step 1) -> 2.60 (50) -> 2.01 (150) -> 1.83 (250) -> 1.75 (350) ->
 1.62-1.78 over steps 500-600 (1.78 at step 600; one batch, so +-0.1 noise).
-Wall time 55 s for the whole command: about 5 s to the first step (imports,
-token store of the stdlib sources, compilation), then about 27,000 training
-tokens/s (75 ms per 16 x 128 step) while other jobs shared the CPU.
+The losses are the same bit for bit on every run of the command (and after
+a resume). Wall time 37 s for the whole command on the otherwise idle
+machine: 3.3 s to the first step (imports, the token store of the stdlib
+sources, compilation), then about 44,000 training tokens/s (46 ms per
+16 x 128 step; benchmarks/train_cpu.py); 55 s (27,000 tokens/s) while other
+jobs shared the CPU.
 """
 
 from extrapolax.experiments import configs

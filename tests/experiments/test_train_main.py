@@ -89,8 +89,12 @@ def test_task_training_uses_the_task_source(tmp_path):
   _main(["--config=experiments/configs/tiny.py:steps=3", f"--workdir={workdir}",
          "--config.data.task=copy", "--config.checkpoint_every=3"] + SMALL)
   assert "data" not in os.listdir(workdir)          # no corpus, no store
-  state = json.load(open(os.path.join(workdir, "checkpoints", "3", "data",
-                                      "metadata")))
+  manager = trainer._checkpoint_manager(workdir, 3)  # pylint: disable=protected-access
+  try:
+    state = trainer._restore(manager, 3, {"data": None})["data"]  # pylint: disable=protected-access
+  finally:
+    manager.close()
+  assert state["step"] == 3 and state["seed"] == 0
   assert state["source"]["kind"] == "task" and state["source"]["task"] == "copy"
   assert all(r["loss"] > 0 for r in trainer.read_metrics(workdir))
 
