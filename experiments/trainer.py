@@ -5,8 +5,11 @@ orbax checkpoints that include the data position, metrics and resume.
 ``configs.base_config`` for the fields) and leaves in ``workdir``::
 
   config.json        the config, as JSON (``load_model`` reads it back)
-  metrics.jsonl      one line per logged step: step, loss, lr, grad_norm,
-                     tokens_per_sec, tokens, elapsed_sec
+  metrics.jsonl      one line per logged step (1, every log_every, the
+                     last): step, loss (of that step's batch), lr,
+                     grad_norm (before clipping), tokens_per_sec (since the
+                     previous log), tokens (seen), target_tokens (weighted
+                     targets in the batch), elapsed_sec (this process)
   events.out.tfevents.*   the same scalars for TensorBoard
   checkpoints/<step>/     orbax: params, opt_state, data (step, seed and the
                      data source's state)
@@ -201,11 +204,10 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation):
   def train_step(params, opt_state, batch):
     (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params, graphdef, batch)
-    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    del count
-    return params, opt_state, {"loss": loss, "grad_norm": grad_norm}
+    return params, opt_state, {"loss": loss, "targets": count,
+                               "grad_norm": optax.tree.norm(grads)}
 
   return jax.jit(train_step, donate_argnums=(0, 1))
 
@@ -223,26 +225,17 @@ def _cached_train_step(graphdef, optimizer_fields: tuple):
   return jax.jit(optimizer.init), make_train_step(graphdef, optimizer)
 
 
-def device_batch(batch, *, batch_size: int, seq_len: int) -> dict:
-  """A PackedBatch (or mapping) -> dict of int32/float32 arrays, checked."""
-  get = (batch.__getitem__ if hasattr(batch, "__getitem__")
-         else lambda k: getattr(batch, k))
-
-  def fetch(key):
-    try:
-      return get(key)
-    except (KeyError, AttributeError):
-      return None
-
+def device_batch(batch: Mapping, *, batch_size: int, seq_len: int) -> dict:
+  """A PackedBatch (or dict) -> dict of int32 / float32 arrays, checked."""
+  missing = [k for k in _REQUIRED_KEYS if k not in batch]
+  if missing:
+    raise ValueError(f"a training batch needs {_REQUIRED_KEYS}; {missing} "
+                     f"missing from {sorted(batch)}")
   arrays = {}
   for key in _REQUIRED_KEYS + _OPTIONAL_KEYS:
-    value = fetch(key)
-    if value is None:
-      if key in _REQUIRED_KEYS:
-        raise ValueError(f"a training batch needs {key!r}; got keys "
-                         f"{[k for k in _REQUIRED_KEYS + _OPTIONAL_KEYS if fetch(k) is not None]}")
+    if batch.get(key) is None:
       continue
-    value = np.asarray(value)
+    value = np.asarray(batch[key])
     if value.shape != (batch_size, seq_len):
       raise ValueError(f"batch[{key!r}] has shape {value.shape}, expected "
                        f"(batch_size, train_len) = ({batch_size}, {seq_len})")
@@ -329,15 +322,10 @@ def make_source(config, workdir: str):
 # Files in the workdir.
 
 
-def _json_safe(value):
-  if isinstance(value, (np.generic, jax.Array)):
-    return value.item()
-  return value
-
-
 def _source_state(source, step: int) -> Any:
+  """source.state(step) through JSON (as a checkpoint gives it back)."""
   state = source.state(step) if hasattr(source, "state") else None
-  return json.loads(json.dumps(state, default=_json_safe))
+  return json.loads(json.dumps(state, default=lambda x: np.asarray(x).item()))
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -379,9 +367,9 @@ def _write_config(config, workdir: str) -> None:
           new["train_steps"])
     if changed:
       raise ValueError(
-          f"{workdir} holds a run with a different config ({'; '.join(changed)}"
-          f"); only {RESUMABLE_FIELDS} may change when resuming. Use another "
-          "--workdir for a new run")
+          f"{workdir} holds a run with a different config "
+          f"({'; '.join(changed)}); only {RESUMABLE_FIELDS} may change when "
+          "resuming. Use another --workdir for a new run")
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(new, f, indent=2, sort_keys=True)
@@ -536,8 +524,6 @@ def train(config, workdir: str, *, source=None) -> TrainResult:
   init_opt_state, step_fn = _cached_train_step(
       graphdef, tuple((k, config[k]) for k in _OPTIMIZER_FIELDS))
   opt_state = init_opt_state(params)
-  schedule = learning_rate_schedule(config, xp=np)
-  tokens_per_step = config.batch_size * config.train_len
   with contextlib.ExitStack() as stack:
     manager = _checkpoint_manager(workdir, config.keep_checkpoints)
     stack.callback(_close, manager)
@@ -545,52 +531,27 @@ def train(config, workdir: str, *, source=None) -> TrainResult:
     if start:
       params, opt_state = _resume(manager, start, params, opt_state, config,
                                   source, workdir)
-    _truncate_metrics(workdir, start)
-    writer = _summary_writer(workdir, start)
-    stack.callback(writer.close)
-    metrics_file = stack.enter_context(
-        open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8"))
-    progress = stack.enter_context(_progress(config.train_steps, start))
+    log = stack.enter_context(_RunLog(workdir, config, start))
     pending: list[tuple[int, dict]] = []
-    last_time = run_start = time.perf_counter()
-    last_step = start
     for index in range(start, config.train_steps):
       step = index + 1
       batch = device_batch(source.batch(index), batch_size=config.batch_size,
                            seq_len=config.train_len)
       params, opt_state, out = step_fn(params, opt_state, batch)
       pending.append((step, out))
-      progress.update(1)
+      log.progress.update(1)
       save = step % config.checkpoint_every == 0 or step == config.train_steps
       if not (save or _is_log_step(step, config)):
         continue
-      fetched = jax.device_get(pending)
-      pending = []
+      fetched, pending = jax.device_get(pending), []
       _check_finite(fetched, config, last_saved=manager.latest_step())
-      now = time.perf_counter()
-      record = {"step": step, "loss": float(fetched[-1][1]["loss"]),
-                "lr": float(schedule(index)),
-                "grad_norm": float(fetched[-1][1]["grad_norm"]),
-                "tokens_per_sec": tokens_per_step * (step - last_step) / max(
-                    now - last_time, 1e-9),
-                "tokens": step * tokens_per_step,
-                "elapsed_sec": now - run_start}
-      last_time, last_step = now, step
-      if _is_log_step(step, config):
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        for key in ("loss", "lr", "grad_norm", "tokens_per_sec"):
-          writer.add_scalar(f"train/{key}", record[key], step)
-        progress.set_postfix(loss=f"{record['loss']:.4f}")
-        absl_logging.info("step %d: loss %.4f, lr %.3g, %.0f tokens/s", step,
-                          record["loss"], record["lr"],
-                          record["tokens_per_sec"])
+      log.write(step, fetched[-1][1], written=_is_log_step(step, config))
       if save:
         _save(manager, step, params, opt_state, {
             "step": step, "seed": config.seed,
             "source": _source_state(source, step)})
-  model = nnx.merge(graphdef, params)
-  return TrainResult(model=model, step=max(start, config.train_steps),
+  return TrainResult(model=nnx.merge(graphdef, params),
+                     step=max(start, config.train_steps),
                      metrics=read_metrics(workdir))
 
 
@@ -604,6 +565,45 @@ def _check_finite(fetched, config, *, last_saved) -> None:
           f"training stopped: the loss is {loss} at step {step} (grad_norm "
           f"{float(out['grad_norm'])}, learning_rate {config.learning_rate}); "
           f"{saved}. Lower the learning rate or check the data", step)
+
+
+class _RunLog(contextlib.ExitStack):
+  """metrics.jsonl, TensorBoard scalars, the progress bar and absl logs."""
+
+  def __init__(self, workdir: str, config, start: int):
+    super().__init__()
+    _truncate_metrics(workdir, start)
+    self.writer = _summary_writer(workdir, start)
+    self.callback(self.writer.close)
+    self.file = self.enter_context(open(
+        os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8"))
+    self.progress = self.enter_context(_progress(config.train_steps, start))
+    self.schedule = learning_rate_schedule(config, xp=np)
+    self.tokens_per_step = config.batch_size * config.train_len
+    self.last_step, self.last_time = start, time.perf_counter()
+    self.start_time = self.last_time
+
+  def write(self, step: int, out: Mapping, *, written: bool) -> None:
+    """Logs step (when ``written``); always restarts the throughput clock."""
+    now = time.perf_counter()
+    record = {"step": step, "loss": float(out["loss"]),
+              "lr": float(self.schedule(step - 1)),
+              "grad_norm": float(out["grad_norm"]),
+              "tokens_per_sec": self.tokens_per_step * (
+                  step - self.last_step) / max(now - self.last_time, 1e-9),
+              "tokens": step * self.tokens_per_step,
+              "target_tokens": float(out["targets"]),
+              "elapsed_sec": now - self.start_time}
+    self.last_step, self.last_time = step, now
+    if not written:
+      return
+    self.file.write(json.dumps(record) + "\n")
+    self.file.flush()
+    for key in ("loss", "lr", "grad_norm", "tokens_per_sec"):
+      self.writer.add_scalar(f"train/{key}", record[key], step)
+    self.progress.set_postfix(loss=f"{record['loss']:.4f}")
+    absl_logging.info("step %d: loss %.4f, lr %.3g, %.0f tokens/s", step,
+                      record["loss"], record["lr"], record["tokens_per_sec"])
 
 
 def _summary_writer(workdir: str, start: int):

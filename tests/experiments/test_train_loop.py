@@ -136,7 +136,8 @@ def test_workdir_contents_and_load_model(tmp_path):
   assert [r["step"] for r in records] == [1, 4, 6]
   for r in records:
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec"} <= set(r)
-    assert r["tokens_per_sec"] > 0
+    assert r["tokens_per_sec"] > 0 and r["tokens"] == r["step"] * 4 * 32
+    assert r["target_tokens"] == 4 * 32        # every weight is 1
   with open(tmp_path / "config.json") as f:
     saved = json.load(f)
   assert saved["model"]["d_model"] == 32 and saved["log_every"] == 4

@@ -96,7 +96,8 @@ def test_task_training_uses_the_task_source(tmp_path):
     manager.close()
   assert state["step"] == 3 and state["seed"] == 0
   assert state["source"]["kind"] == "task" and state["source"]["task"] == "copy"
-  assert all(r["loss"] > 0 for r in trainer.read_metrics(workdir))
+  for r in trainer.read_metrics(workdir):     # answers only: a few per row
+    assert r["loss"] > 0 and 0 < r["target_tokens"] < 0.8 * 4 * 32
 
 
 def test_python_m_entry_point_from_another_folder(tmp_path):
