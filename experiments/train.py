@@ -23,7 +23,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from extrapolax.experiments import configs
@@ -74,8 +73,7 @@ def main(argv: list[str]) -> None:
     trainer.validate_config(config)
     result = trainer.train(config, _WORKDIR.value)
   except (ValueError, trainer.NonFiniteLossError) as e:
-    logging.error("%s", e)
-    sys.exit(f"error: {e}")
+    sys.exit(f"error: {e}")     # the message names the value or the step
   last = result.metrics[-1] if result.metrics else {}
   print(f"trained {result.step} steps; final loss "
         f"{last.get('loss', float('nan')):.4f}; workdir {_WORKDIR.value}")

@@ -24,6 +24,18 @@ dropped and logged again). A non-finite loss stops the run with
 The step is a pure function of (params, opt_state, batch) under ``jax.jit``:
 the model is split once into a graph definition and its parameter state (nnx
 transforms cost Python time per call on models this small).
+
+Several runs in one process (a study's variants)::
+
+  for pe in ("nope", "sinusoidal", "rope", "alibi", "t5"):
+    config = configs.get_config(f"tiny.py:pe={pe}")
+    config.data.cache_dir = os.path.join(root, "data")   # one token store
+    model = train(config, os.path.join(root, pe)).model
+
+Each run compiles its own step (a few seconds on the CPU; the compiled step
+and initialiser are kept per model and optimizer settings, so a second seed
+or a resume of the same model skips it; set $JAX_COMPILATION_CACHE_DIR to
+keep compilations across processes).
 """
 
 from __future__ import annotations
