@@ -17,14 +17,37 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from extrapolax.attention import XlaChunked
+from extrapolax.attention import PallasGpu, PallasTpu, XlaChunked
+from extrapolax.pallas_kernels import flash_gpu, flash_tpu
+
+# The Pallas kernels run in interpret mode on the CPU, with small blocks that
+# differ per pass (forward / dq / dk-dv), so that several blocks, ragged
+# edges, FULL / PARTIAL / EMPTY blocks and padding all occur at test sizes.
+PALLAS_GPU = PallasGpu(block_sizes=flash_gpu.BlockSizes(
+    block_q=8, block_k=16, block_q_dq=16, block_k_dq=8, block_q_dkv=8,
+    block_k_dkv=16))
+PALLAS_TPU = PallasTpu(block_sizes=flash_tpu.BlockSizes(
+    block_q=16, block_k=8, block_q_dq=8, block_k_dq=16, block_q_dkv=16,
+    block_k_dkv=8))
 
 IMPLEMENTATIONS = [
     pytest.param("xla", id="xla"),
     # Small blocks: several blocks per axis, ragged last blocks, skipping.
     pytest.param(XlaChunked(block_q=8, block_k=16), id="xla_chunked-8x16"),
     pytest.param(XlaChunked(block_q=16, block_k=8), id="xla_chunked-16x8"),
+    pytest.param(PALLAS_GPU, id="pallas_gpu-interpret"),
+    pytest.param(PALLAS_TPU, id="pallas_tpu-interpret"),
 ]
+
+# The fused kernels compute biases from ALiBi slopes and masks in the kernel
+# and refuse a dense T x S bias (NotImplementedError; auto falls through).
+NO_DENSE_BIAS = (PallasGpu, PallasTpu)
+
+
+def skip_unserved(implementation, bias):
+  """Skips a case the implementation refuses by design."""
+  if bias and isinstance(implementation, NO_DENSE_BIAS):
+    pytest.skip(f"{implementation.name} takes no dense bias (by design)")
 
 TOLERANCE = {
     jnp.float32: dict(fwd=2e-5, grad=4e-5),

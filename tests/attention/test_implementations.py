@@ -19,7 +19,8 @@ import pytest
 from extrapolax import attention
 from extrapolax.attention import masks
 from tests.attention import oracle
-from tests.attention.suite import IMPLEMENTATIONS, TOLERANCE, assert_close
+from tests.attention.suite import (IMPLEMENTATIONS, NO_DENSE_BIAS, TOLERANCE,
+                                   assert_close, skip_unserved)
 
 
 def packed_segments(rng, batch, length, mean_len):
@@ -168,6 +169,7 @@ SCENARIOS = [
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("name,kwargs", SCENARIOS, ids=[s[0] for s in SCENARIOS])
 def test_matches_oracle_float32(implementation, name, kwargs):
+  skip_unserved(implementation, "bias_shape" in kwargs)
   check(make_case(zlib.crc32(name.encode()), **kwargs), implementation)
 
 
@@ -194,17 +196,36 @@ _MASKS = st.sampled_from([
     masks.PrefixLM(5), masks.Chunked(9) | masks.SlidingWindow(4)])
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@hypothesis.given(
+_SHAPES = dict(
     b=st.integers(1, 2), t=st.integers(1, 40), s=st.integers(1, 40),
     k=st.integers(1, 2), g=st.integers(1, 3), h=st.sampled_from([4, 8]),
     mask=_MASKS, packed=st.one_of(st.none(), st.floats(1.0, 30.0)),
     alibi=st.booleans(), seed=st.integers(0, 2**16))
-def test_hypothesis_shapes_and_segments(implementation, b, t, s, k, g, h,
-                                        mask, packed, alibi, seed):
+_XLA = [p for p in IMPLEMENTATIONS if not isinstance(p.values[0], NO_DENSE_BIAS)]
+_KERNELS = [p for p in IMPLEMENTATIONS if isinstance(p.values[0], NO_DENSE_BIAS)]
+
+
+def _hypothesis_case(implementation, b, t, s, k, g, h, mask, packed, alibi,
+                     seed):
   case = make_case(seed, b=b, t=t, s=s, n=k * g, k=k, h=h, mask=mask,
                    packed=packed, alibi=alibi)
   check(case, implementation)
+
+
+@pytest.mark.parametrize("implementation", _XLA)
+@hypothesis.given(**_SHAPES)
+def test_hypothesis_shapes_and_segments(implementation, **kwargs):
+  _hypothesis_case(implementation, **kwargs)
+
+
+# Interpret-mode kernels compile every new shape (seconds each): fewer
+# examples: a quarter of the profile's count, at least 6.
+@pytest.mark.parametrize("implementation", _KERNELS)
+@hypothesis.settings(max_examples=max(
+    6, hypothesis.settings().max_examples // 4))
+@hypothesis.given(**_SHAPES)
+def test_hypothesis_kernels(implementation, **kwargs):
+  _hypothesis_case(implementation, **kwargs)
 
 
 def test_scenario_names_are_unique():
