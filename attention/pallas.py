@@ -57,66 +57,69 @@ def _run(module, static_kwargs, request: core.AttentionRequest):
 
 
 @dataclasses.dataclass(frozen=True)
-class PallasGpu(core.Implementation):
-  """Pallas flash attention for GPUs (Triton lowering).
+class _Pallas(core.Implementation):
+  """A Pallas back end: ``module`` (a pallas_kernels module) on ``backend``.
 
   Attributes:
-    block_sizes: a ``flash_gpu.BlockSizes`` or None for the defaults.
-    interpret: None (interpret mode exactly when the backend is not a GPU),
-      or force it on / off.
+    block_sizes: the module's ``BlockSizes`` or None for the defaults.
+    interpret: None (interpret mode exactly when the backend is not the
+      kernel's accelerator), or force it on / off.
   """
   block_sizes: Any = None
   interpret: Optional[bool] = None
-  name = "pallas_gpu"
+  backend = "?"
+
+  def _module(self):
+    raise NotImplementedError
+
+  def _static_kwargs(self, request, blocks, interpret):
+    del request
+    return dict(block_sizes=blocks, interpret=interpret)
 
   def __call__(self, request: core.AttentionRequest):
-    from extrapolax.pallas_kernels import flash_gpu  # pylint: disable=g-import-not-at-top
+    module = self._module()
     why = _unsupported(request)
     if why is not None:
-      raise NotImplementedError(f"pallas_gpu {why}")
+      raise NotImplementedError(f"{self.name} {why}")
     interpret = self.interpret
     if interpret is None:
-      interpret = jax.default_backend() != "gpu"
-    blocks = self.block_sizes or flash_gpu.BlockSizes()
-    if not isinstance(blocks, flash_gpu.BlockSizes):
-      raise ValueError(f"block_sizes must be a flash_gpu.BlockSizes, got "
-                       f"{blocks!r}")
+      interpret = jax.default_backend() != self.backend
+    blocks = self.block_sizes or module.BlockSizes()
+    if not isinstance(blocks, module.BlockSizes):
+      raise ValueError(f"block_sizes must be a {module.__name__.split('.')[-1]}"
+                       f".BlockSizes, got {blocks!r}")
     if not interpret:
       blocks.check_hardware()
-    return _run(flash_gpu, dict(block_sizes=blocks, interpret=interpret),
+    return _run(module, self._static_kwargs(request, blocks, interpret),
                 request)
 
 
 @dataclasses.dataclass(frozen=True)
-class PallasTpu(core.Implementation):
-  """Pallas flash attention for TPUs (Mosaic).
+class PallasGpu(_Pallas):
+  """Pallas flash attention for GPUs (Triton lowering)."""
+  name = "pallas_gpu"
+  backend = "gpu"
 
-  Attributes:
-    block_sizes: a ``flash_tpu.BlockSizes`` or None for the defaults.
-    interpret: None (interpret mode exactly when the backend is not a TPU),
-      or force it on / off.
-  """
-  block_sizes: Any = None
-  interpret: Optional[bool] = None
+  def _module(self):
+    from extrapolax.pallas_kernels import flash_gpu  # pylint: disable=g-import-not-at-top
+    return flash_gpu
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasTpu(_Pallas):
+  """Pallas flash attention for TPUs (Mosaic)."""
   name = "pallas_tpu"
+  backend = "tpu"
 
-  def __call__(self, request: core.AttentionRequest):
+  def _module(self):
     from extrapolax.pallas_kernels import flash_tpu  # pylint: disable=g-import-not-at-top
-    why = _unsupported(request)
-    if why is not None:
-      raise NotImplementedError(f"pallas_tpu {why}")
-    interpret = self.interpret
-    if interpret is None:
-      interpret = jax.default_backend() != "tpu"
-    blocks = self.block_sizes or flash_tpu.BlockSizes()
-    if not isinstance(blocks, flash_tpu.BlockSizes):
-      raise ValueError(f"block_sizes must be a flash_tpu.BlockSizes, got "
-                       f"{blocks!r}")
+    return flash_tpu
+
+  def _static_kwargs(self, request, blocks, interpret):
     # Default positions: the grid's slot axis shrinks to the busiest row of
     # the mask's static block layout (a window mask visits few key blocks).
-    return _run(flash_tpu, dict(
-        block_sizes=blocks, interpret=interpret,
-        default_positions=not request.explicit_positions), request)
+    return dict(block_sizes=blocks, interpret=interpret,
+                default_positions=not request.explicit_positions)
 
 
 core.register_implementation("pallas_gpu", PallasGpu)

@@ -560,10 +560,8 @@ def _gradients(static, args, out_p, lse_p, cotangents):
     grads["dfar_q"] = dq_res["dfar_q"][:, :t, :, :h].astype(far_q.dtype)
     grads["dfar_k"] = per_kv_head(dkv_res["dfar_k"], h).astype(far_k.dtype)
   if slopes is not None:
-    rows = dq_res["dslope_rows"][:, :, :t].sum(2)           # [B, N]
-    if slopes.shape[0] == 1:
-      rows = rows.sum(0, keepdims=True)
-    grads["dslopes"] = rows.astype(slopes.dtype)
+    grads["dslopes"] = tiles.slopes_grad(dq_res["dslope_rows"][:, :, :t],
+                                         slopes)
   if static.debug:
     grads["visits_dq"] = dq_res["visits"]
     grads["visits_dkv"] = dkv_res["visits"]

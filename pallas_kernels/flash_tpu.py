@@ -634,10 +634,8 @@ def _gradients(static, args, out_p, lse_p, cotangents):
     grads["dfar_q"] = _unfuse(dq_res["dfar_q"], t, n, h)
     grads["dfar_k"] = _unfuse(dkv_res["dfar_k"], s, kh, h)
   if slopes is not None:
-    rows = dq_res["dslope_rows"][:, :, 0, :t].sum(2)        # [B, N]
-    if slopes.shape[0] == 1:
-      rows = rows.sum(0, keepdims=True)
-    grads["dslopes"] = rows.astype(slopes.dtype)
+    grads["dslopes"] = tiles.slopes_grad(
+        dq_res["dslope_rows"][:, :, 0, :t], slopes)
   if static.debug:
     grads["visits_dq"] = dq_res["visits"]
     grads["visits_dkv"] = dkv_res["visits"]

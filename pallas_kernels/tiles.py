@@ -246,6 +246,14 @@ def tile_dlogits(cfg: TileConfig, ds, aux, dist):
   return ds, ds_far, dslope_rows
 
 
+def slopes_grad(rows: Array, slopes: Array) -> Array:
+  """d(slopes) from per-row sums [B, N, T]: summed over rows (and batch)."""
+  grad = rows.sum(2)                                         # [B, N]
+  if slopes.shape[0] == 1:
+    grad = grad.sum(0, keepdims=True)
+  return grad.astype(slopes.dtype)
+
+
 def pad_to(x: Optional[Array], axis: int, size: int, value=0):
   if x is None or x.shape[axis] == size:
     return x
