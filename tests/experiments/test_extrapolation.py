@@ -1,0 +1,178 @@
+"""The study main end to end (a few training steps, two variants, short
+lengths): records, report, printed tables, a rerun that trains nothing, and
+the config checks."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from extrapolax.experiments import configs
+from extrapolax.experiments import extrapolation
+from extrapolax.experiments import records
+from extrapolax.experiments import report
+from extrapolax.experiments import trainer
+
+# The quick study with the variants in another order (a comma-separated
+# override); the flags are the ones a user types.
+ARGS = ["--config=extrapolation.py:quick", "--config.variants=alibi,rope"]
+
+
+def _main(args, capsys):
+  extrapolation.main(extrapolation.parse_flags(["extrapolation"] + args))
+  return capsys.readouterr().out
+
+
+def _run_state(workdir):
+  """What a retraining would change: metrics and checkpoint steps."""
+  out = {}
+  for variant in ("alibi", "rope"):
+    run = os.path.join(workdir, "runs", variant)
+    out[variant] = (trainer.read_metrics(run),
+                    sorted(os.listdir(os.path.join(run, "checkpoints"))))
+  return out
+
+
+def test_study_end_to_end_then_rerun_reuses_everything(tmp_path, capsys):
+  workdir = str(tmp_path / "study")
+  out = _main(ARGS + [f"--workdir={workdir}"], capsys)
+
+  # Printed: the perplexity tables (variants in the configured order) and
+  # the passkey summary.
+  assert "## length: perplexity (nonoverlap)" in out
+  assert "| eval length | alibi | rope |" in out
+  assert ("| eval length | rope | rope linear matched | rope yarn matched |"
+          in out)
+  assert "rope lambda(sinks=4, window=16)" in out
+  assert "## passkey: accuracy (mean over depths)" in out
+  assert "trained 2 model(s) ['alibi', 'rope']" in out
+
+  # Every point is a valid record; each evaluation ran on the trained step.
+  results = records.read(os.path.join(workdir, "results.jsonl"))
+  by_experiment = {}
+  for r in results:
+    by_experiment.setdefault(r["experiment"], []).append(r)
+  assert set(by_experiment) == {"length", "rope_scaling", "mask", "passkey"}
+  ppl = [r for r in by_experiment["length"] if r["metric"] == "perplexity"]
+  assert sorted((r["model"], r["eval_len"]) for r in ppl) == [
+      ("alibi", 16), ("alibi", 64), ("rope", 16), ("rope", 64)]
+  for r in results:
+    assert r["step"] == 4 and r["seed"] == 0 and r["train_len"] == 16
+  for r in ppl:
+    assert r["pe"] == r["model"] and r["mode"] == "nonoverlap"
+    assert 1.0 < r["value"] < 256 * 2 and r["n_tokens"] >= 512
+  scaled = by_experiment["rope_scaling"]
+  assert {(r["scaling"], r["eval_len"], r["scale"]) for r in scaled} == {
+      ("linear", 16, 1.0), ("linear", 64, 4.0), ("yarn", 16, 1.0),
+      ("yarn", 64, 4.0)}
+  assert {r["mask"] for r in by_experiment["mask"]} == {
+      "lambda(sinks=4, window=16)"}
+  (passkey,) = by_experiment["passkey"]
+  assert passkey["model"] == "rope" and passkey["eval_len"] == 256
+  assert 0.0 <= passkey["value"] <= 1.0 and passkey["n_trials"] == 2
+  assert all(math.isfinite(r["value"]) for r in results)
+
+  # The workdir: study config, one run per variant, report and plots.
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["variants"] == "alibi,rope"
+  assert sorted(os.listdir(os.path.join(workdir, "runs"))) == ["alibi", "rope"]
+  with open(os.path.join(workdir, "report.md")) as f:
+    text = f.read()
+  assert "## length: perplexity (nonoverlap)" in text
+  assert "![" in text and "length_perplexity_nonoverlap.png" in text
+  assert os.path.getsize(
+      os.path.join(workdir, "length_perplexity_nonoverlap.png")) > 1000
+  assert "| 256 | 0." in out     # the passkey row
+
+  # The same command again: nothing trained, nothing re-evaluated.
+  before = _run_state(workdir)
+  out = _main(ARGS + [f"--workdir={workdir}"], capsys)
+  assert ("trained 0 model(s) [], reused 2; ran 0 evaluation(s), skipped 5"
+          in out)
+  assert "| eval length | alibi | rope |" in out
+  assert _run_state(workdir) == before
+  assert len(records.read(os.path.join(workdir, "results.jsonl"))) == len(
+      results)
+
+  # A changed mask setting re-runs only the mask sweep (still no training).
+  out = _main(ARGS + [f"--workdir={workdir}", "--config.masks.num_sinks=2"],
+              capsys)
+  assert "trained 0 model(s)" in out and "ran 1 evaluation(s)" in out
+  assert "rope lambda(sinks=2, window=16)" in out
+  assert _run_state(workdir) == before
+  new = records.read(os.path.join(workdir, "results.jsonl"))[len(results):]
+  assert {r["mask"] for r in new} == {"lambda(sinks=2, window=16)"}
+
+  # A changed training field: the trainer refuses the workdir, naming it.
+  with pytest.raises(SystemExit, match=r"model.d_model: 32 -> 48"):
+    _main(ARGS + [f"--workdir={workdir}", "--config.train.model.d_model=48"],
+          capsys)
+
+  # Re-report from the records alone.
+  assert report.main(["--workdir", workdir, "--out_dir",
+                      str(tmp_path / "again")]) == 0
+  assert "| eval length | alibi | rope |" in capsys.readouterr().out
+  assert os.path.isfile(tmp_path / "again" / "report.md")
+
+  # `python -m` from another folder: absl's main, the packaged config by
+  # name; the finished study is reused.
+  done = subprocess.run(
+      [sys.executable, "-m", "extrapolax.experiments.extrapolation",
+       f"--workdir={workdir}"] + ARGS + ["--config.masks.num_sinks=2"],
+      cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "trained 0 model(s) [], reused 2; ran 0 evaluation(s)" in done.stdout
+  assert "rope: trained (step 4) and evaluated; reusing" in done.stderr
+  assert _run_state(workdir) == before
+
+
+def test_default_config_is_the_study():
+  args = extrapolation.parse_flags(["extrapolation", "--workdir=/tmp/x"])
+  config = args.config
+  variants = extrapolation.split_names(config.variants)
+  assert {"nope", "sinusoidal", "rope", "alibi", "t5"} <= set(variants)
+  assert tuple(config.eval.multiples) == (1, 2, 4, 8, 16)
+  assert config.rope_scaling.model == "rope"
+  assert {"linear", "dynamic", "yarn", "llama3"} <= set(
+      extrapolation.split_names(config.rope_scaling.methods))
+  assert "lambda" in extrapolation.split_names(config.masks.masks)
+  extrapolation.validate_config(config)
+  names = [e.name for e in extrapolation.evaluations(config)]
+  assert [n for n in names if n.startswith("length/")] == [
+      f"length/{v}" for v in variants]
+  assert "rope_scaling/rope" in names and "mask/rope" in names
+  train = extrapolation.variant_config(config, "alibi", "/tmp/x")
+  assert train.model.pe == "alibi" and train.data.cache_dir == "/tmp/x/data"
+  assert config.train.model.pe == "rope"   # the shared config is untouched
+  with pytest.raises(Exception, match="workdir"):
+    extrapolation.parse_flags(["extrapolation"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"variants": "rope,bogus"}, r"\['bogus'\] not in"),
+    ({"variants": "rope,rope"}, "repeats a name"),
+    ({"variants": ""}, "config.variants is empty"),
+    ({"rope_scaling.model": "nope"}, r"rope_scaling.model='nope' is not one"),
+    ({"rope_scaling.methods": "linear,pi"}, r"\['pi'\] not in"),
+    ({"rope_scaling.factors": "matched,big"}, "neither a number"),
+    ({"masks.masks": "window"}, r"\['window'\] not in"),
+    ({"eval.multiples": (1, 0)}, "eval.multiples"),
+    ({"passkey.models": "nope"}, r"passkey.models"),
+    ({"passkey.depths": (0.5, 2.0)}, r"passkey.depths"),
+    ({"train.model.mlp_dim": 0}, "mlp_dim"),
+    ({"train.data.task": "copy"}, "the study models text"),
+])
+def test_bad_config_values_are_named(override, message):
+  config = configs.get_config("extrapolation.py:quick")
+  for path, value in override.items():
+    *parents, leaf = path.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    extrapolation.validate_config(config)
