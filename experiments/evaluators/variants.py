@@ -50,7 +50,15 @@ def with_implementation(model: DecoderLM,
   """The model on another attention implementation (None: keep it)."""
   if implementation is None or model.config.implementation == implementation:
     return model
-  return rebuild(model, model.config.replace(implementation=implementation))
+  variant = rebuild(model, model.config.replace(implementation=implementation))
+  # Settings that live on the built layers, not in the config (with_mask's
+  # distance ceiling), carry over unchanged.
+  for old, new in zip(model.blocks, variant.blocks):
+    ceiling = getattr(old.attn.position, "distance_ceiling", None)
+    if ceiling is not None:
+      new.attn.position = dataclasses.replace(new.attn.position,
+                                              distance_ceiling=ceiling)
+  return variant
 
 
 def _map_specs(config: ModelConfig, change, *, only_rope: bool):

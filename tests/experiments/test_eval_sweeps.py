@@ -166,6 +166,18 @@ def test_masks_match_causal_where_every_key_is_visible():
       ROPE.blocks[0].attn.position.distance_ceiling is None)
 
 
+def test_switching_implementation_keeps_the_distance_ceiling():
+  window, sinks = 16, 2
+  ceiling = mask_sweep.mask_variant(ROPE, "lambda_ceiling", window=window,
+                                    num_sinks=sinks)
+  impl = "xla" if ceiling.config.implementation != "xla" else "xla_chunked"
+  moved = variants.with_implementation(ceiling, impl)
+  assert moved is not ceiling
+  assert all(b.attn.position.distance_ceiling == window
+             for b in moved.blocks)
+  np.testing.assert_allclose(logits(moved), logits(ceiling), atol=1e-5)
+
+
 def test_mask_labels():
   labels = [variants.describe(mask_sweep.mask_variant(
       ROPE, m, window=16, num_sinks=2))["mask"] for m in mask_sweep.MASKS]
