@@ -27,11 +27,15 @@ _CORE = [
 ]
 
 _EXTRAS = {
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],
+    # nbclient, nbformat, ipykernel: tests/test_notebooks.py executes the
+    # notebooks in a Jupyter kernel of the test's interpreter.
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
+             "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
     # Comparison tests against Hugging Face on the CPU.
     "hf": ["torch==2.13.0", "transformers>=4.57", "safetensors>=0.4"],
-    "notebooks": ["nbclient>=0.10", "nbformat>=5.10",
-                  "ipykernel>=6.29"],
+    # Running the notebooks outside Colab: a Jupyter kernel, and nbclient /
+    # nbformat to execute them from a script (notebooks/README.md).
+    "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
     "gpu": ["jax[cuda12]>=0.10,<0.13"],
     "tpu": ["jax[tpu]>=0.10,<0.13"],
 }
