@@ -463,25 +463,6 @@ class Arguments:
   argv: list
 
 
-def _resolve_config_path(argv: Sequence[str]) -> list[str]:
-  """``--config=NAME[:ARGS]`` whose NAME is not a file -> the packaged
-  config of that name (``configs.path``)."""
-  out = list(argv)
-  for i, arg in enumerate(out):
-    if arg.startswith("--config="):
-      value, prefix = arg[len("--config="):], "--config="
-    elif arg == "--config" and i + 1 < len(out):
-      value, prefix, i = out[i + 1], "", i + 1
-    else:
-      continue
-    name, sep, args = value.partition(":")
-    try:
-      out[i] = f"{prefix}{configs.path(name)}{sep}{args}"
-    except ValueError:
-      pass    # config_flags names the missing file itself
-  return out
-
-
 def parse_flags(argv: Sequence[str]) -> Arguments:
   """Parses ``--config``, ``--config.*`` and ``--workdir`` from argv.
 
@@ -492,7 +473,7 @@ def parse_flags(argv: Sequence[str]) -> Arguments:
   Raises:
     flags.Error: a bad flag value or a missing --workdir.
   """
-  argv = _resolve_config_path(argv)
+  argv = configs.resolve_config_flag(argv)
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file(
       "config", DEFAULT_CONFIG, "Study config file, optionally with ':ARGS' "

@@ -36,29 +36,9 @@ _WORKDIR = flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def resolve_config_flag(argv: list[str]) -> list[str]:
-  """Rewrites ``--config=PATH[:ARGS]`` whose PATH is missing to the packaged
-  config file of the same name (``configs.path``)."""
-  out = list(argv)
-  for i, arg in enumerate(out):
-    if arg.startswith("--config="):
-      value, prefix = arg[len("--config="):], "--config="
-    elif arg == "--config" and i + 1 < len(out):
-      value, prefix, i = out[i + 1], "", i + 1
-    else:
-      continue
-    path, sep, args = value.partition(":")
-    try:
-      path = configs.path(path)
-    except ValueError:
-      continue      # config_flags reports the missing file itself
-    out[i] = f"{prefix}{path}{sep}{args}"
-  return out
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
-    return flags.FLAGS(resolve_config_flag(argv))
+    return flags.FLAGS(configs.resolve_config_flag(argv))
   except flags.Error as e:
     sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
                      "Pass --helpfull to see help on flags.\n")

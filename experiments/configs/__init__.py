@@ -159,3 +159,25 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every = 200
   config.keep_checkpoints = 3
   return config
+
+
+def resolve_config_flag(argv):
+  """Rewrites ``--config=PATH[:ARGS]`` whose PATH is missing to the packaged
+  config file of the same name (``path``); other arguments pass unchanged.
+
+  Shared by the absl mains (train, extrapolation).
+  """
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith("--config="):
+      value, prefix = arg[len("--config="):], "--config="
+    elif arg == "--config" and i + 1 < len(out):
+      value, prefix, i = out[i + 1], "", i + 1
+    else:
+      continue
+    name, sep, args = value.partition(":")
+    try:
+      out[i] = f"{prefix}{path(name)}{sep}{args}"
+    except ValueError:
+      pass      # config_flags reports the missing file itself
+  return out
