@@ -2,8 +2,17 @@
 
 import os
 
-import hypothesis
-import jax
+# Eight CPU devices for the mesh tests (sharded training, context-parallel
+# attention); single-device code runs on the first one as before. Must be set
+# before JAX initialises its backends.
+if "xla_force_host_platform_device_count" not in os.environ.get(
+    "XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8"
+                             ).strip()
+
+import hypothesis  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest
 
 # CI runs with CI=true: fewer examples, no deadline (compilation dominates).
