@@ -83,9 +83,12 @@ class StepBench:
     config = _tiny(f"pe={pe}")
     config.model.vocab_size = 256
     config.model.dtype = dtype
-    graphdef, self.params = trainer.init_params(config)
-    init_opt_state, self.step_fn = trainer._cached_train_step(  # pylint: disable=protected-access
-        graphdef, tuple((k, config[k]) for k in trainer._OPTIMIZER_FIELDS))  # pylint: disable=protected-access
+    from extrapolax.experiments import modeling, sharding  # pylint: disable=import-outside-toplevel
+    mesh = sharding.mesh_from_config(config)   # one device
+    _, self.params = trainer.init_params(config, mesh)
+    init_opt_state, self.step_fn, _ = trainer._cached_train_step(  # pylint: disable=protected-access
+        modeling.model_config(config).to_json(),
+        tuple((k, config[k]) for k in trainer._OPTIMIZER_FIELDS), mesh)  # pylint: disable=protected-access
     self.opt_state = init_opt_state(self.params)
     self.batch_size, self.train_len = config.batch_size, config.train_len
     rows = np.random.default_rng(0).integers(

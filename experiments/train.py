@@ -15,6 +15,13 @@ file name in the installed ``extrapolax/experiments/configs`` folder, so
 ``--config=tiny.py`` works from anywhere. Rerunning the same command resumes
 from the workdir's latest checkpoint. The workdir then holds config.json,
 metrics.jsonl, TensorBoard event files and checkpoints/.
+
+Several devices: set the mesh, e.g. ``--config.mesh.data=2
+--config.mesh.fsdp=2 --config.mesh.tensor=2`` on 8 GPUs (the sizes'
+product is the device count). Several hosts: run the same command on every
+host with ``JAX_COORDINATOR_ADDRESS=host0:port JAX_NUM_PROCESSES=N
+JAX_PROCESS_ID=i`` (or under SLURM / Open MPI, detected), or
+``--distributed=on`` on a Cloud TPU pod slice; see the README.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from extrapolax.experiments import configs
+from extrapolax.experiments import sharding
 from extrapolax.experiments import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -33,6 +41,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run folder: config.json, metrics.jsonl, checkpoints/.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Multi-host start-up (jax.distributed.initialize): auto = when "
+    "$JAX_COORDINATOR_ADDRESS or a multi-task SLURM / Open MPI job is seen; "
+    "on = always (JAX detects Cloud TPU pod slices); off = never.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -50,6 +63,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   try:
+    sharding.initialize_distributed(_DISTRIBUTED.value)
     trainer.validate_config(config)
     result = trainer.train(config, _WORKDIR.value)
   except (ValueError, trainer.NonFiniteLossError) as e:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import json
 import logging
 import math
@@ -59,11 +60,14 @@ from absl import logging as absl_logging
 from flax import nnx
 
 from extrapolax.experiments import modeling
+from extrapolax.experiments import sharding
 from extrapolax.models import DecoderLM, ModelConfig
 
 # Fields that may change when a run resumes (the rest must match config.json).
+# The mesh may change too: checkpoints are resharded onto the new one.
 RESUMABLE_FIELDS = ("train_steps", "log_every", "checkpoint_every",
-                    "keep_checkpoints")
+                    "keep_checkpoints", "mesh", "mesh.data", "mesh.fsdp",
+                    "mesh.tensor", "mesh.context")
 _REQUIRED_KEYS = ("tokens", "targets", "weights")
 _OPTIONAL_KEYS = ("positions", "segment_ids")
 
@@ -128,6 +132,7 @@ def validate_config(config) -> None:
   _check_number("grad_clip", config.grad_clip, minimum=0, allow_none=True)
   modeling.model_config(config)
   validate_data_config(config)
+  sharding.validate_mesh_config(config)
 
 
 def learning_rate_schedule(config, *, xp=jnp) -> Callable[[Any], Any]:
@@ -171,22 +176,28 @@ def make_optimizer(config) -> optax.GradientTransformation:
 # The step.
 
 
-def init_params(config):
-  """(graphdef, parameter State) of a fresh model, seeded by config.seed."""
+def init_params(config, mesh: Optional[jax.sharding.Mesh] = None):
+  """(graphdef, parameter State) of a fresh model, seeded by config.seed.
+
+  With a ``mesh`` the parameters are created sharded (``sharding.
+  param_shardings``); their values do not depend on the mesh.
+  """
   model_config = modeling.model_config(config)
-  graphdef, init = _compiled_init(model_config.to_json())
+  graphdef, init = _compiled_init(model_config.to_json(), mesh)
   return graphdef, init(jax.random.key(config.seed))
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_init(model_config_json: str):
+def _compiled_init(model_config_json: str, mesh=None):
   """Built under jax.jit: one compilation instead of one per initialiser op
-  (cached per model config, for several runs in one process)."""
+  (cached per model config and mesh, for several runs in one process)."""
   model_config = ModelConfig.from_json(model_config_json)
-  graphdef, _ = nnx.split(nnx.eval_shape(
+  graphdef, abstract = nnx.split(nnx.eval_shape(
       lambda: DecoderLM(model_config, rngs=nnx.Rngs(0))), nnx.Param)
+  out_shardings = (None if mesh is None else
+                   sharding.param_shardings(abstract, mesh))
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=out_shardings)
   def init(key):
     return nnx.state(DecoderLM(model_config, rngs=nnx.Rngs(key)), nnx.Param)
 
@@ -207,10 +218,13 @@ def loss_fn(params, graphdef, batch) -> tuple[jax.Array, jax.Array]:
   return total / jnp.maximum(count, 1.0), count
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation):
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, *,
+                    shardings: Optional[tuple] = None):
   """jit((params, opt_state, batch) -> (params, opt_state, metrics)).
 
   params and opt_state are donated (updated in place where the backend can).
+  ``shardings``: (params, opt_state, batch) shardings (``step_shardings``);
+  the outputs keep the inputs' and the metrics are replicated.
   """
 
   def train_step(params, opt_state, batch):
@@ -221,7 +235,22 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation):
     return params, opt_state, {"loss": loss, "targets": count,
                                "grad_norm": optax.tree.norm(grads)}
 
-  return jax.jit(train_step, donate_argnums=(0, 1))
+  if shardings is None:
+    return jax.jit(train_step, donate_argnums=(0, 1))
+  params_sh, opt_sh, batch_sh = shardings
+  metrics_sh = sharding.replicated(batch_sh.mesh)
+  return jax.jit(train_step, donate_argnums=(0, 1), in_shardings=shardings,
+                 out_shardings=(params_sh, opt_sh, metrics_sh))
+
+
+def step_shardings(params, optimizer, mesh) -> tuple:
+  """(params, opt_state, batch) NamedShardings of a train step on ``mesh``
+  (``params`` may be abstract)."""
+  params_sh = sharding.param_shardings(params, mesh)
+  abstract_opt = jax.eval_shape(optimizer.init, params)
+  opt_sh = sharding.opt_state_shardings(optimizer, abstract_opt, params_sh,
+                                        mesh)
+  return params_sh, opt_sh, sharding.batch_sharding(mesh)
 
 
 _OPTIMIZER_FIELDS = ("learning_rate", "warmup_steps", "train_steps",
@@ -230,11 +259,17 @@ _OPTIMIZER_FIELDS = ("learning_rate", "warmup_steps", "train_steps",
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_train_step(graphdef, optimizer_fields: tuple):
-  """make_train_step, kept per (model, optimizer settings): a second run of
-  the same model in one process (resume, another seed) skips compiling."""
+def _cached_train_step(model_config_json: str, optimizer_fields: tuple, mesh):
+  """(init_opt_state, train_step, shardings), kept per (model, optimizer
+  settings, mesh): a second run of the same model in one process (resume,
+  another seed) skips compiling."""
   optimizer = make_optimizer(ml_collections.ConfigDict(dict(optimizer_fields)))
-  return jax.jit(optimizer.init), make_train_step(graphdef, optimizer)
+  graphdef, init_params_fn = _compiled_init(model_config_json, mesh)
+  abstract = jax.eval_shape(init_params_fn, jax.random.key(0))
+  shardings = step_shardings(abstract, optimizer, mesh)
+  init = jax.jit(optimizer.init, out_shardings=shardings[1])
+  return init, make_train_step(graphdef, optimizer, shardings=shardings), (
+      shardings)
 
 
 def device_batch(batch: Mapping, *, batch_size: int, seq_len: int) -> dict:
@@ -253,6 +288,21 @@ def device_batch(batch: Mapping, *, batch_size: int, seq_len: int) -> dict:
                        f"(batch_size, train_len) = ({batch_size}, {seq_len})")
     arrays[key] = value.astype(np.float32 if key == "weights" else np.int32)
   return arrays
+
+
+def _source_rows(source, index: int, shape: tuple[int, int], lo: int,
+                 hi: int) -> dict:
+  """Rows [lo, hi) of batch ``index`` (the rows this process's devices
+  hold), checked; a source whose ``batch`` takes ``rows=`` builds only
+  those."""
+  if (lo, hi) == (0, shape[0]):
+    batch = source.batch(index)
+  elif "rows" in inspect.signature(source.batch).parameters:
+    batch = source.batch(index, rows=(lo, hi))
+  else:
+    batch = {k: None if v is None else np.asarray(v)[lo:hi]
+             for k, v in source.batch(index).items()}
+  return device_batch(batch, batch_size=hi - lo, seq_len=shape[1])
 
 
 # ----------------------------------------------------------------------------
@@ -382,6 +432,8 @@ def _write_config(config, workdir: str) -> None:
           f"{workdir} holds a run with a different config "
           f"({'; '.join(changed)}); only {RESUMABLE_FIELDS} may change when "
           "resuming. Use another --workdir for a new run")
+  if jax.process_index():
+    return      # multi-host: process 0 writes the workdir's files
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(new, f, indent=2, sort_keys=True)
@@ -436,9 +488,12 @@ def _close(manager) -> None:
 
 
 def _abstract(tree):
+  """Restore targets: each array's own sharding (a checkpoint written on
+  another mesh is resharded onto it), else the first local device."""
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=device), tree)
+      x.shape, x.dtype, sharding=getattr(x, "sharding", None) or device),
+                      tree)
 
 
 def _save(manager, step, params, opt_state, data_state) -> None:
@@ -532,11 +587,18 @@ def train(config, workdir: str, *, source=None) -> TrainResult:
   if source is None:
     source = make_source(config, workdir)
 
-  graphdef, params = init_params(config)
-  init_opt_state, step_fn = _cached_train_step(
-      graphdef, tuple((k, config[k]) for k in _OPTIMIZER_FIELDS))
+  mesh = sharding.mesh_from_config(config)
+  if mesh.size > 1:
+    absl_logging.info("training on the mesh %s", sharding.describe(mesh))
+  graphdef, params = init_params(config, mesh)
+  init_opt_state, step_fn, shardings = _cached_train_step(
+      modeling.model_config(config).to_json(),
+      tuple((k, config[k]) for k in _OPTIMIZER_FIELDS), mesh)
   opt_state = init_opt_state(params)
+  shape = (config.batch_size, config.train_len)
   with contextlib.ExitStack() as stack:
+    # The ambient mesh lets attention split the sequence (context axis).
+    stack.enter_context(jax.set_mesh(mesh))
     manager = _checkpoint_manager(workdir, config.keep_checkpoints)
     stack.callback(_close, manager)
     start = manager.latest_step() or 0
@@ -547,8 +609,9 @@ def train(config, workdir: str, *, source=None) -> TrainResult:
     pending: list[tuple[int, dict]] = []
     for index in range(start, config.train_steps):
       step = index + 1
-      batch = device_batch(source.batch(index), batch_size=config.batch_size,
-                           seq_len=config.train_len)
+      batch = sharding.host_batch(
+          functools.partial(_source_rows, source, index, shape), shardings[2],
+          shape)
       params, opt_state, out = step_fn(params, opt_state, batch)
       pending.append((step, out))
       log.progress.update(1)
@@ -584,11 +647,14 @@ class _RunLog(contextlib.ExitStack):
 
   def __init__(self, workdir: str, config, start: int):
     super().__init__()
-    _truncate_metrics(workdir, start)
-    self.writer = _summary_writer(workdir, start)
-    self.callback(self.writer.close)
-    self.file = self.enter_context(open(
-        os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8"))
+    # Multi-host: process 0 writes metrics and events; the others only log.
+    self.writer = self.file = None
+    if jax.process_index() == 0:
+      _truncate_metrics(workdir, start)
+      self.writer = _summary_writer(workdir, start)
+      self.callback(self.writer.close)
+      self.file = self.enter_context(open(
+          os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8"))
     self.progress = self.enter_context(_progress(config.train_steps, start))
     self.schedule = learning_rate_schedule(config, xp=np)
     self.tokens_per_step = config.batch_size * config.train_len
@@ -607,7 +673,7 @@ class _RunLog(contextlib.ExitStack):
               "target_tokens": float(out["targets"]),
               "elapsed_sec": now - self.start_time}
     self.last_step, self.last_time = step, now
-    if not written:
+    if not written or self.file is None:
       return
     self.file.write(json.dumps(record) + "\n")
     self.file.flush()

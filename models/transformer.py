@@ -24,6 +24,32 @@ from .config import ModelConfig
 
 Array = jax.Array
 
+# Under a mesh (jax.set_mesh) with these axis names, the residual stream
+# [B, T, D] is kept with its batch over data/fsdp and its sequence over
+# context (experiments.sharding names the same axes).
+BATCH_MESH_AXES = ("data", "fsdp")
+SEQUENCE_MESH_AXIS = "context"
+
+
+def constrain_activations(x: Array) -> Array:
+  """A sharding constraint on [B, T, ...] activations when the ambient mesh
+  has the batch / context axes (and they divide B / T); else ``x``."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  sizes = dict(mesh.shape)
+  batch = tuple(a for a in BATCH_MESH_AXES if sizes.get(a, 1) > 1)
+  rows = 1
+  for a in batch:
+    rows *= sizes[a]
+  seq = sizes.get(SEQUENCE_MESH_AXIS, 1)
+  spec = (batch if batch and x.shape[0] % rows == 0 else None,
+          SEQUENCE_MESH_AXIS if seq > 1 and x.shape[1] % seq == 0 else None)
+  if spec == (None, None):
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, jax.sharding.PartitionSpec(*spec, *([None] * (x.ndim - 2))))
+
 
 def _dtype(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
@@ -109,8 +135,9 @@ class DecoderLM(nnx.Module):
           abs_positions, self.config.d_model).astype(x.dtype)
     elif self.config.absolute == "learned":
       x = x + self.position_embed(abs_positions).astype(x.dtype)
+    x = constrain_activations(x)
     for block in self.blocks:
-      x = block(x, positions, segment_ids)
+      x = constrain_activations(block(x, positions, segment_ids))
     x = self.final_norm(x)
     if self.config.tie_embeddings:
       logits = self.embed.attend(x)

@@ -23,6 +23,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from extrapolax.experiments import modeling
+from extrapolax.experiments import sharding
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -134,6 +135,11 @@ def base_config() -> ml_collections.ConfigDict:
       only), global-norm clipping (0 or None: none).
     log_every: metrics.jsonl / TensorBoard every N steps (plus steps 1 and
       the last). checkpoint_every, keep_checkpoints: orbax checkpoints.
+    mesh.data, mesh.fsdp, mesh.tensor, mesh.context: device mesh sizes (all
+      1: one device; their product must be the device count). data and fsdp
+      split the batch, fsdp shards parameters and optimizer state, tensor
+      shards heads / MLP width / vocabulary, context splits the sequence
+      (``sharding`` module). A run may resume on another mesh.
   """
   config = ml_collections.ConfigDict()
   config.seed = 0
@@ -158,6 +164,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every = 50
   config.checkpoint_every = 200
   config.keep_checkpoints = 3
+  config.mesh = sharding.default_mesh_config()
   return config
 
 

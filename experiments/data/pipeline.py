@@ -65,6 +65,17 @@ def _fingerprint(metadata: Mapping[str, Any]) -> str:
   return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _row_range(rows, batch_size: int) -> tuple[int, int]:
+  if rows is None:
+    return 0, batch_size
+  lo, hi = rows
+  if not (isinstance(lo, (int, np.integer)) and isinstance(hi, (int, np.integer))
+          and 0 <= lo < hi <= batch_size):
+    raise ValueError(f"rows={rows!r} must be (lo, hi) with 0 <= lo < hi <= "
+                     f"batch_size={batch_size}")
+  return int(lo), int(hi)
+
+
 class TrainSource:
   """Language-model batches from a TokenStore (see the module docstring)."""
 
@@ -127,9 +138,16 @@ class TrainSource:
                                                  % self.num_rows]
     return epochs, rows
 
-  def batch(self, step: int) -> packing_lib.PackedBatch:
-    """Batch ``step``: [batch_size, seq_len] arrays (see ``packing``)."""
-    epochs, rows = self.rows(step)
+  def batch(self, step: int, *, rows: Optional[tuple[int, int]] = None
+            ) -> packing_lib.PackedBatch:
+    """Batch ``step``: [batch_size, seq_len] arrays (see ``packing``).
+
+    ``rows=(lo, hi)``: only rows lo..hi-1 of it (what one host of a
+    multi-host job reads), equal to those rows of the whole batch.
+    """
+    epochs, rows_ = self.rows(step)
+    lo, hi = _row_range(rows, self.batch_size)
+    epochs, rows = epochs[lo:hi], rows_[lo:hi]
     if self._plan is not None:
       return packing_lib.materialize(self._plan, rows, tokens=self._gather,
                                      offsets=self._offsets)
@@ -219,12 +237,16 @@ class TaskSource:
           f"{fits} (the largest {self.task.name} size fitting seq_len="
           f"{self.seq_len}), got {self.min_length}, {self.max_length}")
 
-  def batch(self, step: int) -> packing_lib.PackedBatch:
+  def batch(self, step: int, *, rows: Optional[tuple[int, int]] = None
+            ) -> packing_lib.PackedBatch:
+    """Batch ``step``; ``rows=(lo, hi)``: only those rows (the generator
+    still draws the rows before lo, so they equal the whole batch's)."""
+    lo, hi = _row_range(rows, self.batch_size)
     rng = np.random.default_rng([self.seed, _check_step(step)])
     sizes = rng.integers(self.min_length, self.max_length + 1,
                          self.batch_size)
-    examples = [self.task.sample(rng, int(n)) for n in sizes]
-    return tasks_lib.examples_to_batch(examples, width=self.seq_len)
+    examples = [self.task.sample(rng, int(n)) for n in sizes[:hi]]
+    return tasks_lib.examples_to_batch(examples[lo:], width=self.seq_len)
 
   def state(self, step: int) -> dict[str, Any]:
     return {"kind": "task", "step": _check_step(step), "seed": self.seed,
