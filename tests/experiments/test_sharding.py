@@ -294,3 +294,58 @@ def test_initialize_distributed_reads_the_environment(monkeypatch):
   assert calls[-1] == {}          # JAX's own SLURM detection fills the rest
   with pytest.raises(ValueError, match=r"'sometimes' is not one of"):
     sharding.initialize_distributed("sometimes")
+
+
+_ONE_OF_TWO_PROCESSES = r"""
+import json, sys
+import jax
+from extrapolax.experiments import configs, sharding, trainer
+assert sharding.initialize_distributed("auto")
+config = configs.get_config("tiny.py:steps=4")
+config.log_every, config.checkpoint_every = 1, 2
+config.data.cache_dir = sys.argv[2]
+config.mesh.data = config.mesh.fsdp = config.mesh.tensor = 2
+mesh = sharding.mesh_from_config(config)
+rows = sharding.host_rows(sharding.batch_sharding(mesh), (16, 128))
+result = trainer.train(config, sys.argv[1])
+print(json.dumps({"process": jax.process_index(),
+                  "devices": [jax.local_device_count(), jax.device_count()],
+                  "rows": rows, "loss": [m["loss"] for m in result.metrics]}))
+"""
+
+
+@needs_8
+def test_two_processes_train_like_one_device(data_dir, tmp_path):
+  """Multi-host on one machine: two processes of 4 CPU devices each,
+  started through $JAX_COORDINATOR_ADDRESS (gloo collectives)."""
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  reference = trainer.train(_tiny(data_dir), str(tmp_path / "one"))
+  procs = []
+  for rank in range(2):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank))
+    procs.append(subprocess.Popen(
+        [sys.executable, "-c", _ONE_OF_TWO_PROCESSES, str(tmp_path / "two"),
+         data_dir], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env, cwd=REPO))
+  outs = []
+  for proc in procs:
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    outs.append(json.loads(stdout.strip().splitlines()[-1]))
+  assert sorted(o["process"] for o in outs) == [0, 1]
+  assert all(o["devices"] == [4, 8] for o in outs)
+  # Each process built only its half of the batch rows.
+  assert sorted(tuple(o["rows"]) for o in outs) == [(0, 8), (8, 16)]
+  for out in outs:
+    np.testing.assert_allclose(out["loss"],
+                               [m["loss"] for m in reference.metrics],
+                               rtol=2e-5)
+  # Process 0 wrote the workdir's files; the checkpoint is complete.
+  assert len(trainer.read_metrics(str(tmp_path / "two"))) == 4
+  model, _ = trainer.load_model(str(tmp_path / "two"))
+  assert model.blocks[0].attn.q_proj.kernel[...].shape == (64, 4, 16)
