@@ -25,6 +25,12 @@ kept too: in full as :class:`StreamScore` arrays and, bucketed, as
 The model runs on a memory-linear attention implementation (``xla_chunked``
 by default) so 16x the training length fits; one jit compilation per length
 (the batch of windows has a fixed shape per length; the last one is padded).
+
+Lengths that do not fit one device: pass ``mesh`` (``experiments.sharding.
+make_mesh``); each window's sequence is split across the mesh's ``context``
+devices and attention runs context-parallel (``attention.context_parallel``,
+its local blocks on the requested implementation), parameters sharded by the
+training rules, windows over data/fsdp when they divide the batch.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import numpy as np
 from flax import nnx
 
 from extrapolax.experiments import records as records_lib
+from extrapolax.experiments import sharding
 
 from . import variants
 
@@ -158,17 +165,61 @@ def logits_nll_fn(logits_fn: Callable[[Any], Any]) -> NllFn:
   return nll
 
 
-def model_nll_fn(model) -> NllFn:
-  """A jitted NLL function of an nnx model (compiles once per shape)."""
+def model_nll_fn(model, mesh: Optional[jax.sharding.Mesh] = None) -> NllFn:
+  """A jitted NLL function of an nnx model (compiles once per shape).
+
+  With ``mesh`` the parameters are placed by ``sharding.param_shardings``,
+  each call's windows are split over the mesh (sequence over ``context``,
+  rows over data/fsdp when they divide them) and the model runs under the
+  mesh, so its attention can run context-parallel.
+  """
   graphdef, state = nnx.split(model)
 
-  @jax.jit
   def nll(state, inputs, targets):
     logits = nnx.merge(graphdef, state)(inputs)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32))
     return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
-  return lambda inputs, targets: nll(state, inputs, targets)
+  if mesh is None:
+    jitted = jax.jit(nll)
+    return lambda inputs, targets: jitted(state, inputs, targets)
+  state = jax.device_put(state, sharding.param_shardings(state, mesh))
+  jitted = jax.jit(nll)
+
+  def call(inputs, targets):
+    window = _window_sharding(mesh, np.shape(inputs))
+    inputs, targets = (jax.device_put(np.asarray(x), window)
+                       for x in (inputs, targets))
+    with jax.set_mesh(mesh):
+      return jitted(state, inputs, targets)
+
+  return call
+
+
+def with_context_parallel(model, inner: Optional[str]):
+  """``model`` (parameters shared) with every attention layer splitting the
+  sequence over the ambient mesh's context axis, ``inner`` (a name, or
+  None: automatic) computing each device's blocks."""
+  from extrapolax.attention import context_parallel  # pylint: disable=import-outside-toplevel
+  runner = variants.rebuild(model, model.config)
+  implementation = context_parallel.ContextParallel(inner=inner)
+  for old, new in zip(model.blocks, runner.blocks):
+    new.attn.position = old.attn.position      # settings on built layers
+    new.attn.implementation = implementation
+  return runner
+
+
+def _window_sharding(mesh, shape) -> jax.sharding.NamedSharding:
+  """[B, L] windows: L over context (must divide), B over data/fsdp when
+  they divide it."""
+  batch, length = shape
+  context = mesh.shape.get("context", 1)
+  if length % context:
+    raise ValueError(f"window length {length} is not divisible by the "
+                     f"mesh's context={context} devices")
+  rows = math.prod(mesh.shape.get(a, 1) for a in sharding.BATCH_AXES)
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+      sharding.BATCH_AXES if batch % rows == 0 else None, "context"))
 
 
 def score_stream(nll_fn: NllFn, tokens: Tokens, length: int, *,
@@ -273,7 +324,8 @@ def perplexity_vs_length(
     implementation: Optional[str] = "xla_chunked", position_buckets: int = 32,
     labels: Optional[Mapping[str, Any]] = None,
     experiment: str = "length", task: Optional[str] = None,
-    return_scores: bool = False):
+    return_scores: bool = False,
+    mesh: Optional[jax.sharding.Mesh] = None):
   """Perplexity records of ``model`` on ``tokens`` at each length and mode.
 
   Args:
@@ -294,6 +346,10 @@ def perplexity_vs_length(
     experiment: the records' ``experiment`` (one report table each).
     task: the records' ``task`` (None for text).
     return_scores: also return {(mode, length): StreamScore}.
+    mesh: run on this device mesh (``sharding.make_mesh``): with a
+      ``context`` axis > 1 each window's sequence is split over it and
+      attention runs context-parallel, its local blocks on
+      ``implementation``; every length must then divide by the context size.
 
   Returns:
     A list of records (metric "perplexity" per mode and length, then
@@ -311,7 +367,13 @@ def perplexity_vs_length(
   if not lengths:
     raise ValueError("lengths is empty")
   runner = variants.with_implementation(model, implementation)
-  nll_fn = model_nll_fn(runner)
+  if mesh is not None and mesh.shape.get("context", 1) > 1:
+    bad = [l for l in lengths if l % mesh.shape["context"]]
+    if bad:
+      raise ValueError(f"lengths {bad} are not divisible by the mesh's "
+                       f"context={mesh.shape['context']} devices")
+    runner = with_context_parallel(runner, implementation)
+  nll_fn = model_nll_fn(runner, mesh)
   shared = variants.labels_for(model, train_len, labels)
   out, scores = [], {}
   for mode in modes:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from extrapolax.experiments import records
+from extrapolax.experiments import configs, modeling, records
 from extrapolax.experiments.evaluators import perplexity
 from extrapolax.models import AttentionSpec, DecoderLM, ModelConfig
 
@@ -169,3 +169,37 @@ def test_learned_absolute_past_its_table_is_nan():
 
 def test_default_lengths():
   assert perplexity.default_lengths(128) == (128, 256, 512, 1024, 2048)
+
+
+@pytest.mark.skipif(jax.device_count() < 8,
+                    reason="needs 8 devices (tests/conftest.py)")
+def test_context_parallel_evaluation_equals_one_device(monkeypatch):
+  """Lengths split over 8 (and 2 x 4) devices score like one device, and
+  attention really ran context-parallel."""
+  from extrapolax.attention import context_parallel  # pylint: disable=import-outside-toplevel
+  from extrapolax.experiments import sharding  # pylint: disable=import-outside-toplevel
+  config = configs.get_config("tiny.py:pe=alibi,train_len=32")
+  config.model.vocab_size = 256
+  config.model.mask = "sliding_window"
+  config.model.window = 24
+  model = modeling.create_model(config, nnx.Rngs(3))
+  tokens = np.random.default_rng(0).integers(0, 256, 2000).astype(np.int32)
+  kwargs = dict(lengths=(64, 128), max_tokens=512, tokens_per_batch=512,
+                position_buckets=0, labels={"model": "m"})
+  base = perplexity.perplexity_vs_length(model, tokens, **kwargs)
+  calls = []
+  original = context_parallel.ContextParallel.__call__
+  monkeypatch.setattr(context_parallel.ContextParallel, "__call__",
+                      lambda self, request: calls.append(1) or original(
+                          self, request))
+  for sizes in (dict(context=8), dict(data=2, context=4)):
+    calls.clear()
+    got = perplexity.perplexity_vs_length(
+        model, tokens, mesh=sharding.make_mesh(sizes), **kwargs)
+    assert calls, sizes
+    for a, b in zip(got, base):
+      assert (a["eval_len"], a["n_tokens"]) == (b["eval_len"], b["n_tokens"])
+      np.testing.assert_allclose(a["value"], b["value"], rtol=1e-5)
+  with pytest.raises(ValueError, match=r"lengths \[60\] are not divisible"):
+    perplexity.perplexity_vs_length(model, tokens, lengths=(60,),
+                                    mesh=sharding.make_mesh(dict(context=8)))
