@@ -65,6 +65,7 @@ from extrapolax.experiments import evaluators
 from extrapolax.experiments import modeling
 from extrapolax.experiments import records as records_lib
 from extrapolax.experiments import report as report_lib
+from extrapolax.experiments import sharding
 from extrapolax.experiments import trainer
 
 __all__ = ["DEFAULT_CONFIG", "Arguments", "Evaluation", "StudyResult",
@@ -158,6 +159,11 @@ def validate_config(config) -> None:
     _positive("eval.max_tokens", (config.eval.max_tokens,), integer=True)
   _positive("eval.tokens_per_batch", (config.eval.tokens_per_batch,),
             integer=True)
+  context = config.eval.get("context_devices", 1)
+  _positive("eval.context_devices", (context,), integer=True)
+  if context > jax_device_count():
+    raise ValueError(f"config.eval.context_devices={context} but only "
+                     f"{jax_device_count()} devices are available")
   scaled = _optional_model(config, "rope_scaling", variants)
   if scaled:
     if scaled != "rope":
@@ -229,16 +235,36 @@ def _perplexity_settings(config) -> dict:
       implementation=config.eval.implementation, train_len=train_len)
 
 
+def jax_device_count() -> int:
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.device_count()
+
+
+def _on_mesh(settings: dict) -> dict:
+  """``context_devices`` -> ``mesh``: the first n devices split each
+  evaluation window (context-parallel attention)."""
+  settings = dict(settings)
+  context = settings.pop("context_devices", 1)
+  if context > 1:
+    import jax  # pylint: disable=import-outside-toplevel
+    settings["mesh"] = sharding.make_mesh({"context": context},
+                                          jax.devices()[:context])
+  return settings
+
+
 def evaluations(config) -> list[Evaluation]:
   """The study's evaluations, in the order they run (variant by variant)."""
   variants = split_names(config.variants)
   shared = _perplexity_settings(config)
   out = []
   for variant in variants:
+    length = dict(shared)
+    if config.eval.get("context_devices", 1) > 1:
+      length["context_devices"] = config.eval.context_devices
     out.append(Evaluation(
-        f"length/{variant}", variant, dict(shared),
-        lambda m, docs, labels, s=shared: evaluators.perplexity_vs_length(
-            m, docs, labels=labels, experiment="length", **s)))
+        f"length/{variant}", variant, length,
+        lambda m, docs, labels, s=length: evaluators.perplexity_vs_length(
+            m, docs, labels=labels, experiment="length", **_on_mesh(s))))
     if variant == config.rope_scaling.model:
       settings = dict(shared, methods=split_names(config.rope_scaling.methods),
                       factors=_factors(config.rope_scaling.factors))

@@ -69,7 +69,11 @@ def get_config(arg=None):
       # A name rebuilds each evaluated model for that implementation, which
       # loses the mask sweep's LM-Infinite distance ceiling (set on the
       # built layers, not in the config).
-      implementation=config_dict.placeholder(str)))
+      implementation=config_dict.placeholder(str),
+      # > 1: the length evaluation splits each window over this many
+      # devices (context-parallel attention), for lengths one device cannot
+      # hold; every evaluation length must divide by it.
+      context_devices=1))
   config.rope_scaling = ml_collections.ConfigDict(dict(
       model="rope", methods="linear,dynamic,yarn,llama3", factors="matched"))
   config.masks = ml_collections.ConfigDict(dict(

@@ -8,6 +8,9 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
+
 import pytest
 
 from extrapolax.experiments import configs
@@ -129,6 +132,23 @@ def test_study_end_to_end_then_rerun_reuses_everything(tmp_path, capsys):
   assert "rope: trained (step 4) and evaluated; reusing" in done.stderr
   assert _run_state(workdir) == before
 
+  # The length evaluation on 8 devices (each window split over them,
+  # context-parallel attention): only it reruns, with the same numbers.
+  if jax.device_count() >= 8:
+    count = len(records.read(os.path.join(workdir, "results.jsonl")))
+    out = _main(ARGS + [f"--workdir={workdir}", "--config.masks.num_sinks=2",
+                        "--config.eval.context_devices=8"], capsys)
+    assert "trained 0 model(s)" in out and "ran 2 evaluation(s)" in out
+    again = [r for r in records.read(os.path.join(
+        workdir, "results.jsonl"))[count:] if r["metric"] == "perplexity"]
+    assert sorted((r["model"], r["eval_len"]) for r in again) == sorted(
+        (r["model"], r["eval_len"]) for r in ppl)
+    for r in again:
+      (old,) = [p for p in ppl if (p["model"], p["eval_len"]) == (
+          r["model"], r["eval_len"])]
+      np.testing.assert_allclose(r["value"], old["value"], rtol=1e-5)
+      assert r["n_tokens"] == old["n_tokens"]
+
 
 def test_default_config_is_the_study():
   args = extrapolation.parse_flags(["extrapolation", "--workdir=/tmp/x"])
@@ -161,6 +181,8 @@ def test_default_config_is_the_study():
     ({"rope_scaling.factors": "matched,big"}, "neither a number"),
     ({"masks.masks": "window"}, r"\['window'\] not in"),
     ({"eval.multiples": (1, 0)}, "eval.multiples"),
+    ({"eval.context_devices": 0}, "eval.context_devices"),
+    ({"eval.context_devices": 64}, r"context_devices=64 but only"),
     ({"passkey.models": "nope"}, r"passkey.models"),
     ({"passkey.depths": (0.5, 2.0)}, r"passkey.depths"),
     ({"train.model.mlp_dim": 0}, "mlp_dim"),
