@@ -193,12 +193,24 @@ def test_host_batch_builds_the_global_batch_from_its_rows():
 
 
 @needs_8
-def test_tiny_trains_the_same_on_2x2x2_and_2x4_meshes(data_dir, tmp_path):
+def test_tiny_trains_the_same_on_2x2x2_and_2x4_meshes(data_dir, tmp_path,
+                                                    monkeypatch):
+  from extrapolax.attention import context_parallel  # pylint: disable=import-outside-toplevel
+  calls = []
+  original = context_parallel.ContextParallel.__call__
+  monkeypatch.setattr(context_parallel.ContextParallel, "__call__",
+                      lambda self, request: calls.append(
+                          request.query.shape) or original(self, request))
+  trainer._cached_train_step.cache_clear()  # pylint: disable=protected-access
   runs = {}
   for name, mesh in [("one", {}),
                      ("data_fsdp_tensor", dict(data=2, fsdp=2, tensor=2)),
                      ("data_context", dict(data=2, context=4))]:
+    calls.clear()
     runs[name] = trainer.train(_tiny(data_dir, **mesh), str(tmp_path / name))
+    # Attention splits the sequence exactly when the mesh has a context
+    # axis (each of the 2 layers traced once).
+    assert bool(calls) == ("context" in name), (name, calls)
   base = runs["one"].metrics
   assert [m["step"] for m in base] == [1, 2, 3, 4]
   assert base[-1]["loss"] < base[0]["loss"]
