@@ -698,14 +698,22 @@ def _progress(total: int, initial: int):
                    dynamic_ncols=True)
 
 
-def load_model(workdir: str, *, step: Optional[int] = None
+def load_model(workdir: str, *, step: Optional[int] = None,
+               mesh: Optional[jax.sharding.Mesh] = None
                ) -> tuple[DecoderLM, ml_collections.ConfigDict]:
-  """The model of a run's latest (or given) checkpoint, and its config."""
+  """The model of a run's latest (or given) checkpoint, and its config.
+
+  The parameters land on the first local device, or sharded on ``mesh``
+  (``sharding.param_shardings``) whatever mesh wrote the checkpoint.
+  """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   config = read_config(workdir)
   abstract = nnx.eval_shape(lambda: modeling.create_model(
       config, nnx.Rngs(0)))
   graphdef, params = nnx.split(abstract, nnx.Param)
+  if mesh is not None:
+    params = sharding.abstract_with(
+        params, sharding.param_shardings(params, mesh))
   manager = _checkpoint_manager(workdir, config.keep_checkpoints)
   try:
     steps = manager.all_steps()

@@ -258,6 +258,14 @@ def test_checkpoint_written_on_8_devices_continues_on_1(data_dir, tmp_path):
   for path, value in _params(first.model).items():
     np.testing.assert_array_equal(restored[path], value, err_msg=path)
   assert len(model.blocks[0].mlp.up.kernel[...].sharding.device_set) == 1
+  # ... or onto yet another mesh.
+  other = sharding.make_mesh(dict(fsdp=4, tensor=2))
+  model, _ = trainer.load_model(str(tmp_path / "moved"), mesh=other)
+  kernel = model.blocks[0].mlp.up.kernel[...]
+  assert kernel.sharding.spec == P("fsdp", "tensor")
+  assert kernel.sharding.mesh.shape["fsdp"] == 4
+  for path, value in _params(model).items():
+    np.testing.assert_array_equal(restored[path], value, err_msg=path)
   # A fresh single-device process resumes it and continues.
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.run(
