@@ -1,6 +1,26 @@
 """extrapolax.attention: position encodings, masks and dot_product_attention.
 
 Plain functions on ``jax.Array``; the one Flax piece is ``layer.Attention``.
+
+Context parallelism (``context_parallel``): for sequences too long for one
+device, ``ContextParallel`` splits the T queries and keys of a self-attention
+call into contiguous shards over a mesh axis named ``"context"`` and either
+passes key/value shards around a ring (``strategy="ring"``, memory linear in
+the shard; the number of ring steps is cut statically for windowed masks and
+Lambda's sinks travel apart) or all-gathers them (``"all_gather"``). Each
+device runs an ordinary implementation on its shard with global positions,
+so every mask, segment ids, ALiBi, soft cap and the far query work, forward
+and backward. Under ``with jax.set_mesh(mesh):`` with a "context" axis of
+size > 1, ``implementation=None`` tries it first::
+
+  mesh = jax.make_mesh((2, 4), ("data", "context"))
+  with jax.set_mesh(mesh):
+    out = jax.jit(functools.partial(dot_product_attention,
+                                    mask=masks.Causal()))(q, k, v)
+
+``context_parallel_attention(q, k, v, mesh=mesh, ...)`` is the explicit form.
+Not served (NotImplementedError; auto falls through): T != S, T not a
+multiple of the axis size, a dense bias over keys (T5, Kerple, FIRE).
 """
 
 from . import masks
@@ -12,6 +32,9 @@ from .xla import Xla
 from .xla_chunked import XlaChunked
 from .cudnn import Cudnn
 from .pallas import PallasGpu, PallasTpu
+from . import context_parallel
+from .context_parallel import (ContextParallel, context_parallel_attention,
+                               ring_plan, ring_steps)
 from . import layer, positional
 from .layer import (Alibi, Attention, Fire, Kerple, LearnedPositionEmbedding,
                     NoPE, Rope, T5Bias)

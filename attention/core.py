@@ -253,13 +253,60 @@ def make_request(query, key, value, *, mask=None, segment_ids=None,
       far_query=far_query, far_key=far_key, far_window=far_window)
 
 
+# The mesh axis that context-parallel attention splits the sequence over.
+CONTEXT_AXIS = "context"
+
+
+def _context_axis_splits() -> bool:
+  """Whether the ambient mesh (``jax.set_mesh``) splits the sequence.
+
+  True when it has a ``"context"`` axis of size > 1 that is not manual; inside
+  a ``shard_map`` over that axis (context_parallel's own local calls) the
+  axis is manual and this is False.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or CONTEXT_AXIS not in mesh.axis_names:
+    return False
+  kind = dict(zip(mesh.axis_names, mesh.axis_types))[CONTEXT_AXIS]
+  return (dict(mesh.shape)[CONTEXT_AXIS] > 1
+          and kind != jax.sharding.AxisType.Manual)
+
+
 def _auto_candidates(request: AttentionRequest) -> Sequence[str]:
   platform = jax.default_backend()
   order = _AUTO_ORDER.get(platform, _AUTO_ORDER["cpu"])
   b, t, s, n, *_ = request.shape_info
   if b * n * t * s > DENSE_AUTO_LIMIT:
     order = tuple(x for x in order if x != "xla")
+  if _context_axis_splits():
+    # Sequence split over the ambient mesh: context-parallel attention first
+    # (it raises NotImplementedError, and auto falls through, when the
+    # request does not fit its layout, e.g. T != S).
+    order = ("context_parallel",) + order
   return order
+
+
+@dataclasses.dataclass(frozen=True)
+class Auto(Implementation):
+  """``implementation=None``: the platform's order, falling through.
+
+  ``exclude`` names implementations never tried (context_parallel runs its
+  per-device calls with ``Auto(exclude=("context_parallel",))``).
+  """
+  exclude: tuple[str, ...] = ()
+  name = "auto"
+
+  def __call__(self, request: AttentionRequest):
+    errors = []
+    for name in _auto_candidates(request):
+      if name in self.exclude:
+        continue
+      try:
+        return _REGISTRY[name]()(request)
+      except NotImplementedError as e:
+        errors.append(f"{name}: {e}")
+    raise NotImplementedError("no implementation serves this request:\n  "
+                              + "\n  ".join(errors))
 
 
 def dot_product_attention(
@@ -294,7 +341,9 @@ def dot_product_attention(
     logits_soft_cap: c > 0 applies ``c * tanh(logits / c)`` before biases.
     implementation: None (automatic, falls through), "xla" (dense oracle),
       "xla_chunked" (online softmax, memory linear in length), "cudnn",
-      "pallas_gpu", "pallas_tpu", or an ``Implementation`` instance (e.g.
+      "pallas_gpu", "pallas_tpu", "context_parallel" (the sequence split
+      over the ambient mesh's "context" axis; auto tries it first when that
+      axis has size > 1), or an ``Implementation`` instance (e.g.
       ``XlaChunked(block_q=256, block_k=256)``).
     return_residuals: also return the log-sum-exp, float32 [B, N, T].
     query_positions, key_positions: int [B, T] / [B, S] (or [T] / [S])
@@ -312,17 +361,6 @@ def dot_product_attention(
       logits_soft_cap=logits_soft_cap, query_positions=query_positions,
       key_positions=key_positions, far_query=far_query, far_key=far_key,
       far_window=far_window)
-  if implementation is not None:
-    out, lse = _resolve(implementation)(request)
-  else:
-    errors = []
-    for name in _auto_candidates(request):
-      try:
-        out, lse = _REGISTRY[name]()(request)
-        break
-      except NotImplementedError as e:
-        errors.append(f"{name}: {e}")
-    else:
-      raise NotImplementedError("no implementation serves this request:\n  "
-                                + "\n  ".join(errors))
+  impl = Auto() if implementation is None else _resolve(implementation)
+  out, lse = impl(request)
   return (out, lse) if return_residuals else out

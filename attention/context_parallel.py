@@ -1,0 +1,588 @@
+"""Context-parallel attention: the sequence split over a mesh axis.
+
+The T queries and keys of a self-attention call are cut into C contiguous
+shards of L = T / C along a mesh axis (``"context"`` by default); device ``i``
+holds queries and keys ``[i L, (i + 1) L)``. Two strategies:
+
+* ``"ring"``: every device starts with its own key/value shard and passes it
+  to its neighbour (``lax.ppermute``) R - 1 times, so that at ring step ``r``
+  device ``i`` holds shard ``(i - r) mod C``. Each (query shard, visiting key
+  shard) pair is labelled by ``masks.classify_blocks`` at run time and skipped
+  with ``lax.cond`` when it is empty; the others run the inner implementation
+  on the shard and are merged by their log-sum-exp in float32. The ring is a
+  loop (``lax.scan``), so only the current and the incoming shard are alive,
+  and a custom VJP saves only the device's own shard: the backward runs the
+  ring again, recomputes each block, sends the key/value gradients along
+  with their shard and then home with one more ``ppermute``. Memory per
+  device is linear in L whatever R is.
+* ``"all_gather"``: keys and values are gathered whole (``lax.all_gather``)
+  and each device makes one call for its queries (plain autodiff). Simple,
+  memory O(T) per device; a cross-check of the ring.
+
+The number of ring steps R is static (``ring_plan``): with default positions
+the shard geometry is known at trace time, so R = 1 + the largest ring
+distance of a non-empty shard pair (a sliding window no wider than a shard
+needs R = 2, ``Chunked(L)`` R = 1, ``Causal`` R = C; a bidirectional mask
+that sees the next shard, such as ``Chunked`` across shards, needs R = C
+since the ring only turns one way). ``Lambda(sinks, w)`` sends its sink keys
+to every device apart from the ring (one small all-gather) and rings only
+over the window. With explicit positions R = C; segment ids only remove
+pairs, so they keep the mask's R.
+
+Limits: the layout is contiguous, so a causal ring is unbalanced (device
+``i`` computes ``i + 1`` of its C pairs and the step time is the busiest
+device's; no zigzag / striped layout). Self-attention only (T == S, T a
+multiple of C); no dense bias over keys (a per-query bias ``[.., T, 1]`` is
+fine).
+
+Every device's local call is ``dot_product_attention`` with explicit global
+positions, so masks, ALiBi and the far query see the same geometry as one
+big call, and any implementation (xla, xla_chunked, pallas_*) can serve it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import numpy as np
+
+from . import core
+from . import masks as masks_lib
+
+Array = jax.Array
+STRATEGIES = ("ring", "all_gather")
+
+
+# --------------------------------------------------------------------------
+# The static plan: how many ring steps, whether Lambda's sinks go apart.
+
+
+@dataclasses.dataclass(frozen=True)
+class RingPlan:
+  """The static exchange schedule of one ring call.
+
+  Attributes:
+    steps: R, the number of key/value shards each device visits (its own
+      included); the forward makes R - 1 ring exchanges.
+    num_shards: C.
+    sinks: number of Lambda sink keys sent to every device apart from the
+      ring (0: none; the ring then covers the whole mask).
+  """
+  steps: int
+  num_shards: int
+  sinks: int = 0
+
+  @property
+  def exchanges(self) -> int:
+    return self.steps - 1
+
+
+def _steps_from_geometry(mask, seq_len: int, num_shards: int) -> int:
+  """1 + the largest ring distance (i - j) mod C of a non-empty shard pair."""
+  shard = seq_len // num_shards
+  with jax.ensure_compile_time_eval():
+    labels = np.asarray(masks_lib.classify_blocks(
+        mask, q_len=seq_len, kv_len=seq_len, block_q=shard, block_k=shard))[0]
+  i, j = np.nonzero(labels != masks_lib.EMPTY)
+  if i.size == 0:
+    return 1
+  return int(((i - j) % num_shards).max()) + 1
+
+
+def ring_plan(mask: Optional[masks_lib.Mask], *, seq_len: int,
+              num_shards: int, explicit_positions: bool = False,
+              has_segments: bool = False) -> RingPlan:
+  """The ring schedule for ``mask`` on ``seq_len`` tokens over C shards.
+
+  Args:
+    mask: a Mask or None.
+    seq_len: T (= S), a multiple of ``num_shards``.
+    num_shards: C, the size of the context axis.
+    explicit_positions: positions are data, not the default 0..T-1; the
+      geometry is unknown at trace time and every shard is visited.
+    has_segments: packed segment ids (they only remove pairs, so R is the
+      mask's; Lambda's sinks stay in the ring).
+  """
+  masks_lib.as_mask(mask)
+  num_shards = masks_lib._check_int("num_shards", num_shards, 1)  # pylint: disable=protected-access
+  seq_len = masks_lib._check_int("seq_len", seq_len, 1)  # pylint: disable=protected-access
+  if seq_len % num_shards:
+    raise ValueError(f"seq_len={seq_len} must be a multiple of "
+                     f"num_shards={num_shards}")
+  if explicit_positions or mask is None:
+    return RingPlan(num_shards, num_shards)
+  steps = _steps_from_geometry(mask, seq_len, num_shards)
+  if (isinstance(mask, masks_lib.Lambda) and not has_segments
+      and 0 < mask.num_sinks <= seq_len // num_shards):
+    window = _steps_from_geometry(masks_lib.SlidingWindow(mask.window),
+                                  seq_len, num_shards)
+    if window < steps:
+      return RingPlan(window, num_shards, mask.num_sinks)
+  return RingPlan(steps, num_shards)
+
+
+def ring_steps(mask: Optional[masks_lib.Mask], *, seq_len: int,
+               num_shards: int, explicit_positions: bool = False,
+               has_segments: bool = False) -> int:
+  """R, the static number of key/value shards a device visits; see ring_plan."""
+  return ring_plan(mask, seq_len=seq_len, num_shards=num_shards,
+                   explicit_positions=explicit_positions,
+                   has_segments=has_segments).steps
+
+
+def executed_permutes(hlo_text: str) -> int:
+  """Collective-permutes a compiled HLO module runs (``compiled.as_text()``).
+
+  Each computation's own, plus those of the while loops it calls times their
+  known trip count: the ring is a loop, so the text holds its exchange once.
+  """
+  own, loops, name, entry = {}, {}, None, None
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace() and line.rstrip().endswith("{"):
+      is_entry = line.startswith("ENTRY")
+      name = line.split()[1 if is_entry else 0].lstrip("%")
+      entry = name if is_entry else entry
+      own[name], loops[name] = 0, []
+    elif name is not None:
+      own[name] += len(re.findall(r"collective-permute(?:-start)?\(", line))
+      m = re.search(r'body=%([\w.\-]+).*"known_trip_count":\{"n":"(\d+)"',
+                    line)
+      if m:
+        loops[name].append((m.group(1), int(m.group(2))))
+  count = lambda c: own[c] + sum(n * count(b) for b, n in loops[c])
+  return 0 if entry is None else count(entry)
+
+
+# --------------------------------------------------------------------------
+# Per-device pieces (run inside shard_map).
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Hashable settings of the per-device computation."""
+  mask: Optional[masks_lib.Mask]
+  scale: float
+  soft_cap: Optional[float]
+  far_window: Optional[int]
+  inner: Any
+  axis: str
+  num_shards: int
+  steps: int
+
+
+def _local(st: _Static, q, k, v, slopes, bias, far_q, far_k, q_pos, k_pos,
+           q_seg, kv_seg):
+  """One shard pair through the inner implementation: (out, lse)."""
+  segs = None if q_seg is None else (q_seg, kv_seg)
+  return core.dot_product_attention(
+      q, k, v, mask=st.mask, segment_ids=segs, alibi_slopes=slopes,
+      bias=bias, scale=st.scale, logits_soft_cap=st.soft_cap,
+      implementation=st.inner, return_residuals=True, query_positions=q_pos,
+      key_positions=k_pos, far_query=far_q, far_key=far_k,
+      far_window=st.far_window)
+
+
+def _visits(st: _Static, q_pos, k_pos, q_seg, kv_seg):
+  """Scalar bool: some query of the shard may see some visiting key."""
+  length = q_pos.shape[-1]
+  labels = masks_lib.classify_blocks(
+      st.mask, q_len=length, kv_len=k_pos.shape[-1], block_q=length,
+      block_k=k_pos.shape[-1], q_positions=q_pos, k_positions=k_pos,
+      q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+  return jnp.any(labels != masks_lib.EMPTY)
+
+
+def merge(out_a, lse_a, out_b, lse_b):
+  """Merges two partial softmaxes over disjoint key sets (differentiable).
+
+  out [B, T, N, Hv], lse float32 [B, N, T]. Rows where both are empty stay
+  zeros with lse -inf, and no NaN reaches the forward or the gradients.
+  """
+  m = jax.lax.stop_gradient(jnp.maximum(lse_a, lse_b))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  w_a, w_b = jnp.exp(lse_a - m), jnp.exp(lse_b - m)
+  total = w_a + w_b
+  safe = jnp.where(total > 0, total, 1.0)
+  lse = jnp.where(total > 0, m + jnp.log(safe), -jnp.inf)
+  rows = lambda w: jnp.swapaxes(w / safe, 1, 2)[..., None]  # [B, T, N, 1]
+  out = (out_a.astype(jnp.float32) * rows(w_a)
+         + out_b.astype(jnp.float32) * rows(w_b))
+  return out, lse
+
+
+def _shift(st: _Static, tree, offset: int):
+  """Sends every array of ``tree`` ``offset`` devices on along the axis."""
+  c = st.num_shards
+  perm = [(j, (j + offset) % c) for j in range(c)]
+  return jax.tree.map(lambda x: jax.lax.ppermute(x, st.axis, perm), tree)
+
+
+def _ring_loop(st: _Static, step, stay, moving, shard):
+  """Runs ``step`` on the R key/value shards a device visits, in a loop.
+
+  ``step(stay, moving, shard) -> (stay, moving)``; ``shard`` (and ``moving``,
+  state that travels with it) pass one device on after every step but the
+  last. A loop rather than R unrolled copies: the loop carry bounds what is
+  alive to the current and the incoming shard (unrolled, XLA issues every
+  exchange early and keeps all visited shards), and the step compiles once.
+  """
+  def body(state, _):
+    stay, moving, shard = state
+    following = _shift(st, shard, 1)   # before the math, so the two overlap
+    stay, moving = step(stay, moving, shard)
+    return (stay, _shift(st, moving, 1), following), None
+
+  if st.steps > 1:
+    (stay, moving, shard), _ = jax.lax.scan(
+        body, (stay, moving, shard), length=st.steps - 1)
+  return step(stay, moving, shard)
+
+
+def _ring_forward(st: _Static, q, k, v, slopes, bias, far_q, far_k, q_pos,
+                  k_pos, q_seg, kv_seg):
+  b, length, n, _ = q.shape
+  out = jnp.zeros_like(q, jnp.float32, shape=(b, length, n, v.shape[-1]))
+  lse = jnp.full_like(q, -jnp.inf, jnp.float32, shape=(b, n, length))
+
+  def step(carry, moving, shard):
+    k_b, v_b, fk_b, kp_b, ks_b = shard
+
+    def compute(carry):
+      o_b, lse_b = _local(st, q, k_b, v_b, slopes, bias, far_q, fk_b, q_pos,
+                          kp_b, q_seg, ks_b)
+      return merge(*carry, o_b, lse_b)
+
+    carry = jax.lax.cond(_visits(st, q_pos, kp_b, q_seg, ks_b), compute,
+                         lambda carry: carry, carry)
+    return carry, moving
+
+  (out, lse), _ = _ring_loop(st, step, (out, lse), None,
+                             (k, v, far_k, k_pos, kv_seg))
+  return out.astype(q.dtype), lse
+
+
+def _pack(arrays, dtype):
+  """[B, L, ...] arrays (None skipped) -> one [B, L, F] buffer of ``dtype``."""
+  return jnp.concatenate([x.reshape(x.shape[:2] + (-1,)).astype(dtype)
+                          for x in arrays if x is not None], axis=-1)
+
+
+def _unpack(buffer, likes):
+  """Inverse of _pack: arrays shaped and typed like ``likes`` (None kept)."""
+  out, start = [], 0
+  for like in likes:
+    if like is None:
+      out.append(None)
+      continue
+    size = int(np.prod(like.shape[2:]))
+    part = buffer[..., start:start + size]
+    out.append(part.reshape(part.shape[:2] + like.shape[2:]).astype(
+        like.dtype))
+    start += size
+  return out
+
+
+def _ring_backward(st: _Static, residuals, cotangents):
+  (q, k, v, slopes, bias, far_q, far_k, q_pos, k_pos, q_seg, kv_seg, out,
+   lse) = residuals
+  d_out, d_lse = cotangents
+  d_out = d_out.astype(jnp.float32)
+  d_lse = jnp.where(jnp.isfinite(lse), d_lse.astype(jnp.float32), 0.0)
+  lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+  out32 = out.astype(jnp.float32)
+
+  def block_cotangents(o_b, lse_b):
+    # out = sum_b w_b o_b and lse = logsumexp_b lse_b with w_b = exp(lse_b -
+    # lse): d o_b = w_b dO, d lse_b = w_b (dlse + sum_h dO (o_b - out)).
+    w = jnp.where(jnp.isfinite(lse_b), jnp.exp(lse_b - lse_safe), 0.0)
+    d_o = (jnp.swapaxes(w, 1, 2)[..., None] * d_out).astype(o_b.dtype)
+    row = jnp.einsum("btnh,btnh->bnt", d_out, o_b.astype(jnp.float32) - out32)
+    return d_o, w * (d_lse + row)
+
+  # Keys, values and far keys travel as one buffer (one message a step), and
+  # so do their float32 gradients, which go home after the last step.
+  floats = (k, v, far_k)
+  packed = _pack(floats, jnp.result_type(*[x for x in floats
+                                           if x is not None]))
+  zeros = lambda x: None if x is None else jnp.zeros_like(x, jnp.float32)
+  q_side = (zeros(q), zeros(slopes), zeros(bias), zeros(far_q))
+  k_side = jnp.zeros(packed.shape, jnp.float32)
+  add = lambda acc, g: jax.tree.map(lambda a, b: a + b.astype(a.dtype), acc,
+                                    g)
+
+  def step(q_side, k_side, shard):
+    packed_b, kp_b, ks_b = shard
+
+    def compute(acc):
+      k_b, v_b, fk_b = _unpack(packed_b, floats)
+      fn = lambda q, k, v, sl, bi, fq, fk: _local(
+          st, q, k, v, sl, bi, fq, fk, q_pos, kp_b, q_seg, ks_b)
+      (o_b, lse_b), vjp = jax.vjp(fn, q, k_b, v_b, slopes, bias, far_q, fk_b)
+      gq, gk, gv, gsl, gbi, gfq, gfk = vjp(block_cotangents(o_b, lse_b))
+      return add(acc, ((gq, gsl, gbi, gfq),
+                       _pack((gk, gv, gfk), jnp.float32)))
+
+    return jax.lax.cond(_visits(st, q_pos, kp_b, q_seg, ks_b), compute,
+                        lambda acc: acc, (q_side, k_side))
+
+  q_side, k_side = _ring_loop(st, step, q_side, k_side,
+                              (packed, k_pos, kv_seg))
+  if st.steps > 1:
+    k_side = _shift(st, k_side, 1 - st.steps)  # home
+  cast = lambda g, x: None if x is None else g.astype(x.dtype)
+  dq, dsl, dbi, dfq = q_side
+  dk, dv, dfk = _unpack(k_side, floats)
+  return (cast(dq, q), dk, dv, cast(dsl, slopes), cast(dbi, bias),
+          cast(dfq, far_q), dfk, None, None, None, None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring(st, q, k, v, slopes, bias, far_q, far_k, q_pos, k_pos, q_seg,
+          kv_seg):
+  return _ring_forward(st, q, k, v, slopes, bias, far_q, far_k, q_pos, k_pos,
+                       q_seg, kv_seg)
+
+
+def _ring_fwd(st, *args):
+  out, lse = _ring_forward(st, *args)
+  return (out, lse), args + (out, lse)
+
+
+_ring.defvjp(_ring_fwd, _ring_backward)
+
+
+def _ring_with_sinks(st: _Static, plan: RingPlan, q, k, v, slopes, bias,
+                     far_q, far_k, q_pos, k_pos):
+  """Lambda(sinks, w): sinks gathered apart, the ring over the window only.
+
+  The sink part scores keys 0..sinks-1 (all of them, causally) and the ring
+  scores SlidingWindow(w) with the sink keys masked out by a segment id, so
+  the two key sets are disjoint and their union is exactly the Lambda mask.
+  """
+  ns = plan.sinks
+  # The first ``ns`` keys of shard 0, on every device.
+  take = lambda x: None if x is None else jax.lax.all_gather(
+      x[:, :ns], st.axis)[0]
+  sink_pos = jnp.arange(ns, dtype=jnp.int32)[None]
+  out_s, lse_s = _local(st, q, take(k), take(v), slopes, bias, far_q,
+                        take(far_k), q_pos, sink_pos, None, None)
+  b, length = q.shape[:2]
+  q_seg = jnp.zeros((b, length), jnp.int32)
+  kv_seg = jnp.broadcast_to(k_pos < ns, (b, length)).astype(jnp.int32)
+  window = dataclasses.replace(
+      st, mask=masks_lib.SlidingWindow(st.mask.window))
+  out_w, lse_w = _ring(window, q, k, v, slopes, bias, far_q, far_k, q_pos,
+                       k_pos, q_seg, kv_seg)
+  out, lse = merge(out_w, lse_w, out_s, lse_s)
+  return out.astype(q.dtype), lse
+
+
+def _all_gather(st: _Static, q, k, v, slopes, bias, far_q, far_k, q_pos,
+                k_pos, q_seg, kv_seg):
+  gather = lambda x: None if x is None else jax.lax.all_gather(
+      x, st.axis, axis=1, tiled=True)
+  return _local(st, q, gather(k), gather(v), slopes, bias, far_q,
+                gather(far_k), q_pos, gather(k_pos), q_seg, gather(kv_seg))
+
+
+# --------------------------------------------------------------------------
+# The implementation: mesh checks, partition specs, shard_map.
+
+
+def _spec_entry(axes):
+  axes = tuple(axes)
+  return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+class ContextParallel(core.Implementation):
+  """Attention with the sequence split over the ``axis_name`` mesh axis.
+
+  Args:
+    inner: the implementation each device runs on its shard: None (automatic,
+      never context_parallel itself), a registered name or an instance.
+    axis_name: the mesh axis that splits the sequence.
+    strategy: "ring" (ppermute of key/value shards, memory linear in the
+      shard) or "all_gather" (gather all keys and values).
+    mesh: a ``jax.sharding.Mesh``; None uses the ambient mesh
+      (``jax.set_mesh``).
+    batch_axes: mesh axes the batch is split over (those present with size >
+      1 whose product divides B; else the batch is replicated).
+    head_axis: mesh axis the heads are split over when both N and K are
+      multiples of its size.
+  """
+  name = "context_parallel"
+
+  def __init__(self, inner=None, *, axis_name: str = core.CONTEXT_AXIS,
+               strategy: str = "ring", mesh=None,
+               batch_axes=("data", "fsdp"),
+               head_axis: Optional[str] = "tensor"):
+    if strategy not in STRATEGIES:
+      raise ValueError(f"strategy must be one of {STRATEGIES}, got "
+                       f"{strategy!r}")
+    if not isinstance(axis_name, str):
+      raise ValueError(f"axis_name must be a string, got {axis_name!r}")
+    if isinstance(batch_axes, str):
+      batch_axes = (batch_axes,)
+    batch_axes = tuple(batch_axes)
+    if not all(isinstance(a, str) for a in batch_axes):
+      raise ValueError(f"batch_axes must be strings, got {batch_axes!r}")
+    if head_axis is not None and not isinstance(head_axis, str):
+      raise ValueError(f"head_axis must be a string or None, got "
+                       f"{head_axis!r}")
+    if axis_name in batch_axes or axis_name == head_axis:
+      raise ValueError(f"axis_name={axis_name!r} must differ from "
+                       f"batch_axes={batch_axes} and head_axis={head_axis!r}")
+    if mesh is not None and not isinstance(mesh, (jax.sharding.Mesh,
+                                                  jax.sharding.AbstractMesh)):
+      raise ValueError(f"mesh must be a jax.sharding.Mesh or None, got "
+                       f"{mesh!r}")
+    if inner is None:
+      inner = core.Auto(exclude=(self.name,))
+    elif isinstance(inner, str):
+      if inner == self.name:
+        raise ValueError(f"inner={inner!r}: the per-device implementation "
+                         "cannot be context_parallel itself")
+      inner = core._resolve(inner)  # pylint: disable=protected-access
+    elif not isinstance(inner, core.Implementation) or isinstance(
+        inner, ContextParallel):
+      raise ValueError(f"inner must be None, an implementation name or a "
+                       f"non-context-parallel Implementation, got {inner!r}")
+    self.inner, self.axis_name, self.strategy = inner, axis_name, strategy
+    self.mesh, self.batch_axes, self.head_axis = mesh, batch_axes, head_axis
+
+  def __repr__(self):
+    return (f"ContextParallel({self.inner!r}, axis_name={self.axis_name!r}, "
+            f"strategy={self.strategy!r})")
+
+  def _mesh(self):
+    mesh = self.mesh
+    if mesh is None:
+      mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+      raise NotImplementedError(
+          "context_parallel needs a mesh: pass mesh= or call it under "
+          "`with jax.set_mesh(mesh):`")
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    if self.axis_name not in sizes:
+      raise NotImplementedError(f"the mesh {tuple(mesh.axis_names)} has no "
+                                f"{self.axis_name!r} axis")
+    if sizes[self.axis_name] == 1:
+      raise NotImplementedError(f"the {self.axis_name!r} axis has size 1")
+    if any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
+      raise NotImplementedError("context_parallel cannot run inside a "
+                                "shard_map (the mesh has manual axes)")
+    return mesh, sizes
+
+  def plan(self, request: core.AttentionRequest, num_shards: int) -> RingPlan:
+    """The ring schedule this implementation uses for ``request``."""
+    return ring_plan(request.mask, seq_len=request.query.shape[1],
+                     num_shards=num_shards,
+                     explicit_positions=request.explicit_positions,
+                     has_segments=request.q_segment_ids is not None)
+
+  def __call__(self, request: core.AttentionRequest):
+    mesh, sizes = self._mesh()
+    c = sizes[self.axis_name]
+    b, t, s, n, k, _, _ = request.shape_info
+    if t != s:
+      raise NotImplementedError(f"context_parallel needs self-attention "
+                                f"layout T == S, got T={t}, S={s}")
+    if t % c:
+      raise NotImplementedError(f"context_parallel needs T={t} to be a "
+                                f"multiple of the {self.axis_name!r} axis "
+                                f"size C={c}")
+    if request.bias is not None and request.bias.shape[3] != 1:
+      raise NotImplementedError(
+          "context_parallel takes no dense bias over keys (T5, Kerple, FIRE "
+          f"biases), got bias shape {request.bias.shape}; use ALiBi slopes")
+    plan = self.plan(request, c)
+    st = _Static(mask=request.mask, scale=request.scale,
+                 soft_cap=request.logits_soft_cap,
+                 far_window=request.far_window, inner=self.inner,
+                 axis=self.axis_name, num_shards=c, steps=plan.steps)
+
+    batch, prod = [], 1
+    for a in self.batch_axes:
+      if sizes.get(a, 1) > 1 and b % (prod * sizes[a]) == 0:
+        batch.append(a)
+        prod *= sizes[a]
+    batch = _spec_entry(batch)
+    hs = sizes.get(self.head_axis, 1)
+    head = self.head_axis if hs > 1 and n % hs == 0 and k % hs == 0 else None
+    ctx = self.axis_name
+    by_batch = lambda x: batch if x.shape[0] == b else None
+
+    args = dict(q=request.query, k=request.key, v=request.value,
+                q_pos=request.query_positions, k_pos=request.key_positions,
+                q_seg=request.q_segment_ids, kv_seg=request.kv_segment_ids,
+                slopes=request.alibi_slopes, bias=request.bias,
+                far_q=request.far_query, far_k=request.far_key)
+    args = {name: x for name, x in args.items() if x is not None}
+    specs = {}
+    for name, x in args.items():
+      if name in ("q", "k", "v", "far_q", "far_k"):
+        specs[name] = P(batch, ctx, head, None)
+      elif name in ("q_pos", "k_pos", "q_seg", "kv_seg"):
+        specs[name] = P(by_batch(x), ctx)
+      elif name == "slopes":
+        specs[name] = P(by_batch(x), head if x.shape[1] == n else None)
+      else:  # bias [Bb, Nb, Tb, 1]
+        specs[name] = P(by_batch(x), head if x.shape[1] == n else None,
+                        ctx if x.shape[2] == t else None, None)
+
+    def body(a):
+      get = a.get
+      common = (get("slopes"), get("bias"), get("far_q"), get("far_k"),
+                get("q_pos"), get("k_pos"))
+      if self.strategy == "all_gather":
+        return _all_gather(st, a["q"], a["k"], a["v"], *common, get("q_seg"),
+                           get("kv_seg"))
+      if plan.sinks:
+        return _ring_with_sinks(st, plan, a["q"], a["k"], a["v"], *common)
+      return _ring(st, a["q"], a["k"], a["v"], *common, get("q_seg"),
+                   get("kv_seg"))
+
+    if any(kind == jax.sharding.AxisType.Explicit
+           for kind in mesh.axis_types):
+      # Explicit axes type the inputs' shardings; shard_map wants them equal
+      # to in_specs.
+      to = lambda spec: (jax.sharding.NamedSharding(mesh, spec) if isinstance(
+          mesh, jax.sharding.Mesh) else spec)
+      args = {name: jax.sharding.reshard(x, to(specs[name]))
+              for name, x in args.items()}
+    # check_vma=False: the inner implementations build their loop carries
+    # without device-variance types (xla_chunked's jnp.full inits, Pallas
+    # calls), which the check rejects inside lax.switch / scan. Without it,
+    # shard_map's transpose sums the gradients of inputs that are replicated
+    # over an axis (slopes over the context axis, positions over the batch).
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(specs,),
+                       out_specs=(P(batch, ctx, head, None),
+                                  P(batch, head, ctx)), check_vma=False)
+    return fn(args)
+
+
+def context_parallel_attention(query, key, value, *, mesh=None,
+                               axis_name: str = core.CONTEXT_AXIS,
+                               strategy: str = "ring", inner=None, **kwargs):
+  """``dot_product_attention`` with the sequence split over ``axis_name``.
+
+  ``kwargs`` are ``dot_product_attention``'s (mask, segment_ids,
+  alibi_slopes, return_residuals, query_positions, ...). ``mesh`` None uses
+  the ambient mesh (``jax.set_mesh``).
+  """
+  if "implementation" in kwargs:
+    raise ValueError("context_parallel_attention takes inner=, not "
+                     f"implementation={kwargs['implementation']!r}")
+  impl = ContextParallel(inner, axis_name=axis_name, strategy=strategy,
+                         mesh=mesh)
+  return core.dot_product_attention(query, key, value, implementation=impl,
+                                    **kwargs)
+
+
+core.register_implementation("context_parallel", ContextParallel)
