@@ -41,7 +41,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor", "context")

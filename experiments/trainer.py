@@ -45,10 +45,8 @@ import dataclasses
 import functools
 import inspect
 import json
-import logging
 import math
 import os
-import time
 from typing import Any, Callable, Mapping, Optional
 
 import jax
@@ -59,7 +57,9 @@ import optax
 from absl import logging as absl_logging
 from flax import nnx
 
+from extrapolax.experiments import checkpoints
 from extrapolax.experiments import modeling
+from extrapolax.experiments import runlog
 from extrapolax.experiments import sharding
 from extrapolax.models import DecoderLM, ModelConfig
 
@@ -441,86 +441,8 @@ def _write_config(config, workdir: str) -> None:
   os.replace(tmp, path)
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """The records of metrics.jsonl (empty if there is none)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
-    return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def _truncate_metrics(workdir: str, last_step: int) -> None:
-  """Drops records past the checkpoint a run resumes from."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
-    return
-  kept = [r for r in read_metrics(workdir) if r["step"] <= last_step]
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.writelines(json.dumps(r) + "\n" for r in kept)
-  os.replace(path + ".tmp", path)
-
-
-@contextlib.contextmanager
-def _quiet_orbax():
-  """Orbax logs INFO chatter through absl on every save and restore."""
-  logger = logging.getLogger("absl")
-  level = logger.level
-  logger.setLevel(max(level, logging.WARNING))
-  try:
-    yield
-  finally:
-    logger.setLevel(level)
-
-
-def _checkpoint_manager(workdir: str, keep: int):
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=False)
-  with _quiet_orbax():
-    return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                                 options=options)
-
-
-def _close(manager) -> None:
-  with _quiet_orbax():
-    manager.close()
-
-
-def _abstract(tree):
-  """Restore targets: each array's own sharding (a checkpoint written on
-  another mesh is resharded onto it), else the first local device."""
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=getattr(x, "sharding", None) or device),
-                      tree)
-
-
-def _save(manager, step, params, opt_state, data_state) -> None:
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  with _quiet_orbax():
-    manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(nnx.to_pure_dict(params)),
-        opt_state=ocp.args.StandardSave(jax.tree.leaves(opt_state)),
-        data=ocp.args.JsonSave(data_state)))
-    manager.wait_until_finished()
-
-
-def _restore(manager, step, items: Mapping[str, Any]) -> dict:
-  """Restores the named items; ``items`` maps name -> target tree or None
-  (JSON)."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  args = {name: (ocp.args.JsonRestore() if target is None else
-                 ocp.args.StandardRestore(_abstract(target)))
-          for name, target in items.items()}
-  with _quiet_orbax():
-    restored = manager.restore(step, args=ocp.args.Composite(**args))
-  return {name: restored[name] for name in items}
-
-
-def _fill_params(params_state, pure: dict):
-  nnx.replace_by_pure_dict(params_state, pure)
-  return params_state
+# metrics.jsonl of a run (kept here: the trainer's public reader).
+read_metrics = runlog.read_metrics
 
 
 # ----------------------------------------------------------------------------
@@ -539,7 +461,7 @@ def _prepare(config) -> ml_collections.ConfigDict:
 def _resume(manager, start, params, opt_state, config, source, workdir):
   """(params, opt_state) of checkpoint ``start``, after checking that the
   data source would serve the same batches."""
-  restored = _restore(manager, start, {
+  restored = checkpoints.restore(manager, start, {
       "params": nnx.to_pure_dict(params),
       "opt_state": jax.tree.leaves(opt_state), "data": None})
   expected = {"step": start, "seed": config.seed,
@@ -548,7 +470,7 @@ def _resume(manager, start, params, opt_state, config, source, workdir):
     raise ValueError(f"the checkpoint at step {start} in {workdir} was "
                      f"written with other data ({restored['data']}); this "
                      f"config gives {expected}")
-  params = _fill_params(params, restored["params"])
+  params = checkpoints.fill_params(params, restored["params"])
   opt_state = jax.tree.unflatten(jax.tree.structure(opt_state),
                                  restored["opt_state"])
   absl_logging.info("resuming %s from step %d", workdir, start)
@@ -599,13 +521,14 @@ def train(config, workdir: str, *, source=None) -> TrainResult:
   with contextlib.ExitStack() as stack:
     # The ambient mesh lets attention split the sequence (context axis).
     stack.enter_context(jax.set_mesh(mesh))
-    manager = _checkpoint_manager(workdir, config.keep_checkpoints)
-    stack.callback(_close, manager)
+    manager = checkpoints.open_manager(workdir, config.keep_checkpoints)
+    stack.callback(checkpoints.close, manager)
     start = manager.latest_step() or 0
     if start:
       params, opt_state = _resume(manager, start, params, opt_state, config,
                                   source, workdir)
-    log = stack.enter_context(_RunLog(workdir, config, start))
+    log = stack.enter_context(runlog.RunLog(
+        workdir, config, start, learning_rate_schedule(config, xp=np)))
     pending: list[tuple[int, dict]] = []
     for index in range(start, config.train_steps):
       step = index + 1
@@ -622,12 +545,12 @@ def train(config, workdir: str, *, source=None) -> TrainResult:
       _check_finite(fetched, config, last_saved=manager.latest_step())
       log.write(step, fetched[-1][1], written=_is_log_step(step, config))
       if save:
-        _save(manager, step, params, opt_state, {
+        checkpoints.save(manager, step, params, opt_state, {
             "step": step, "seed": config.seed,
             "source": _source_state(source, step)})
   return TrainResult(model=nnx.merge(graphdef, params),
                      step=max(start, config.train_steps),
-                     metrics=read_metrics(workdir))
+                     metrics=runlog.read_metrics(workdir))
 
 
 def _check_finite(fetched, config, *, last_saved) -> None:
@@ -640,62 +563,6 @@ def _check_finite(fetched, config, *, last_saved) -> None:
           f"training stopped: the loss is {loss} at step {step} (grad_norm "
           f"{float(out['grad_norm'])}, learning_rate {config.learning_rate}); "
           f"{saved}. Lower the learning rate or check the data", step)
-
-
-class _RunLog(contextlib.ExitStack):
-  """metrics.jsonl, TensorBoard scalars, the progress bar and absl logs."""
-
-  def __init__(self, workdir: str, config, start: int):
-    super().__init__()
-    # Multi-host: process 0 writes metrics and events; the others only log.
-    self.writer = self.file = None
-    if jax.process_index() == 0:
-      _truncate_metrics(workdir, start)
-      self.writer = _summary_writer(workdir, start)
-      self.callback(self.writer.close)
-      self.file = self.enter_context(open(
-          os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8"))
-    self.progress = self.enter_context(_progress(config.train_steps, start))
-    self.schedule = learning_rate_schedule(config, xp=np)
-    self.tokens_per_step = config.batch_size * config.train_len
-    self.last_step, self.last_time = start, time.perf_counter()
-    self.start_time = self.last_time
-
-  def write(self, step: int, out: Mapping, *, written: bool) -> None:
-    """Logs step (when ``written``); always restarts the throughput clock."""
-    now = time.perf_counter()
-    record = {"step": step, "loss": float(out["loss"]),
-              "lr": float(self.schedule(step - 1)),
-              "grad_norm": float(out["grad_norm"]),
-              "tokens_per_sec": self.tokens_per_step * (
-                  step - self.last_step) / max(now - self.last_time, 1e-9),
-              "tokens": step * self.tokens_per_step,
-              "target_tokens": float(out["targets"]),
-              "elapsed_sec": now - self.start_time}
-    self.last_step, self.last_time = step, now
-    if not written or self.file is None:
-      return
-    self.file.write(json.dumps(record) + "\n")
-    self.file.flush()
-    for key in ("loss", "lr", "grad_norm", "tokens_per_sec"):
-      self.writer.add_scalar(f"train/{key}", record[key], step)
-    self.progress.set_postfix(loss=f"{record['loss']:.4f}")
-    absl_logging.info("step %d: loss %.4f, lr %.3g, %.0f tokens/s", step,
-                      record["loss"], record["lr"], record["tokens_per_sec"])
-
-
-def _summary_writer(workdir: str, start: int):
-  import tensorboardX  # pylint: disable=import-outside-toplevel
-  # purge_step hides events a killed run logged after its last checkpoint.
-  return tensorboardX.SummaryWriter(
-      logdir=workdir, purge_step=start + 1 if start else None)
-
-
-def _progress(total: int, initial: int):
-  import tqdm  # pylint: disable=import-outside-toplevel
-  # disable=None: no bar when stderr is not a terminal (logs, tests).
-  return tqdm.tqdm(total=total, initial=initial, unit="step", disable=None,
-                   dynamic_ncols=True)
 
 
 def load_model(workdir: str, *, step: Optional[int] = None,
@@ -714,7 +581,7 @@ def load_model(workdir: str, *, step: Optional[int] = None,
   if mesh is not None:
     params = sharding.abstract_with(
         params, sharding.param_shardings(params, mesh))
-  manager = _checkpoint_manager(workdir, config.keep_checkpoints)
+  manager = checkpoints.open_manager(workdir, config.keep_checkpoints)
   try:
     steps = manager.all_steps()
     if not steps:
@@ -724,8 +591,9 @@ def load_model(workdir: str, *, step: Optional[int] = None,
     elif step not in steps:
       raise ValueError(f"no checkpoint at step {step} in {workdir}; "
                        f"steps: {sorted(steps)}")
-    pure = _restore(manager, step, {"params": nnx.to_pure_dict(params)})
+    pure = checkpoints.restore(manager, step,
+                               {"params": nnx.to_pure_dict(params)})
   finally:
-    _close(manager)
-  params = _fill_params(params, pure["params"])
+    checkpoints.close(manager)
+  params = checkpoints.fill_params(params, pure["params"])
   return nnx.merge(graphdef, params), config

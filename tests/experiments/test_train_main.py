@@ -9,6 +9,7 @@ import sys
 import pytest
 from absl import flags
 
+from extrapolax.experiments import checkpoints
 from extrapolax.experiments import train
 from extrapolax.experiments import trainer
 
@@ -89,9 +90,9 @@ def test_task_training_uses_the_task_source(tmp_path):
   _main(["--config=experiments/configs/tiny.py:steps=3", f"--workdir={workdir}",
          "--config.data.task=copy", "--config.checkpoint_every=3"] + SMALL)
   assert "data" not in os.listdir(workdir)          # no corpus, no store
-  manager = trainer._checkpoint_manager(workdir, 3)  # pylint: disable=protected-access
+  manager = checkpoints.open_manager(workdir, 3)
   try:
-    state = trainer._restore(manager, 3, {"data": None})["data"]  # pylint: disable=protected-access
+    state = checkpoints.restore(manager, 3, {"data": None})["data"]
   finally:
     manager.close()
   assert state["step"] == 3 and state["seed"] == 0

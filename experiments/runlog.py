@@ -1,0 +1,97 @@
+"""What a training run logs: metrics.jsonl, TensorBoard events, a progress
+bar and absl log lines.
+
+``RunLog`` is entered once per ``trainer.train`` call; on a multi-host run
+only process 0 writes the files (the others log to absl only). A resumed run
+first drops the records a killed run logged past the checkpoint it resumes
+from (``truncate_metrics``; TensorBoard's ``purge_step`` does the same for
+events).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from typing import Callable, Mapping
+
+import jax
+from absl import logging as absl_logging
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of metrics.jsonl (empty if there is none)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(workdir: str, last_step: int) -> None:
+  """Drops records past the checkpoint a run resumes from."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return
+  kept = [r for r in read_metrics(workdir) if r["step"] <= last_step]
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(r) + "\n" for r in kept)
+  os.replace(path + ".tmp", path)
+
+
+class RunLog(contextlib.ExitStack):
+  """metrics.jsonl, TensorBoard scalars, the progress bar and absl logs."""
+
+  def __init__(self, workdir: str, config, start: int,
+               schedule: Callable[[int], float]):
+    super().__init__()
+    # Multi-host: process 0 writes metrics and events; the others only log.
+    self.writer = self.file = None
+    if jax.process_index() == 0:
+      truncate_metrics(workdir, start)
+      self.writer = summary_writer(workdir, start)
+      self.callback(self.writer.close)
+      self.file = self.enter_context(open(
+          os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8"))
+    self.progress = self.enter_context(progress(config.train_steps, start))
+    self.schedule = schedule      # updates done -> learning rate
+    self.tokens_per_step = config.batch_size * config.train_len
+    self.last_step, self.last_time = start, time.perf_counter()
+    self.start_time = self.last_time
+
+  def write(self, step: int, out: Mapping, *, written: bool) -> None:
+    """Logs step (when ``written``); always restarts the throughput clock."""
+    now = time.perf_counter()
+    record = {"step": step, "loss": float(out["loss"]),
+              "lr": float(self.schedule(step - 1)),
+              "grad_norm": float(out["grad_norm"]),
+              "tokens_per_sec": self.tokens_per_step * (
+                  step - self.last_step) / max(now - self.last_time, 1e-9),
+              "tokens": step * self.tokens_per_step,
+              "target_tokens": float(out["targets"]),
+              "elapsed_sec": now - self.start_time}
+    self.last_step, self.last_time = step, now
+    if not written or self.file is None:
+      return
+    self.file.write(json.dumps(record) + "\n")
+    self.file.flush()
+    for key in ("loss", "lr", "grad_norm", "tokens_per_sec"):
+      self.writer.add_scalar(f"train/{key}", record[key], step)
+    self.progress.set_postfix(loss=f"{record['loss']:.4f}")
+    absl_logging.info("step %d: loss %.4f, lr %.3g, %.0f tokens/s", step,
+                      record["loss"], record["lr"], record["tokens_per_sec"])
+
+
+def summary_writer(workdir: str, start: int):
+  import tensorboardX  # pylint: disable=import-outside-toplevel
+  # purge_step hides events a killed run logged after its last checkpoint.
+  return tensorboardX.SummaryWriter(
+      logdir=workdir, purge_step=start + 1 if start else None)
+
+
+def progress(total: int, initial: int):
+  import tqdm  # pylint: disable=import-outside-toplevel
+  # disable=None: no bar when stderr is not a terminal (logs, tests).
+  return tqdm.tqdm(total=total, initial=initial, unit="step", disable=None,
+                   dynamic_ncols=True)
