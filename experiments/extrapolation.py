@@ -256,14 +256,15 @@ def evaluations(config) -> list[Evaluation]:
   """The study's evaluations, in the order they run (variant by variant)."""
   variants = split_names(config.variants)
   shared = _perplexity_settings(config)
+  # The perplexity evaluations may split windows over devices; the key is
+  # only present when it does (so default fingerprints stay as they were).
+  if config.eval.get("context_devices", 1) > 1:
+    shared["context_devices"] = config.eval.context_devices
   out = []
   for variant in variants:
-    length = dict(shared)
-    if config.eval.get("context_devices", 1) > 1:
-      length["context_devices"] = config.eval.context_devices
     out.append(Evaluation(
-        f"length/{variant}", variant, length,
-        lambda m, docs, labels, s=length: evaluators.perplexity_vs_length(
+        f"length/{variant}", variant, dict(shared),
+        lambda m, docs, labels, s=shared: evaluators.perplexity_vs_length(
             m, docs, labels=labels, experiment="length", **_on_mesh(s))))
     if variant == config.rope_scaling.model:
       settings = dict(shared, methods=split_names(config.rope_scaling.methods),
@@ -271,7 +272,8 @@ def evaluations(config) -> list[Evaluation]:
       out.append(Evaluation(
           f"rope_scaling/{variant}", variant, settings,
           lambda m, docs, labels, s=settings: evaluators.rope_scaling_sweep(
-              m, docs, labels=labels, experiment="rope_scaling", **s)))
+              m, docs, labels=labels, experiment="rope_scaling",
+              **_on_mesh(s))))
     if variant == config.masks.model:
       settings = dict(shared, masks=split_names(config.masks.masks),
                       window=config.masks.window,
@@ -279,7 +281,7 @@ def evaluations(config) -> list[Evaluation]:
       out.append(Evaluation(
           f"mask/{variant}", variant, settings,
           lambda m, docs, labels, s=settings: evaluators.perplexity_with_masks(
-              m, docs, labels=labels, experiment="mask", **s)))
+              m, docs, labels=labels, experiment="mask", **_on_mesh(s))))
     passkey_models = split_names(config.passkey.models) or variants
     if split_names(config.passkey.lengths) and variant in passkey_models:
       settings = dict(

@@ -70,9 +70,10 @@ def get_config(arg=None):
       # loses the mask sweep's LM-Infinite distance ceiling (set on the
       # built layers, not in the config).
       implementation=config_dict.placeholder(str),
-      # > 1: the length evaluation splits each window over this many
-      # devices (context-parallel attention), for lengths one device cannot
-      # hold; every evaluation length must divide by it.
+      # > 1: the perplexity evaluations (length, RoPE scaling, masks) split
+      # each window over this many devices (context-parallel attention), for
+      # lengths one device cannot hold; every length must divide by it.
+      # Passkey still runs on one device.
       context_devices=1))
   config.rope_scaling = ml_collections.ConfigDict(dict(
       model="rope", methods="linear,dynamic,yarn,llama3", factors="matched"))
