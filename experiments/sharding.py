@@ -40,6 +40,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -209,14 +210,9 @@ def opt_state_shardings(optimizer, abstract_opt_state, params_shardings,
                         mesh):
   """Shardings of an optax state: the parameter's where a leaf mirrors a
   parameter (Adam's moments), replicated elsewhere (counts, scalars)."""
-  return optax_tree_map_params(
+  return optax.tree_map_params(
       optimizer, lambda _, sharding: sharding, abstract_opt_state,
       params_shardings, transform_non_params=lambda _: replicated(mesh))
-
-
-def optax_tree_map_params(*args, **kwargs):
-  import optax  # pylint: disable=import-outside-toplevel
-  return optax.tree_map_params(*args, **kwargs)
 
 
 def abstract_with(tree, shardings):

@@ -290,14 +290,14 @@ def device_batch(batch: Mapping, *, batch_size: int, seq_len: int) -> dict:
   return arrays
 
 
-def _source_rows(source, index: int, shape: tuple[int, int], lo: int,
-                 hi: int) -> dict:
+def _source_rows(source, takes_rows: bool, index: int,
+                 shape: tuple[int, int], lo: int, hi: int) -> dict:
   """Rows [lo, hi) of batch ``index`` (the rows this process's devices
-  hold), checked; a source whose ``batch`` takes ``rows=`` builds only
-  those."""
+  hold), checked; a source whose ``batch`` takes ``rows=`` (``takes_rows``)
+  builds only those."""
   if (lo, hi) == (0, shape[0]):
     batch = source.batch(index)
-  elif "rows" in inspect.signature(source.batch).parameters:
+  elif takes_rows:
     batch = source.batch(index, rows=(lo, hi))
   else:
     batch = {k: None if v is None else np.asarray(v)[lo:hi]
@@ -518,6 +518,7 @@ def train(config, workdir: str, *, source=None) -> TrainResult:
       tuple((k, config[k]) for k in _OPTIMIZER_FIELDS), mesh)
   opt_state = init_opt_state(params)
   shape = (config.batch_size, config.train_len)
+  takes_rows = "rows" in inspect.signature(source.batch).parameters
   with contextlib.ExitStack() as stack:
     # The ambient mesh lets attention split the sequence (context axis).
     stack.enter_context(jax.set_mesh(mesh))
@@ -533,8 +534,8 @@ def train(config, workdir: str, *, source=None) -> TrainResult:
     for index in range(start, config.train_steps):
       step = index + 1
       batch = sharding.host_batch(
-          functools.partial(_source_rows, source, index, shape), shardings[2],
-          shape)
+          functools.partial(_source_rows, source, takes_rows, index, shape),
+          shardings[2], shape)
       params, opt_state, out = step_fn(params, opt_state, batch)
       pending.append((step, out))
       log.progress.update(1)
