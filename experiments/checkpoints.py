@@ -9,7 +9,6 @@ of the targets given, so a checkpoint written on one mesh loads on another.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from typing import Any, Mapping
@@ -17,17 +16,13 @@ from typing import Any, Mapping
 import jax
 from flax import nnx
 
+from extrapolax.models import zoo
 
-@contextlib.contextmanager
+
 def quiet_orbax():
-  """Orbax logs INFO chatter through absl on every save and restore."""
-  logger = logging.getLogger("absl")
-  level = logger.level
-  logger.setLevel(max(level, logging.WARNING))
-  try:
-    yield
-  finally:
-    logger.setLevel(level)
+  """Orbax logs INFO chatter through absl on every save and restore; its
+  warnings still show."""
+  return zoo.quiet_orbax(logging.WARNING)
 
 
 def open_manager(workdir: str, keep: int):

@@ -294,11 +294,12 @@ def _dtype_name(dtype) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_orbax():
-  """Keeps orbax's absl logs (INFO chatter, a no-OCDBT warning) quiet."""
+def quiet_orbax(threshold: int = logging.ERROR):
+  """Keeps orbax's absl logs below ``threshold`` quiet (INFO chatter, a
+  no-OCDBT warning); the training checkpoints reuse it."""
   absl_logger = logging.getLogger("absl")
   level = absl_logger.level
-  absl_logger.setLevel(max(level, logging.ERROR))
+  absl_logger.setLevel(max(level, threshold))
   try:
     yield
   finally:
@@ -399,7 +400,7 @@ def save_pretrained(model: DecoderLM, path, *, info=None,
     if info_json is not None:
       _write_json(os.path.join(staging, "info.json"), info_json)
     params_path = os.path.join(staging, "params")
-    with _quiet_orbax(), _checkpointer() as checkpointer:
+    with quiet_orbax(), _checkpointer() as checkpointer:
       checkpointer.save(params_path, params)
     _write_json(os.path.join(staging, "manifest.json"), {
         "format": _FORMAT, "version": _VERSION, "checksum": "crc32",
@@ -529,7 +530,7 @@ def _load(directory: str) -> tuple[ModelConfig, dict]:
       target)
   # The file checksums cover orbax's metadata too, so the stored arrays are
   # the manifest's (orbax would cast a dtype silently; the crc32 would not).
-  with _quiet_orbax(), _checkpointer() as checkpointer:
+  with quiet_orbax(), _checkpointer() as checkpointer:
     try:
       restored = checkpointer.restore(params_path, target)
     except Exception as e:  # pylint: disable=broad-except
