@@ -33,3 +33,19 @@ def test_wheel_maps_folders_into_the_namespace(tmp_path):
   assert top == {"extrapolax", wheel.name.split("-")[0] + "-" +
                  wheel.name.split("-")[1] + ".dist-info"}, top
   assert not any(n.startswith("extrapolax/tests") for n in names)
+
+
+def test_source_checkout_reads_as_one_package():
+  """src/extrapolax/<folder> links each folder back, so IDEs resolve
+  ``extrapolax.X`` in a checkout without installing it."""
+  view = ROOT / "src" / "extrapolax"
+  for folder in ("attention", "pallas_kernels", "models", "experiments"):
+    link = view / folder
+    assert link.is_symlink(), link
+    assert link.resolve() == (ROOT / folder).resolve()
+  code = ("import extrapolax.attention as a, pathlib, sys; "
+          "print(pathlib.Path(a.__file__).resolve())")
+  out = subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT,
+                       env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""},
+                       capture_output=True, text=True).stdout.strip()
+  assert out == str((ROOT / "attention" / "__init__.py").resolve())
