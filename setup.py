@@ -9,7 +9,7 @@ folder is mapped into it here, so nothing installs a bare top-level
 
 import setuptools
 
-_SUBPACKAGES = ("attention", "pallas_kernels", "models", "experiments")
+_SUBPACKAGES = ("common", "attention", "pallas_kernels", "models", "experiments")
 
 _CORE = [
     "jax>=0.10,<0.13",

@@ -24,8 +24,9 @@ multiple of the axis size, a dense bias over keys (T5, Kerple, FIRE).
 """
 
 from . import masks
-from .core import (AttentionRequest, Implementation, dot_product_attention,
-                   implementations, register_implementation)
+from .core import (AttentionRequest, Implementation, current_implementation,
+                   dot_product_attention, implementations,
+                   register_implementation, use_implementation)
 from .masks import (Causal, Chunked, Lambda, PrefixLM, SlidingWindow,
                     classify_blocks)
 from .xla import Xla

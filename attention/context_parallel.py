@@ -52,6 +52,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from extrapolax.common import geometry
+from extrapolax.common.checks import check_int
 from . import core
 from . import masks as masks_lib
 
@@ -110,8 +112,8 @@ def ring_plan(mask: Optional[masks_lib.Mask], *, seq_len: int,
       mask's; Lambda's sinks stay in the ring).
   """
   masks_lib.as_mask(mask)
-  num_shards = masks_lib._check_int("num_shards", num_shards, 1)  # pylint: disable=protected-access
-  seq_len = masks_lib._check_int("seq_len", seq_len, 1)  # pylint: disable=protected-access
+  num_shards = check_int("num_shards", num_shards, 1)
+  seq_len = check_int("seq_len", seq_len, 1)
   if seq_len % num_shards:
     raise ValueError(f"seq_len={seq_len} must be a multiple of "
                      f"num_shards={num_shards}")
@@ -165,11 +167,9 @@ def executed_permutes(hlo_text: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-  """Hashable settings of the per-device computation."""
-  mask: Optional[masks_lib.Mask]
-  scale: float
-  soft_cap: Optional[float]
-  far_window: Optional[int]
+  """Hashable settings of the per-device computation: the call's shared
+  statics and the mesh / ring settings."""
+  call: geometry.AttentionStatics
   inner: Any
   axis: str
   num_shards: int
@@ -181,18 +181,18 @@ def _local(st: _Static, q, k, v, slopes, bias, far_q, far_k, q_pos, k_pos,
   """One shard pair through the inner implementation: (out, lse)."""
   segs = None if q_seg is None else (q_seg, kv_seg)
   return core.dot_product_attention(
-      q, k, v, mask=st.mask, segment_ids=segs, alibi_slopes=slopes,
-      bias=bias, scale=st.scale, logits_soft_cap=st.soft_cap,
+      q, k, v, mask=st.call.mask, segment_ids=segs, alibi_slopes=slopes,
+      bias=bias, scale=st.call.scale, logits_soft_cap=st.call.soft_cap,
       implementation=st.inner, return_residuals=True, query_positions=q_pos,
       key_positions=k_pos, far_query=far_q, far_key=far_k,
-      far_window=st.far_window)
+      far_window=st.call.far_window)
 
 
 def _visits(st: _Static, q_pos, k_pos, q_seg, kv_seg):
   """Scalar bool: some query of the shard may see some visiting key."""
   length = q_pos.shape[-1]
   labels = masks_lib.classify_blocks(
-      st.mask, q_len=length, kv_len=k_pos.shape[-1], block_q=length,
+      st.call.mask, q_len=length, kv_len=k_pos.shape[-1], block_q=length,
       block_k=k_pos.shape[-1], q_positions=q_pos, k_positions=k_pos,
       q_segment_ids=q_seg, kv_segment_ids=kv_seg)
   return jnp.any(labels != masks_lib.EMPTY)
@@ -375,8 +375,8 @@ def _ring_with_sinks(st: _Static, plan: RingPlan, q, k, v, slopes, bias,
   b, length = q.shape[:2]
   q_seg = jnp.zeros((b, length), jnp.int32)
   kv_seg = jnp.broadcast_to(k_pos < ns, (b, length)).astype(jnp.int32)
-  window = dataclasses.replace(
-      st, mask=masks_lib.SlidingWindow(st.mask.window))
+  window = dataclasses.replace(st, call=dataclasses.replace(
+      st.call, mask=masks_lib.SlidingWindow(st.call.mask.window)))
   out_w, lse_w = _ring(window, q, k, v, slopes, bias, far_q, far_k, q_pos,
                        k_pos, q_seg, kv_seg)
   out, lse = merge(out_w, lse_w, out_s, lse_s)
@@ -448,7 +448,7 @@ class ContextParallel(core.Implementation):
       if inner == self.name:
         raise ValueError(f"inner={inner!r}: the per-device implementation "
                          "cannot be context_parallel itself")
-      inner = core._resolve(inner)  # pylint: disable=protected-access
+      inner = core._resolve(inner)
     elif not isinstance(inner, core.Implementation) or isinstance(
         inner, ContextParallel):
       raise ValueError(f"inner must be None, an implementation name or a "
@@ -502,9 +502,7 @@ class ContextParallel(core.Implementation):
           "context_parallel takes no dense bias over keys (T5, Kerple, FIRE "
           f"biases), got bias shape {request.bias.shape}; use ALiBi slopes")
     plan = self.plan(request, c)
-    st = _Static(mask=request.mask, scale=request.scale,
-                 soft_cap=request.logits_soft_cap,
-                 far_window=request.far_window, inner=self.inner,
+    st = _Static(call=geometry.AttentionStatics.of(request), inner=self.inner,
                  axis=self.axis_name, num_shards=c, steps=plan.steps)
 
     batch, prod = [], 1

@@ -27,6 +27,8 @@ Semantics (every implementation obeys them; tests pin them):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import numbers
@@ -35,6 +37,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
+from extrapolax.common.checks import check_int
 from . import masks as masks_lib
 
 Array = jax.Array
@@ -122,6 +125,44 @@ def _resolve(implementation) -> Implementation:
   raise ValueError(
       f"unknown implementation {implementation!r}; expected None, one of "
       f"{implementations()}, or an Implementation instance")
+
+
+_CURRENT: contextvars.ContextVar = contextvars.ContextVar(
+    "extrapolax_attention_implementation", default=None)
+
+
+@contextlib.contextmanager
+def use_implementation(implementation: Union[str, Implementation, None]):
+  """Within the block, attention runs on ``implementation``.
+
+  The implementation is chosen at call time, the way ``jax.set_mesh`` sets
+  the mesh: ``dot_product_attention(implementation=None)`` and every
+  ``Attention`` layer (whatever implementation its model was built with)
+  use it, so one trained model runs on xla, xla_chunked, a Pallas kernel or
+  ``ContextParallel(inner=...)`` without being rebuilt. An explicit
+  ``implementation=`` argument to ``dot_product_attention`` still wins.
+  ``None`` sets nothing (the enclosing choice, else automatic, applies).
+  Like every trace-time setting, it is read when a function is traced: a
+  ``jax.jit`` function already traced keeps the implementation it was traced
+  with, so enter the block before the first call.
+
+  Raises:
+    ValueError: an unknown implementation name.
+  """
+  if implementation is None:
+    yield None
+    return
+  resolved = _resolve(implementation)
+  token = _CURRENT.set(resolved)
+  try:
+    yield resolved
+  finally:
+    _CURRENT.reset(token)
+
+
+def current_implementation() -> Optional[Implementation]:
+  """The implementation ``use_implementation`` set, or None."""
+  return _CURRENT.get()
 
 
 def _as_int_array(name, x, shape):
@@ -243,7 +284,7 @@ def make_request(query, key, value, *, mask=None, segment_ids=None,
   if far_query is not None:
     _check_float("far_query", far_query, query.shape)
     _check_float("far_key", far_key, key.shape)
-    far_window = masks_lib._check_int("far_window", far_window, 1)  # pylint: disable=protected-access
+    far_window = check_int("far_window", far_window, 1)
 
   return AttentionRequest(
       query=query, key=key, value=value, mask=mask, q_segment_ids=q_seg,
@@ -339,7 +380,8 @@ def dot_product_attention(
     bias: float, broadcastable to [B, N, T, S]; added to the logits.
     scale: logit scale; default 1 / sqrt(H).
     logits_soft_cap: c > 0 applies ``c * tanh(logits / c)`` before biases.
-    implementation: None (automatic, falls through), "xla" (dense oracle),
+    implementation: None (the ``use_implementation`` block's, else automatic:
+      falls through), "xla" (dense oracle),
       "xla_chunked" (online softmax, memory linear in length), "cudnn",
       "pallas_gpu", "pallas_tpu", "context_parallel" (the sequence split
       over the ambient mesh's "context" axis; auto tries it first when that
@@ -361,6 +403,9 @@ def dot_product_attention(
       logits_soft_cap=logits_soft_cap, query_positions=query_positions,
       key_positions=key_positions, far_query=far_query, far_key=far_key,
       far_window=far_window)
-  impl = Auto() if implementation is None else _resolve(implementation)
+  if implementation is None:
+    impl = current_implementation() or Auto()
+  else:
+    impl = _resolve(implementation)
   out, lse = impl(request)
   return (out, lse) if return_residuals else out

@@ -18,12 +18,14 @@ bias, so their memory is quadratic in length whatever the implementation.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Union
+from typing import Any, ClassVar, Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from extrapolax.common import checks
+from extrapolax.common.checks import check_int
 from . import core
 from . import masks as masks_lib
 from . import positional
@@ -32,13 +34,98 @@ from . import rope as rope_lib
 Array = jax.Array
 
 
+class PositionScheme:
+  """Base of the position schemes: frozen dataclasses of static settings.
+
+  A scheme owns everything it does in the layer, so adding one is one class
+  here (or in a user's module) registered with :func:`register_position`:
+
+  * ``spec_fields``: which ``AttentionSpec`` fields feed which of its
+    parameters (e.g. ``rope_base -> base``); a spec may also pass any
+    parameter through ``position_args``.
+  * ``check(head_dim, mask)``: bad settings fail when the layer is built.
+  * ``init_params(layer, ...)``: learned parameters, set on the layer.
+  * ``rotate(layer, q, k, q_pos, k_pos)``: q and k changed by position
+    (RoPE), plus the far query/key inputs of an inference transform.
+  * ``bias(layer, q_pos, k_pos)`` / ``alibi_slopes(num_heads)``: what is
+    added to the logits.
+  """
+  name: ClassVar[str] = ""
+  spec_fields: ClassVar[Mapping[str, str]] = {}
+
+  def check(self, head_dim: int, mask) -> None:
+    del head_dim, mask
+
+  def init_params(self, layer, *, num_heads: int, rngs: nnx.Rngs,
+                  param_dtype) -> None:
+    del layer, num_heads, rngs, param_dtype
+
+  def rotate(self, layer, q, k, q_positions, k_positions):
+    del layer, q_positions, k_positions
+    return q, k, {}
+
+  def bias(self, layer, q_positions, k_positions):
+    del layer, q_positions, k_positions
+    return None
+
+  def alibi_slopes(self, num_heads: int):
+    del num_heads
+    return None
+
+
+_POSITIONS: dict[str, type] = {}
+
+
+def register_position(cls):
+  """Class decorator: names a PositionScheme subclass by its ``name``."""
+  if not (isinstance(cls, type) and issubclass(cls, PositionScheme)
+          and cls.name):
+    raise ValueError(f"register_position takes a PositionScheme subclass "
+                     f"with a name, got {cls!r}")
+  _POSITIONS[cls.name] = cls
+  return cls
+
+
+def position_names() -> tuple[str, ...]:
+  """Every registered position scheme name."""
+  return tuple(_POSITIONS)
+
+
+def position_class(name: str) -> type:
+  if name not in _POSITIONS:
+    raise ValueError(f"position must be one of {position_names()}, got "
+                     f"{name!r}{checks.close_matches(name, position_names())}")
+  return _POSITIONS[name]
+
+
+def position_parameters(name: str) -> tuple[str, ...]:
+  """The parameters of a named scheme (its dataclass fields)."""
+  return tuple(f.name for f in dataclasses.fields(position_class(name)))
+
+
+def position_from_name(name: str, **params) -> PositionScheme:
+  """The named scheme with ``params``; an unknown parameter raises."""
+  cls = position_class(name)
+  allowed = position_parameters(name)
+  unknown = sorted(set(params) - set(allowed))
+  if unknown:
+    takes = (f"its parameters are {allowed}" if allowed
+             else "it takes no parameters")
+    raise ValueError(f"position {name!r} has no parameter {unknown[0]!r} "
+                     f"({unknown[0]}={params[unknown[0]]!r}); {takes}")
+  return cls(**params)
+
+
+@register_position
 @dataclasses.dataclass(frozen=True)
-class NoPE:
+class NoPE(PositionScheme):
   """No positional signal (a causal decoder still infers order)."""
+  name: ClassVar[str] = "nope"
 
 
+@register_position
 @dataclasses.dataclass(frozen=True)
-class Rope:
+class Rope(PositionScheme):
   """Rotary embeddings, optionally scaled.
 
   Attributes:
@@ -53,6 +140,13 @@ class Rope:
       the window are scored at this fixed distance (query rotated at the
       ceiling, keys un-rotated).
   """
+  name: ClassVar[str] = "rope"
+  spec_fields: ClassVar[Mapping[str, str]] = {
+      "rope_base": "base", "rope_scaling": "rope_scaling",
+      "rope_max_position_embeddings": "max_position_embeddings",
+      "partial_rotary_factor": "partial_rotary_factor",
+      "rope_layout": "layout", "self_extend": "self_extend",
+      "distance_ceiling": "distance_ceiling"}
   base: float = 10000.0
   rope_scaling: Optional[Mapping[str, Any]] = None
   max_position_embeddings: Optional[int] = None
@@ -72,10 +166,11 @@ class Rope:
       if len(self.self_extend) != 2:
         raise ValueError("self_extend must be (group_size, window), got "
                          f"{self.self_extend!r}")
-      masks_lib._check_int("self_extend group_size", self.self_extend[0], 1)  # pylint: disable=protected-access
-      masks_lib._check_int("self_extend window", self.self_extend[1], 1)  # pylint: disable=protected-access
+      object.__setattr__(self, "self_extend", (
+          check_int("self_extend group_size", self.self_extend[0], 1),
+          check_int("self_extend window", self.self_extend[1], 1)))
     if self.distance_ceiling is not None:
-      masks_lib._check_int("distance_ceiling", self.distance_ceiling, 0)  # pylint: disable=protected-access
+      check_int("distance_ceiling", self.distance_ceiling, 0)
     if self.rope_scaling is not None:
       # Hashable, so the scheme can be a static argument.
       object.__setattr__(self, "rope_scaling",
@@ -89,6 +184,34 @@ class Rope:
         max_position_embeddings=self.max_position_embeddings,
         seq_len=seq_len, partial_rotary_factor=self.partial_rotary_factor)
 
+  def check(self, head_dim, mask):
+    self.frequencies(head_dim)   # bad rope settings fail here
+    if self.distance_ceiling is not None and not isinstance(
+        mask, masks_lib.Lambda):
+      raise ValueError("Rope(distance_ceiling=...) needs a Lambda mask, got "
+                       f"{mask!r}")
+
+  def rotate(self, layer, q, k, q_positions, k_positions):
+    inv_freq, att = self.frequencies(layer.head_dim,
+                                     seq_len=jnp.max(q_positions) + 1)
+    rot = lambda y, pos: rope_lib.apply_rope(
+        y, pos, inv_freq, attention_scaling=att, layout=self.layout)
+    far = {}
+    if self.self_extend is not None:
+      group, window = self.self_extend
+      far_q_pos, _ = positional.self_extend_positions(
+          q_positions, group_size=group, window=window)
+      _, far_k_pos = positional.self_extend_positions(
+          k_positions, group_size=group, window=window)
+      far = dict(far_query=rot(q, far_q_pos), far_key=rot(k, far_k_pos),
+                 far_window=window)
+    elif self.distance_ceiling is not None:
+      # Row i's far (sink) keys sit at distance min(ceiling, i).
+      far = dict(
+          far_query=rot(q, jnp.minimum(self.distance_ceiling, q_positions)),
+          far_key=k, far_window=layer.mask.window)
+    return rot(q, q_positions), rot(k, k_positions), far
+
 
 class _FrozenDict(dict):
   """A dict that hashes by content (rope_scaling values are numbers/lists)."""
@@ -100,33 +223,77 @@ class _FrozenDict(dict):
     raise TypeError("rope_scaling is frozen")
 
 
+@register_position
 @dataclasses.dataclass(frozen=True)
-class Alibi:
+class Alibi(PositionScheme):
   """ALiBi: ``-slope_h * |i - j|`` with the paper's slopes."""
+  name: ClassVar[str] = "alibi"
+
+  def alibi_slopes(self, num_heads):
+    return positional.alibi_slopes(num_heads)
 
 
+@register_position
 @dataclasses.dataclass(frozen=True)
-class T5Bias:
+class T5Bias(PositionScheme):
   """T5's learned bucketed relative bias (one scalar per head and bucket)."""
+  name: ClassVar[str] = "t5"
+  spec_fields: ClassVar[Mapping[str, str]] = {
+      "t5_num_buckets": "num_buckets", "t5_max_distance": "max_distance"}
   num_buckets: int = 32
   max_distance: int = 128
   bidirectional: bool = False
 
+  def init_params(self, layer, *, num_heads, rngs, param_dtype):
+    layer.t5_table = nnx.Param(nnx.initializers.normal(0.02)(
+        rngs.params(), (self.num_buckets, num_heads), param_dtype))
 
+  def bias(self, layer, q_positions, k_positions):
+    return positional.t5_bias(
+        layer.t5_table[...], q_positions, k_positions,
+        bidirectional=self.bidirectional, num_buckets=self.num_buckets,
+        max_distance=self.max_distance)
+
+
+@register_position
 @dataclasses.dataclass(frozen=True)
-class Kerple:
+class Kerple(PositionScheme):
   """Kerple (log): ``-r1_h * log(1 + r2_h * |i - j|)``, r1, r2 learned > 0."""
+  name: ClassVar[str] = "kerple"
+
+  def init_params(self, layer, *, num_heads, rngs, param_dtype):
+    del rngs
+    # softplus(raw) keeps r1, r2 > 0; r1 starts near 1, r2 near 1.
+    layer.kerple_raw = nnx.Param(jnp.full((2, num_heads), 0.5413,
+                                          param_dtype))
+
+  def bias(self, layer, q_positions, k_positions):
+    r = jax.nn.softplus(layer.kerple_raw[...])
+    return positional.kerple_log_bias(r[0], r[1], q_positions, k_positions)
 
 
+@register_position
 @dataclasses.dataclass(frozen=True)
-class Fire:
+class Fire(PositionScheme):
   """FIRE: a small MLP of the log-normalised distance, per head."""
+  name: ClassVar[str] = "fire"
   hidden: int = 32
   init_threshold: float = 512.0
 
+  def init_params(self, layer, *, num_heads, rngs, param_dtype):
+    layer.fire_in = nnx.Linear(1, self.hidden, param_dtype=param_dtype,
+                               rngs=rngs)
+    layer.fire_out = nnx.Linear(self.hidden, num_heads,
+                                param_dtype=param_dtype, rngs=rngs)
+    layer.fire_c = nnx.Param(jnp.asarray(1.0, param_dtype))
+    layer.fire_threshold = nnx.Param(
+        jnp.asarray(self.init_threshold, param_dtype))
 
-PositionScheme = Union[NoPE, Rope, Alibi, T5Bias, Kerple, Fire]
-_SCHEMES = (NoPE, Rope, Alibi, T5Bias, Kerple, Fire)
+  def bias(self, layer, q_positions, k_positions):
+    mlp = lambda d: layer.fire_out(jax.nn.relu(layer.fire_in(d)))
+    return positional.fire_bias(
+        mlp, jnp.abs(layer.fire_c[...]), jnp.abs(layer.fire_threshold[...]),
+        q_positions, k_positions)
 
 
 class LearnedPositionEmbedding(nnx.Module):
@@ -138,7 +305,7 @@ class LearnedPositionEmbedding(nnx.Module):
 
   def __init__(self, max_len: int, dim: int, *, rngs: nnx.Rngs,
                param_dtype=jnp.float32):
-    self.max_len = masks_lib._check_int("max_len", max_len, 1)  # pylint: disable=protected-access
+    self.max_len = check_int("max_len", max_len, 1)
     self.table = nnx.Param(nnx.initializers.normal(0.02)(
         rngs.params(), (max_len, dim), param_dtype))
 
@@ -167,7 +334,7 @@ class Attention(nnx.Module):
   def __init__(self, features: int, num_heads: int, *,
                num_kv_heads: Optional[int] = None,
                head_dim: Optional[int] = None,
-               position: PositionScheme = NoPE(),
+               position: Union[PositionScheme, str] = NoPE(),
                mask: Optional[masks_lib.Mask] = masks_lib.Causal(),
                implementation: Union[str, core.Implementation, None] = None,
                logits_soft_cap: Optional[float] = None,
@@ -175,8 +342,8 @@ class Attention(nnx.Module):
                qkv_bias: bool = False, out_bias: bool = False, dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    masks_lib._check_int("num_heads", num_heads, 1)  # pylint: disable=protected-access
-    masks_lib._check_int("num_kv_heads", num_kv_heads, 1)  # pylint: disable=protected-access
+    check_int("num_heads", num_heads, 1)
+    check_int("num_kv_heads", num_kv_heads, 1)
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads={num_heads} must be a multiple of "
                        f"num_kv_heads={num_kv_heads}")
@@ -185,18 +352,16 @@ class Attention(nnx.Module):
         raise ValueError(f"features={features} is not divisible by "
                          f"num_heads={num_heads}; give head_dim")
       head_dim = features // num_heads
-    if not isinstance(position, _SCHEMES):
-      raise ValueError(f"position must be one of "
-                       f"{[s.__name__ for s in _SCHEMES]}, got {position!r}")
+    if isinstance(position, str):
+      position = position_from_name(position)
+    if not isinstance(position, PositionScheme):
+      raise ValueError(f"position must be a PositionScheme (one of "
+                       f"{position_names()} or a registered one), got "
+                       f"{position!r}")
     self.mask = masks_lib.as_mask(mask)
-    if isinstance(position, Rope):
-      position.frequencies(head_dim)   # bad rope settings fail here
-    if isinstance(position, Rope) and position.distance_ceiling is not None:
-      if not isinstance(self.mask, masks_lib.Lambda):
-        raise ValueError("Rope(distance_ceiling=...) needs a Lambda mask, got "
-                         f"{self.mask!r}")
+    position.check(head_dim, self.mask)
     if length_scaling is not None:
-      masks_lib._check_int("length_scaling", length_scaling, 2)  # pylint: disable=protected-access
+      check_int("length_scaling", length_scaling, 2)
     self.num_heads, self.num_kv_heads, self.head_dim = (
         num_heads, num_kv_heads, head_dim)
     self.position = position
@@ -213,38 +378,8 @@ class Attention(nnx.Module):
     self.o_proj = nnx.LinearGeneral(
         (num_heads, head_dim), features, axis=(-2, -1), use_bias=out_bias,
         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    if isinstance(position, T5Bias):
-      self.t5_table = nnx.Param(nnx.initializers.normal(0.02)(
-          rngs.params(), (position.num_buckets, num_heads), param_dtype))
-    elif isinstance(position, Kerple):
-      # softplus(raw) keeps r1, r2 > 0; r1 starts near 1, r2 near 1.
-      self.kerple_raw = nnx.Param(jnp.full((2, num_heads), 0.5413,
-                                           param_dtype))
-    elif isinstance(position, Fire):
-      self.fire_in = nnx.Linear(1, position.hidden, param_dtype=param_dtype,
-                                rngs=rngs)
-      self.fire_out = nnx.Linear(position.hidden, num_heads,
-                                 param_dtype=param_dtype, rngs=rngs)
-      self.fire_c = nnx.Param(jnp.asarray(1.0, param_dtype))
-      self.fire_threshold = nnx.Param(
-          jnp.asarray(position.init_threshold, param_dtype))
-
-  def _bias(self, q_positions, k_positions):
-    p = self.position
-    if isinstance(p, T5Bias):
-      return positional.t5_bias(
-          self.t5_table[...], q_positions, k_positions,
-          bidirectional=p.bidirectional, num_buckets=p.num_buckets,
-          max_distance=p.max_distance)
-    if isinstance(p, Kerple):
-      r = jax.nn.softplus(self.kerple_raw[...])
-      return positional.kerple_log_bias(r[0], r[1], q_positions, k_positions)
-    if isinstance(p, Fire):
-      mlp = lambda d: self.fire_out(jax.nn.relu(self.fire_in(d)))
-      return positional.fire_bias(
-          mlp, jnp.abs(self.fire_c[...]), jnp.abs(self.fire_threshold[...]),
-          q_positions, k_positions)
-    return None
+    position.init_params(self, num_heads=num_heads, rngs=rngs,
+                         param_dtype=param_dtype)
 
   def attend(self, q: Array, k: Array, v: Array, q_positions: Array,
              k_positions: Array, *, segment_ids=None, rope_q_positions=None,
@@ -264,39 +399,23 @@ class Attention(nnx.Module):
     """
     rope_q = q_positions if rope_q_positions is None else rope_q_positions
     rope_k = k_positions if rope_k_positions is None else rope_k_positions
-    far = {}
     p = self.position
-    if isinstance(p, Rope):
-      inv_freq, att = p.frequencies(self.head_dim,
-                                    seq_len=jnp.max(rope_q) + 1)
-      rot = lambda y, pos: rope_lib.apply_rope(
-          y, pos, inv_freq, attention_scaling=att, layout=p.layout)
-      if p.self_extend is not None:
-        group, window = p.self_extend
-        far_q_pos, _ = positional.self_extend_positions(
-            rope_q, group_size=group, window=window)
-        _, far_k_pos = positional.self_extend_positions(
-            rope_k, group_size=group, window=window)
-        far = dict(far_query=rot(q, far_q_pos), far_key=rot(k, far_k_pos),
-                   far_window=window)
-      elif p.distance_ceiling is not None:
-        # Row i's far (sink) keys sit at distance min(ceiling, i).
-        far = dict(far_query=rot(q, jnp.minimum(p.distance_ceiling, rope_q)),
-                   far_key=k, far_window=self.mask.window)
-      q, k = rot(q, rope_q), rot(k, rope_k)
+    q, k, far = p.rotate(self, q, k, rope_q, rope_k)
     if self.length_scaling is not None:
       scale = positional.length_logit_scale(q_positions, self.length_scaling)
       q = q * scale[..., None, None].astype(q.dtype)
       if far:
         far["far_query"] = far["far_query"] * scale[..., None, None].astype(
             q.dtype)
-    slopes = positional.alibi_slopes(self.num_heads) if isinstance(
-        p, Alibi) else None
+    # The implementation chosen at call time (core.use_implementation) wins
+    # over the one this layer was built with.
+    implementation = core.current_implementation() or self.implementation
     return core.dot_product_attention(
         q, k, v, mask=self.mask, segment_ids=segment_ids,
-        alibi_slopes=slopes, bias=self._bias(q_positions, k_positions),
+        alibi_slopes=p.alibi_slopes(self.num_heads),
+        bias=p.bias(self, q_positions, k_positions),
         logits_soft_cap=self.logits_soft_cap,
-        implementation=self.implementation,
+        implementation=implementation,
         query_positions=q_positions if explicit else None,
         key_positions=k_positions if explicit else None, **far)
 

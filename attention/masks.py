@@ -22,31 +22,27 @@ Segment ids are not part of a mask: ``dot_product_attention`` applies them.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
-import numbers
-from typing import Optional
+import inspect
+import re
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-EMPTY = 0     # no pair in the block is visible: skip it
-PARTIAL = 1   # some pairs are visible: compute with the mask
-FULL = 2      # every pair is visible: compute without masking
+from extrapolax.common import checks
+from extrapolax.common import geometry
+from extrapolax.common.checks import check_int
+from extrapolax.common.geometry import (EMPTY, PARTIAL, FULL, block_minmax,
+                                        default_positions)
 
 __all__ = [
     "Mask", "Causal", "SlidingWindow", "Lambda", "Chunked", "PrefixLM",
     "And", "Or", "EMPTY", "PARTIAL", "FULL", "classify_blocks",
     "block_minmax", "default_positions", "as_mask",
+    "register", "names", "parameters", "from_name", "parse", "label",
 ]
-
-
-def _check_int(name, value, minimum):
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-  if value < minimum:
-    raise ValueError(f"{name} must be >= {minimum}, got {value}")
-  return int(value)
 
 
 class Mask:
@@ -99,7 +95,7 @@ class SlidingWindow(Mask):
   window: int
 
   def __post_init__(self):
-    object.__setattr__(self, "window", _check_int("window", self.window, 1))
+    object.__setattr__(self, "window", check_int("window", self.window, 1))
 
   def __call__(self, q_pos, k_pos):
     d = q_pos - k_pos
@@ -119,8 +115,8 @@ class Lambda(Mask):
 
   def __post_init__(self):
     object.__setattr__(self, "num_sinks",
-                       _check_int("num_sinks", self.num_sinks, 0))
-    object.__setattr__(self, "window", _check_int("window", self.window, 1))
+                       check_int("num_sinks", self.num_sinks, 0))
+    object.__setattr__(self, "window", check_int("window", self.window, 1))
 
   def __call__(self, q_pos, k_pos):
     d = q_pos - k_pos
@@ -147,7 +143,7 @@ class Chunked(Mask):
   size: int
 
   def __post_init__(self):
-    object.__setattr__(self, "size", _check_int("size", self.size, 1))
+    object.__setattr__(self, "size", check_int("size", self.size, 1))
 
   def __call__(self, q_pos, k_pos):
     return (q_pos // self.size) == (k_pos // self.size)
@@ -167,7 +163,7 @@ class PrefixLM(Mask):
 
   def __post_init__(self):
     object.__setattr__(self, "prefix_len",
-                       _check_int("prefix_len", self.prefix_len, 0))
+                       check_int("prefix_len", self.prefix_len, 0))
 
   def __call__(self, q_pos, k_pos):
     return (k_pos <= q_pos) | (k_pos < self.prefix_len)
@@ -207,91 +203,183 @@ class Or(Mask):
     return s1 | s2, a1 | a2
 
 
-def default_positions(q_len: int, kv_len: int):
-  """Absolute positions with the bottom-right alignment: (int32[T], int32[S])."""
-  q_len = _check_int("q_len", q_len, 0)
-  kv_len = _check_int("kv_len", kv_len, 0)
-  return (jnp.arange(q_len, dtype=jnp.int32) + (kv_len - q_len),
-          jnp.arange(kv_len, dtype=jnp.int32))
+# ----------------------------------------------------------------------------
+# The vocabulary: mask names, defined here once.
+#
+# A named mask is a factory (a Mask subclass or a function) taking keyword
+# parameters. Model specs (``AttentionSpec(mask=...)``), experiment configs
+# (``config.model.mask``), the mask sweep and ``--help`` all read this
+# registry, so a mask registered in any module (a user's included) can be
+# named everywhere:
+#
+#   @masks.register("strided")
+#   @dataclasses.dataclass(frozen=True)
+#   class Strided(masks.Mask):
+#     stride: int
+#     ...
+#
+#   AttentionSpec(mask="strided(stride=4)")       # or mask_args={"stride": 4}
 
 
-def block_minmax(x: jax.Array, block: int):
-  """Per-block min and max along the last axis of ``x`` ([..., L]).
-
-  The last block may be ragged; its missing entries are ignored.
-  Returns two arrays [..., ceil(L / block)].
-  """
-  length = x.shape[-1]
-  num_blocks = -(-length // block)
-  pad = num_blocks * block - length
-  info = jnp.iinfo(x.dtype) if jnp.issubdtype(x.dtype, jnp.integer) else None
-  big = info.max if info is not None else jnp.inf
-  small = info.min if info is not None else -jnp.inf
-  widths = [(0, 0)] * (x.ndim - 1) + [(0, pad)]
-  x_lo = jnp.pad(x, widths, constant_values=big)
-  x_hi = jnp.pad(x, widths, constant_values=small)
-  shape = x.shape[:-1] + (num_blocks, block)
-  return x_lo.reshape(shape).min(-1), x_hi.reshape(shape).max(-1)
+@dataclasses.dataclass(frozen=True)
+class _Named:
+  factory: Callable[..., Mask]
+  params: tuple[tuple[str, Any], ...]     # (name, default or _REQUIRED)
+  label: Optional[Callable[..., str]]
+  doc: str
 
 
-def classify_blocks(mask: Optional[Mask], *, q_len: int, kv_len: int,
-                    block_q: int, block_k: int,
-                    q_positions: Optional[jax.Array] = None,
-                    k_positions: Optional[jax.Array] = None,
-                    q_segment_ids: Optional[jax.Array] = None,
-                    kv_segment_ids: Optional[jax.Array] = None) -> jax.Array:
-  """Labels every (query block, key block) pair EMPTY, PARTIAL or FULL.
+_REQUIRED = inspect.Parameter.empty
+_NAMED: dict[str, _Named] = {}
 
-  Pure jnp and traceable: positions and segment ids may change every batch.
+
+def register(name: str, factory=None, *, label: Optional[Callable] = None,
+             doc: Optional[str] = None):
+  """Names a mask factory: ``register("name", factory)`` or a decorator.
 
   Args:
-    mask: a Mask, or None for no positional mask.
-    q_len, kv_len: T and S.
-    block_q, block_k: block sizes; the last block of each axis may be ragged
-      (a ragged block is never FULL, so callers that pad must mask it).
-    q_positions, k_positions: optional int [B, T] / [B, S] (or [T] / [S])
-      absolute positions; default: the bottom-right alignment.
-    q_segment_ids, kv_segment_ids: optional int [B, T] / [B, S]; a query only
-      sees keys of its own segment. Give both or neither.
-
+    name: the name configs and specs use (lowercase, no spaces).
+    factory: a Mask subclass or a function of keyword parameters returning a
+      Mask; its parameters (names and defaults) are the mask's parameters.
+    label: optional ``(**params) -> str`` for record labels (default
+      ``name(param=value, ...)``).
+    doc: one line for ``--help`` (default: the factory's first doc line).
   Returns:
-    int32 [B, ceil(T / block_q), ceil(S / block_k)] with B = 1 when nothing
-    carries a batch axis.
+    ``factory`` (so it works as a decorator).
   """
-  mask = as_mask(mask)
-  block_q = _check_int("block_q", block_q, 1)
-  block_k = _check_int("block_k", block_k, 1)
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
-  default_q, default_k = default_positions(q_len, kv_len)
-  q_pos = default_q if q_positions is None else jnp.asarray(q_positions)
-  k_pos = default_k if k_positions is None else jnp.asarray(k_positions)
-  q_pos = jnp.atleast_2d(q_pos)
-  k_pos = jnp.atleast_2d(k_pos)
-  if q_pos.shape[-1] != q_len or k_pos.shape[-1] != kv_len:
-    raise ValueError(
-        f"positions must end in (q_len={q_len}, kv_len={kv_len}), got "
-        f"{q_pos.shape} and {k_pos.shape}")
-  q_lo, q_hi = block_minmax(q_pos, block_q)        # [Bq, nq]
-  k_lo, k_hi = block_minmax(k_pos, block_k)        # [Bk, nk]
-  q_lo, q_hi = q_lo[:, :, None], q_hi[:, :, None]
-  k_lo, k_hi = k_lo[:, None, :], k_hi[:, None, :]
-  if mask is None:
-    some = jnp.ones(jnp.broadcast_shapes(q_lo.shape, k_lo.shape), bool)
-    all_ = some
-  else:
-    some, all_ = mask.block_visibility(q_lo, q_hi, k_lo, k_hi)
-  if q_segment_ids is not None:
-    qs_lo, qs_hi = block_minmax(jnp.atleast_2d(q_segment_ids), block_q)
-    ks_lo, ks_hi = block_minmax(jnp.atleast_2d(kv_segment_ids), block_k)
-    qs_lo, qs_hi = qs_lo[:, :, None], qs_hi[:, :, None]
-    ks_lo, ks_hi = ks_lo[:, None, :], ks_hi[:, None, :]
-    some = some & (qs_lo <= ks_hi) & (ks_lo <= qs_hi)
-    all_ = all_ & (qs_lo == qs_hi) & (ks_lo == ks_hi) & (qs_lo == ks_lo)
-  # Ragged edge blocks hold padding that a caller must mask: never FULL.
-  nq, nk = q_lo.shape[1], k_lo.shape[2]
-  q_whole = (np.arange(nq) + 1) * block_q <= q_len
-  k_whole = (np.arange(nk) + 1) * block_k <= kv_len
-  all_ = all_ & jnp.asarray(q_whole)[:, None] & jnp.asarray(k_whole)[None, :]
-  labels = jnp.where(some, jnp.where(all_, FULL, PARTIAL), EMPTY)
-  return labels.astype(jnp.int32)
+  if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+    raise ValueError(f"a mask name must be lowercase letters, digits and _, "
+                     f"got {name!r}")
+
+  def add(factory):
+    signature = inspect.signature(factory)
+    params = tuple((p.name, p.default)
+                   for p in signature.parameters.values()
+                   if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    text = doc or (inspect.getdoc(factory) or name).splitlines()[0].replace(
+        "``", "")
+    _NAMED[name] = _Named(factory, params, label, text)
+    return factory
+
+  return add if factory is None else add(factory)
+
+
+def names() -> tuple[str, ...]:
+  """Every registered mask name."""
+  return tuple(_NAMED)
+
+
+def _entry(name: str) -> _Named:
+  if name not in _NAMED:
+    raise ValueError(f"mask must be one of {names()}, got {name!r}"
+                     f"{checks.close_matches(name, names())}")
+  return _NAMED[name]
+
+
+def parameters(name: str) -> dict[str, Any]:
+  """``{parameter: default}`` of a named mask (required ones map to
+  ``inspect.Parameter.empty``)."""
+  return dict(_entry(name).params)
+
+
+def describe_names() -> dict[str, str]:
+  """``{"name(params)": one line}`` for help texts."""
+  out = {}
+  for name, entry in _NAMED.items():
+    args = ", ".join(p if d is _REQUIRED else f"{p}={d}"
+                     for p, d in entry.params)
+    out[f"{name}({args})" if args else name] = entry.doc
+  return out
+
+
+def from_name(name: str, **params) -> Mask:
+  """The named mask with ``params``; unknown or missing parameters raise."""
+  entry = _entry(name)
+  allowed = dict(entry.params)
+  unknown = sorted(set(params) - set(allowed))
+  if unknown:
+    takes = (f"its parameters are {tuple(allowed)}" if allowed
+             else "it takes no parameters")
+    raise ValueError(f"mask {name!r} has no parameter {unknown[0]!r} "
+                     f"({unknown[0]}={params[unknown[0]]!r}); {takes}")
+  missing = [p for p, d in entry.params if d is _REQUIRED and p not in params]
+  if missing:
+    raise ValueError(f"mask {name!r} needs {', '.join(missing)}, got "
+                     f"none; e.g. {name}("
+                     + ", ".join(f"{p}=..." for p in missing) + ")")
+  return as_mask(entry.factory(**params), f"mask {name!r}")
+
+
+def _literal(text: str, where: str):
+  try:
+    return ast.literal_eval(text.strip())
+  except (ValueError, SyntaxError) as e:
+    raise ValueError(f"{where}: {text.strip()!r} is not a number or a "
+                     "quoted string") from e
+
+
+def parse(text: str) -> tuple[str, dict[str, Any]]:
+  """``"name"`` or ``"name(v, k=v, ...)"`` -> (name, params).
+
+  Positional values fill the mask's parameters in order:
+  ``"lambda(4, 64)"`` is ``("lambda", {"num_sinks": 4, "window": 64})``.
+  """
+  if not isinstance(text, str):
+    raise ValueError(f"a mask must be given as text such as 'causal' or "
+                     f"'sliding_window(window=64)', got {text!r}")
+  match = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*",
+                       text)
+  if not match:
+    raise ValueError(f"mask {text!r} is not 'name' or 'name(args)'; known "
+                     f"names: {names()}")
+  name, args = match.group(1), match.group(2)
+  order = [p for p, _ in _entry(name).params]
+  params: dict[str, Any] = {}
+  keywords = False
+  for i, part in enumerate(p for p in (args or "").split(",") if p.strip()):
+    if "=" in part:
+      key, value = part.split("=", 1)
+      params[key.strip()] = _literal(value, f"mask {text!r}")
+      keywords = True
+    elif i < len(order) and not keywords:
+      params[order[i]] = _literal(part, f"mask {text!r}")
+    else:
+      raise ValueError(f"mask {text!r}: positional values must come first "
+                       f"and number at most {len(order)}")
+  return name, params
+
+
+def label(name: str, params: Optional[dict[str, Any]] = None) -> str:
+  """The record label of a named mask: ``"sliding_window(64)"``, ..."""
+  entry = _entry(name)
+  params = dict(params or {})
+  if entry.label is not None:
+    return entry.label(**params)
+  if not params:
+    return name
+  return f"{name}(" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")"
+
+
+def _causal_chunked(chunk: int) -> Mask:
+  """Causal within chunks of ``chunk`` tokens (Llama 4's chunked attention)."""
+  return Causal() & Chunked(chunk)
+
+
+register("causal", Causal)
+register("sliding_window", SlidingWindow,
+         label=lambda window: f"sliding_window({window})")
+register("lambda", Lambda,
+         label=lambda num_sinks, window: f"lambda(sinks={num_sinks}, "
+                                         f"window={window})")
+register("chunked", _causal_chunked, label=lambda chunk: f"chunked({chunk})")
+register("prefix_lm", PrefixLM)
+
+
+def classify_blocks(mask: Optional[Mask], **kwargs) -> jax.Array:
+  """Labels every (query block, key block) pair EMPTY, PARTIAL or FULL.
+
+  ``mask`` is checked to be a Mask (or None); the rest is
+  :func:`extrapolax.common.geometry.classify_blocks` (keyword arguments
+  q_len, kv_len, block_q, block_k, and optional positions and segment ids).
+  """
+  return geometry.classify_blocks(as_mask(mask), **kwargs)

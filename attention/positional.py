@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from extrapolax.common import checks
+
 from . import masks
 
 __all__ = [
@@ -56,22 +58,11 @@ __all__ = [
 # ----------------------------------------------------------------------------
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-  if value < minimum:
-    raise ValueError(f"{name} must be >= {minimum}, got {value}")
-  return int(value)
+_check_int = checks.check_int
 
 
 def _check_float(name: str, value, *, positive: bool = False) -> float:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise ValueError(f"{name} must be a real number, got {value!r}")
-  value = float(value)
-  if not math.isfinite(value) or (positive and value <= 0):
-    allowed = "a finite number > 0" if positive else "a finite number"
-    raise ValueError(f"{name} must be {allowed}, got {value}")
-  return value
+  return checks.check_number(name, value, positive=positive)
 
 
 def _as_array(x):

@@ -57,6 +57,8 @@ import numpy as np
 __all__ = [
     "ROPE_TYPES",
     "ROPE_LAYOUTS",
+    "ZERO_SHOT_SCALINGS",
+    "zero_shot_scaling",
     "rope_frequencies",
     "rope_cos_sin",
     "apply_rope",
@@ -364,6 +366,36 @@ _ROPE_METHODS: dict[str, _RopeMethod] = {
 }
 
 ROPE_TYPES: tuple[str, ...] = tuple(_ROPE_METHODS)
+
+# The scalings a sweep can put on a model trained at L from a factor alone.
+ZERO_SHOT_SCALINGS: tuple[str, ...] = ("linear", "dynamic", "ntk", "yarn",
+                                       "llama3")
+
+
+def zero_shot_scaling(method: str, factor: float,
+                      train_len: int) -> Optional[dict[str, Any]]:
+  """The Hugging Face rope_scaling dict of ``method`` at ``factor`` for a
+  model trained at ``train_len`` (``"none"`` gives None).
+
+  yarn and llama3 record train_len as original_max_position_embeddings;
+  llama3 uses Llama 3.1's low_freq_factor 1 and high_freq_factor 4; dynamic
+  reads train_len as the spec's max_position_embeddings
+  (``AttentionSpec.with_rope_scaling`` sets it).
+  """
+  if method == "none":
+    return None
+  if method not in ZERO_SHOT_SCALINGS:
+    raise ValueError(f"rope scaling method must be one of "
+                     f"{('none',) + ZERO_SHOT_SCALINGS}, got {method!r}")
+  if isinstance(factor, bool) or not isinstance(
+      factor, (int, float, np.integer, np.floating)) or not factor > 0:
+    raise ValueError(f"rope scaling factor must be > 0, got {factor!r}")
+  scaling = {"rope_type": method, "factor": float(factor)}
+  if method in ("yarn", "llama3"):
+    scaling["original_max_position_embeddings"] = int(train_len)
+  if method == "llama3":
+    scaling.update(low_freq_factor=1.0, high_freq_factor=4.0)
+  return scaling
 
 
 # ----------------------------------------------------------------------------

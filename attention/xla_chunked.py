@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
+from extrapolax.common import geometry
+from extrapolax.common.checks import check_int
 from . import core
 from . import masks as masks_lib
 from . import xla as xla_lib
@@ -31,15 +32,19 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-  """Hashable settings closed over by the custom VJP."""
-  mask: Optional[masks_lib.Mask]
-  scale: float
-  soft_cap: Optional[float]
-  far_window: Optional[int]
+  """Hashable settings closed over by the custom VJP: the call's shared
+  statics and this implementation's block sizes."""
+  call: geometry.AttentionStatics
   block_q: int
   block_k: int
-  q_len: int
-  kv_len: int
+
+  @property
+  def q_len(self):
+    return self.call.q_len
+
+  @property
+  def kv_len(self):
+    return self.call.kv_len
 
 
 def _pad_axis(x, axis, size, value=0):
@@ -98,7 +103,7 @@ class _Blocked:
         bias = _pad_axis(bias, 4, sp)
       self.bias = bias
     labels = masks_lib.classify_blocks(
-        st.mask, q_len=st.q_len, kv_len=st.kv_len, block_q=bq, block_k=bk,
+        st.call.mask, q_len=st.q_len, kv_len=st.kv_len, block_q=bq, block_k=bk,
         q_positions=q_pos, k_positions=k_pos, q_segment_ids=q_seg,
         kv_segment_ids=kv_seg)
     # One label per block pair for the whole batch.
@@ -132,13 +137,13 @@ class _Blocked:
     """Logits of block (i, j) as a function of the differentiable inputs."""
     st = self.st
     return xla_lib.block_logits(
-        q, k, self.q_pos[i], self.k_pos[j], scale=st.scale,
-        soft_cap=st.soft_cap, slopes=slopes, bias=bias_blk,
-        far_q=far_q, far_k=far_k, far_window=st.far_window)
+        q, k, self.q_pos[i], self.k_pos[j], scale=st.call.scale,
+        soft_cap=st.call.soft_cap, slopes=slopes, bias=bias_blk,
+        far_q=far_q, far_k=far_k, far_window=st.call.far_window)
 
   def visible(self, i, j):
     return xla_lib.block_visible(
-        self.st.mask, self.q_pos[i], self.k_pos[j],
+        self.st.call.mask, self.q_pos[i], self.k_pos[j],
         None if self.q_seg is None else self.q_seg[i],
         None if self.kv_seg is None else self.kv_seg[j], self.k_valid[j])
 
@@ -334,16 +339,14 @@ class XlaChunked(core.Implementation):
   name = "xla_chunked"
 
   def __post_init__(self):
-    masks_lib._check_int("block_q", self.block_q, 1)  # pylint: disable=protected-access
-    masks_lib._check_int("block_k", self.block_k, 1)  # pylint: disable=protected-access
+    check_int("block_q", self.block_q, 1)
+    check_int("block_k", self.block_k, 1)
 
   def __call__(self, request: core.AttentionRequest):
     b, t, s, *_ = request.shape_info
-    st = _Static(mask=request.mask, scale=request.scale,
-                 soft_cap=request.logits_soft_cap,
-                 far_window=request.far_window,
+    st = _Static(call=geometry.AttentionStatics.of(request),
                  block_q=min(self.block_q, max(t, 1)),
-                 block_k=min(self.block_k, max(s, 1)), q_len=t, kv_len=s)
+                 block_k=min(self.block_k, max(s, 1)))
     return _chunked(st, request.query, request.key, request.value,
                     request.query_positions, request.key_positions,
                     request.q_segment_ids, request.kv_segment_ids,

@@ -19,14 +19,34 @@ from typing import Any, Mapping, Optional
 import ml_collections
 from flax import nnx
 
+from extrapolax.attention import layer as attn_layer
+from extrapolax.attention import masks as masks_lib
+from extrapolax.common import checks
 from extrapolax.models import AttentionSpec, DecoderLM, ModelConfig
+from extrapolax.models import config as config_lib
 
-# The position encodings a config may name, and what each means here.
-PE_CHOICES = ("nope", "sinusoidal", "learned", "rope", "alibi", "t5",
-              "kerple", "fire")
+# Absolute embeddings a config may name as its pe (added to the token
+# embeddings; attention then has no position scheme).
 ABSOLUTE_PES = ("sinusoidal", "learned")
-MASK_CHOICES = ("causal", "sliding_window", "lambda")
-DTYPE_CHOICES = ("float32", "bfloat16")
+DTYPE_CHOICES = config_lib.DTYPES
+
+
+def pe_choices() -> tuple[str, ...]:
+  """Every pe a config may name: the absolute embeddings, then every
+  registered attention position scheme (``attention.layer``)."""
+  return ABSOLUTE_PES + attn_layer.position_names()
+
+
+def mask_choices() -> tuple[str, ...]:
+  """Every mask name (``attention.masks``); a config gives it as text with
+  its parameters, e.g. ``"lambda(num_sinks=4, window=64)"``."""
+  return masks_lib.names()
+
+
+# Snapshots for listing (tests parametrise over them); validation reads the
+# registries through the functions above, so later registrations count.
+PE_CHOICES = pe_choices()
+MASK_CHOICES = mask_choices()
 
 # Every field config.model may hold, with its default when absent.
 MODEL_FIELDS: dict[str, Any] = {
@@ -41,9 +61,11 @@ MODEL_FIELDS: dict[str, Any] = {
     "tie_embeddings": True,
     "rope_base": 10000.0,
     "rope_scaling": None,      # None, a Hugging Face dict, or its JSON text
-    "mask": "causal",
-    "window": None,            # sliding_window and lambda masks
-    "num_sinks": 0,            # lambda mask
+    "mask": "causal",          # a mask name or text: "lambda(num_sinks=4, window=64)"
+    "window": None,            # shorthand: the mask's window parameter
+    "num_sinks": 0,            # shorthand: the lambda mask's num_sinks
+    "logits_soft_cap": None,   # c > 0: c * tanh(logits / c)
+    "length_scaling": None,    # log(n)/log(L) logit scaling with L = this
     "t5_num_buckets": 32,
     "t5_max_distance": 128,
     "dtype": "float32",        # compute dtype; parameters stay float32
@@ -59,7 +81,8 @@ def default_model_config() -> ml_collections.ConfigDict:
   """
   placeholders = {"vocab_size": int, "num_kv_heads": int, "head_dim": int,
                   "rope_scaling": object, "window": int,
-                  "implementation": str}
+                  "implementation": str, "logits_soft_cap": float,
+                  "length_scaling": int}
   fields = {}
   for name, default in MODEL_FIELDS.items():
     if default is None:
@@ -72,7 +95,8 @@ def default_model_config() -> ml_collections.ConfigDict:
 
 def _choice(name: str, value, allowed) -> None:
   if value not in allowed:
-    raise ValueError(f"config.{name}={value!r} is not one of {allowed}")
+    raise ValueError(f"config.{name}={value!r} is not one of {allowed}"
+                     f"{checks.close_matches(value, allowed)}")
 
 
 def _rope_scaling(value) -> Optional[dict]:
@@ -105,6 +129,14 @@ def _model_fields(config) -> dict[str, Any]:
   return {**MODEL_FIELDS, **model}
 
 
+def _scheme_settings(position: str, fields) -> dict[str, Any]:
+  """The config's settings of the scheme's own fields (t5_*): only the
+  scheme that reads them gets them, so a default elsewhere is no error."""
+  reads = attn_layer.position_class(position).spec_fields
+  return {k: fields[k] for k in ("t5_num_buckets", "t5_max_distance")
+          if k in reads}
+
+
 def model_config(config, *, vocab_size: Optional[int] = None) -> ModelConfig:
   """The ModelConfig the experiment config describes.
 
@@ -120,8 +152,7 @@ def model_config(config, *, vocab_size: Optional[int] = None) -> ModelConfig:
   """
   fields = _model_fields(config)
   pe, mask = fields["pe"], fields["mask"]
-  _choice("model.pe", pe, PE_CHOICES)
-  _choice("model.mask", mask, MASK_CHOICES)
+  _choice("model.pe", pe, pe_choices())
   _choice("model.dtype", fields["dtype"], DTYPE_CHOICES)
   train_len = config.train_len
   if isinstance(train_len, bool) or not isinstance(train_len, int) or (
@@ -132,15 +163,6 @@ def model_config(config, *, vocab_size: Optional[int] = None) -> ModelConfig:
   if rope_scaling is not None and pe != "rope":
     raise ValueError(f"config.model.rope_scaling={rope_scaling!r} needs "
                      f"pe='rope', got pe={pe!r}")
-  if mask == "causal" and fields["window"] is not None:
-    raise ValueError(f"config.model.window={fields['window']!r} needs mask "
-                     "'sliding_window' or 'lambda', got mask='causal'")
-  if mask != "lambda" and fields["num_sinks"]:
-    raise ValueError(f"config.model.num_sinks={fields['num_sinks']!r} needs "
-                     f"mask='lambda', got mask={mask!r}")
-  if mask in ("sliding_window", "lambda") and fields["window"] is None:
-    raise ValueError(f"config.model.mask={mask!r} needs config.model.window "
-                     "(an integer >= 1), got None")
   vocab = fields["vocab_size"] or vocab_size or 256
   position = "nope" if pe in ABSOLUTE_PES else pe
   try:
@@ -152,8 +174,9 @@ def model_config(config, *, vocab_size: Optional[int] = None) -> ModelConfig:
             train_len if rope_scaling is not None else None),
         mask=mask, window=fields["window"],
         num_sinks=fields["num_sinks"],
-        t5_num_buckets=fields["t5_num_buckets"],
-        t5_max_distance=fields["t5_max_distance"])
+        logits_soft_cap=fields["logits_soft_cap"],
+        length_scaling=fields["length_scaling"],
+        **_scheme_settings(position, fields))
     return ModelConfig(
         vocab_size=vocab, d_model=fields["d_model"],
         num_layers=fields["num_layers"], num_heads=fields["num_heads"],

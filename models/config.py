@@ -10,44 +10,72 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 from typing import Any, Mapping, Optional
 
 from extrapolax.attention import layer as attn_layer
+from extrapolax.common import checks
 from extrapolax.attention import masks
 
-POSITIONS = ("nope", "rope", "alibi", "t5", "kerple", "fire")
-MASKS = ("causal", "sliding_window", "lambda", "chunked")
 ABSOLUTE = ("none", "sinusoidal", "learned")
 DTYPES = ("float32", "bfloat16")
 
+# The vocabularies live with their objects: position schemes in
+# attention/layer.py, masks in attention/masks.py (both registries, so a
+# scheme or mask registered anywhere is accepted here).
+position_names = attn_layer.position_names
+mask_names = masks.names
+
 
 def _choice(name, value, allowed):
-  if value not in allowed:
-    raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+  checks.check_choice(name, value, allowed)
 
 
 def _positive_int(name, value, minimum=1):
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (
-      value < minimum):
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+  checks.check_int(name, value, minimum)
+
+
+# AttentionSpec fields that are shorthand for a mask's parameters.
+_MASK_FIELDS = ("window", "num_sinks", "chunk")
+
+
+def _scheme_fields() -> dict[str, tuple[str, ...]]:
+  """AttentionSpec field -> the position names whose schemes read it."""
+  out: dict[str, tuple[str, ...]] = {}
+  for name in attn_layer.position_names():
+    for field in attn_layer.position_class(name).spec_fields:
+      out[field] = out.get(field, ()) + (name,)
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSpec:
-  """One layer's attention semantics.
+  """One layer's attention semantics, in plain JSON-able fields.
 
   Attributes:
-    position: one of POSITIONS.
+    position: a registered position scheme name
+      (``attention.layer.position_names()``: nope, rope, alibi, t5, kerple,
+      fire, ...).
     rope_base, rope_scaling, partial_rotary_factor, rope_layout: RoPE
       settings (rope_scaling is a Hugging Face dict, verbatim).
     rope_max_position_embeddings: what dynamic/yarn/llama3 scalings read when
       the dict has no original_max_position_embeddings.
-    mask: one of MASKS; ``window`` for sliding_window and lambda,
-      ``num_sinks`` for lambda, ``chunk`` for chunked (causal within chunks).
+    self_extend: (group_size, window): Self-Extend at inference (RoPE).
+    distance_ceiling: LM-Infinite's distance ceiling (RoPE with a lambda
+      mask): sink keys past the window are scored at this distance.
+    position_args: further parameters of the position scheme by name.
+    mask: a registered mask name (``attention.masks.names()``: causal,
+      sliding_window, lambda, chunked, prefix_lm, ...) or its text with
+      parameters, ``"lambda(num_sinks=4, window=64)"``.
+    window, num_sinks, chunk: shorthand for the mask parameters of those
+      names (sliding_window / lambda's window, lambda's num_sinks,
+      chunked's chunk).
+    mask_args: further mask parameters by name (``{"prefix_len": 8}``).
     logits_soft_cap: None or c > 0.
     length_scaling: None, or the training length for log(n)/log(L) scaling.
     t5_num_buckets, t5_max_distance: T5 bias settings.
+
+  A field the chosen scheme or mask does not read raises; nothing is
+  silently ignored.
   """
   position: str = "rope"
   rope_base: float = 10000.0
@@ -63,55 +91,105 @@ class AttentionSpec:
   length_scaling: Optional[int] = None
   t5_num_buckets: int = 32
   t5_max_distance: int = 128
+  self_extend: Optional[tuple[int, int]] = None
+  distance_ceiling: Optional[int] = None
+  mask_args: Optional[Mapping[str, Any]] = None
+  position_args: Optional[Mapping[str, Any]] = None
 
   def __post_init__(self):
-    _choice("position", self.position, POSITIONS)
-    _choice("mask", self.mask, MASKS)
-    if self.mask in ("sliding_window", "lambda"):
-      _positive_int(f"window (mask {self.mask!r})", self.window)
-    elif self.window is not None:
-      raise ValueError(f"window={self.window} is only used by the "
-                       f"sliding_window and lambda masks, not {self.mask!r}")
-    if self.mask == "chunked":
-      _positive_int("chunk", self.chunk)
-    elif self.chunk is not None:
-      raise ValueError(f"chunk={self.chunk} is only used by the chunked mask")
-    _positive_int("num_sinks", self.num_sinks, 0)
-    if self.num_sinks and self.mask != "lambda":
-      raise ValueError(f"num_sinks={self.num_sinks} is only used by the "
-                       f"lambda mask, not {self.mask!r}")
-    rope_only = dict(rope_scaling=None, partial_rotary_factor=1.0,
-                     rope_layout="half", rope_max_position_embeddings=None)
-    if self.position != "rope":
-      for name, default in rope_only.items():
-        if getattr(self, name) != default:
-          raise ValueError(f"{name}={getattr(self, name)!r} needs "
-                           f"position='rope', got {self.position!r}")
+    set_ = lambda name, value: object.__setattr__(self, name, value)
+    attn_layer.position_class(self.position)        # a known name
+    name, parsed = masks.parse(self.mask)
+    extra = {}
+    given = list(parsed.items()) + list(dict(self.mask_args or {}).items())
+    for key, value in given:              # text and mask_args -> fields
+      if key in _MASK_FIELDS:
+        default = 0 if key == "num_sinks" else None
+        if getattr(self, key) not in (default, value):
+          raise ValueError(f"mask {self.mask!r} sets {key}={value!r} but "
+                           f"{key}={getattr(self, key)!r} is also given")
+        set_(key, value)
+      elif extra.get(key, value) != value:
+        raise ValueError(f"mask {self.mask!r} sets {key}={extra[key]!r} but "
+                         f"mask_args gives {key}={value!r}")
+      else:
+        extra[key] = value
+    set_("mask", name)
+    set_("mask_args", extra or None)
+    accepted = masks.parameters(name)
+    for key in _MASK_FIELDS:
+      value = getattr(self, key)
+      if value is None or (key == "num_sinks" and value == 0
+                           and key not in accepted):
+        continue
+      if key not in accepted:
+        takes = (f"its parameters are {tuple(accepted)}" if accepted
+                 else "it takes no parameters")
+        raise ValueError(f"{key}={value!r} is not a parameter of mask "
+                         f"{name!r} ({takes})")
+    self.to_mask()                                   # values are valid
+    if self.self_extend is not None:
+      if (isinstance(self.self_extend, (str, bytes))
+          or len(self.self_extend) != 2):
+        raise ValueError("self_extend must be (group_size, window), got "
+                         f"{self.self_extend!r}")
+      set_("self_extend", tuple(self.self_extend))
+    if self.logits_soft_cap is not None:
+      checks.check_number("logits_soft_cap", self.logits_soft_cap,
+                          positive=True)
+    if self.length_scaling is not None:
+      checks.check_int("length_scaling", self.length_scaling, 2)
+    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    for field, readers in _scheme_fields().items():
+      if field in defaults and getattr(self, field) != defaults[field] and (
+          self.position not in readers):
+        needs = (f"position={readers[0]!r}" if len(readers) == 1
+                 else f"position in {readers}")
+        raise ValueError(f"{field}={getattr(self, field)!r} needs {needs}, "
+                         f"got {self.position!r}")
+
+  def mask_params(self) -> dict[str, Any]:
+    """The mask's parameters by name (shorthand fields and mask_args)."""
+    accepted = masks.parameters(self.mask)
+    params = {k: getattr(self, k) for k in _MASK_FIELDS
+              if k in accepted and getattr(self, k) is not None}
+    params.update(self.mask_args or {})
+    return params
 
   def to_position(self):
     """The attention layer's position scheme object."""
-    if self.position == "rope":
-      return attn_layer.Rope(
-          base=self.rope_base, rope_scaling=self.rope_scaling,
-          max_position_embeddings=self.rope_max_position_embeddings,
-          partial_rotary_factor=self.partial_rotary_factor,
-          layout=self.rope_layout)
-    return {
-        "nope": attn_layer.NoPE(),
-        "alibi": attn_layer.Alibi(),
-        "t5": attn_layer.T5Bias(num_buckets=self.t5_num_buckets,
-                                max_distance=self.t5_max_distance),
-        "kerple": attn_layer.Kerple(),
-        "fire": attn_layer.Fire(),
-    }[self.position]
+    cls = attn_layer.position_class(self.position)
+    params = {param: getattr(self, field)
+              for field, param in cls.spec_fields.items()}
+    params.update(self.position_args or {})
+    return attn_layer.position_from_name(self.position, **params)
 
   def to_mask(self) -> masks.Mask:
-    return {
-        "causal": lambda: masks.Causal(),
-        "sliding_window": lambda: masks.SlidingWindow(self.window),
-        "lambda": lambda: masks.Lambda(self.num_sinks, self.window),
-        "chunked": lambda: masks.Causal() & masks.Chunked(self.chunk),
-    }[self.mask]()
+    return masks.from_name(self.mask, **self.mask_params())
+
+  def mask_label(self) -> str:
+    """The mask as records name it: ``"lambda(sinks=4, window=128)"``."""
+    return masks.label(self.mask, self.mask_params())
+
+  def with_rope_scaling(self, rope_scaling: Optional[Mapping[str, Any]],
+                        train_len: int) -> "AttentionSpec":
+    """This spec with ``rope_scaling`` (a HF dict, or None) relative to a
+    model trained at ``train_len`` (dynamic NTK reads it as
+    max_position_embeddings)."""
+    scaling = None if rope_scaling is None else dict(rope_scaling)
+    dynamic = scaling is not None and scaling.get(
+        "rope_type", scaling.get("type")) == "dynamic"
+    return dataclasses.replace(
+        self, rope_scaling=scaling,
+        rope_max_position_embeddings=int(train_len) if dynamic else None)
+
+  def replace(self, **changes) -> "AttentionSpec":
+    """A copy with ``changes``; changing ``mask`` resets the mask's
+    parameters (window, num_sinks, chunk, mask_args) unless given."""
+    if "mask" in changes:
+      for key in _MASK_FIELDS + ("mask_args",):
+        changes.setdefault(key, 0 if key == "num_sinks" else None)
+    return dataclasses.replace(self, **changes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,9 +244,8 @@ class ModelConfig:
       raise ValueError("attention must be a non-empty tuple of AttentionSpec, "
                        f"got {self.attention!r}")
     object.__setattr__(self, "attention", attention)
-    for spec in attention:
-      if spec.position == "rope":   # bad rope_scaling fails here, not later
-        spec.to_position().frequencies(self.per_head_dim)
+    for spec in attention:   # bad scheme settings fail here, not later
+      spec.to_position().check(self.per_head_dim, spec.to_mask())
 
   @property
   def kv_heads(self) -> int:

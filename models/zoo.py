@@ -42,6 +42,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from extrapolax.attention import rope as rope_lib
+
 from .config import AttentionSpec, ModelConfig
 from .transformer import DecoderLM
 
@@ -70,16 +72,13 @@ _SIZES: dict[str, dict[str, Any]] = {
 # training length L.
 
 
-def _scaled(rope_type: str, **extra):
+def _scaled(rope_type: str):
   """A zero-shot rope scaling (factor SCALE_FACTOR relative to L)."""
 
   def transform(spec: AttentionSpec, train_len: int) -> AttentionSpec:
-    scaling = {"rope_type": rope_type, "factor": SCALE_FACTOR, **extra}
-    if rope_type in ("yarn", "llama3"):
-      scaling["original_max_position_embeddings"] = train_len
-    max_positions = train_len if rope_type == "dynamic" else None
-    return dataclasses.replace(spec, rope_scaling=scaling,
-                               rope_max_position_embeddings=max_positions)
+    return spec.with_rope_scaling(
+        rope_lib.zero_shot_scaling(rope_type, SCALE_FACTOR, train_len),
+        train_len)
 
   return transform
 
@@ -148,8 +147,7 @@ _FAMILIES: dict[str, _Family] = {
                            _scaled("ntk"), "ntk"),
     "rope-yarn": _zero_shot("YaRN, factor 4", _scaled("yarn"), "yarn"),
     "rope-llama3": _zero_shot(
-        "Llama 3 frequency scaling, factor 4", _scaled(
-            "llama3", low_freq_factor=1.0, high_freq_factor=4.0), "llama3"),
+        "Llama 3 frequency scaling, factor 4", _scaled("llama3"), "llama3"),
     "rope-lambda": _zero_shot(
         f"LM-Infinite's Lambda mask ({NUM_SINKS} sinks, window train_len)",
         _lambda_mask, mask=lambda n: f"lambda(sinks={NUM_SINKS}, window={n})"),

@@ -32,14 +32,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 import jax.numpy as jnp
 
-from extrapolax.attention import masks as masks_lib
+from extrapolax.common.checks import check_int
 from . import tiles
 
 Array = jax.Array
 
 
 def _check_block(name, value):
-  masks_lib._check_int(name, value, 1)  # pylint: disable=protected-access
+  check_int(name, value, 1)
   if value & (value - 1):
     raise ValueError(f"{name} must be a power of two, got {value}")
 
@@ -75,7 +75,7 @@ class BlockSizes:
       if getattr(self, f) is not None:
         _check_block(f, getattr(self, f))
     for f in ("num_stages", "num_stages_bwd"):
-      masks_lib._check_int(f, getattr(self, f), 1)  # pylint: disable=protected-access
+      check_int(f, getattr(self, f), 1)
 
   def check_hardware(self):
     """Triton's matrix units need tiles of at least 16."""

@@ -40,7 +40,7 @@ from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 import numpy as np
 
-from extrapolax.attention import masks as masks_lib
+from extrapolax.common.checks import check_int
 from . import tiles
 
 Array = jax.Array
@@ -49,7 +49,7 @@ LANES = 128
 SUBLANES = 8
 _BLOCK_FIELDS = ("block_q", "block_k", "block_q_dq", "block_k_dq",
                  "block_q_dkv", "block_k_dkv")
-_check_int = masks_lib._check_int  # pylint: disable=protected-access
+_check_int = check_int
 
 
 @dataclasses.dataclass(frozen=True)

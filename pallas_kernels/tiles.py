@@ -17,13 +17,12 @@ Mosaic GPU kernel share one copy of the maths:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
-from extrapolax.attention import masks as masks_lib
+from extrapolax.common import geometry
 
 Array = jax.Array
 
@@ -32,18 +31,9 @@ LABEL_BITS = 2
 LABEL_MASK = (1 << LABEL_BITS) - 1
 
 
-@dataclasses.dataclass(frozen=True)
-class TileConfig:
-  """What one attention call computes, closed over by every kernel body."""
-  mask: Optional[masks_lib.Mask]
-  scale: float
-  soft_cap: Optional[float]
-  far_window: Optional[int]
-  has_segments: bool
-  has_slopes: bool
-  has_far: bool
-  q_len: int
-  kv_len: int
+# What one attention call computes, closed over by every kernel body: the
+# settings record all implementations share.
+TileConfig = geometry.AttentionStatics
 
 
 def next_power_of_2(x: int) -> int:
@@ -64,7 +54,7 @@ def schedule(labels: Array, width: Optional[int] = None) -> Array:
   width = 1 + c if width is None else width
   if width < 1 + c:
     raise ValueError(f"schedule width={width} must be >= 1 + {c}")
-  nonempty = labels != masks_lib.EMPTY
+  nonempty = labels != geometry.EMPTY
   count = nonempty.sum(-1).astype(jnp.int32)                    # [B, R]
   order = jnp.argsort(~nonempty, axis=-1, stable=True).astype(jnp.int32)
   label = jnp.take_along_axis(labels, order, axis=-1).astype(jnp.int32)
@@ -91,8 +81,8 @@ def split_schedule(labels: Array, width: Optional[int] = None) -> Array:
   width = 2 + c if width is None else width
   if width < 2 + c:
     raise ValueError(f"split_schedule width={width} must be >= 2 + {c}")
-  full = labels == masks_lib.FULL
-  empty = labels == masks_lib.EMPTY
+  full = labels == geometry.FULL
+  empty = labels == geometry.EMPTY
   rank = jnp.where(full, 0, jnp.where(empty, 2, 1))
   count = (~empty).sum(-1).astype(jnp.int32)
   num_full = full.sum(-1).astype(jnp.int32)
@@ -111,7 +101,7 @@ def entry_block(entry):
 
 
 def entry_is_full(entry):
-  return (entry & LABEL_MASK) == masks_lib.FULL
+  return (entry & LABEL_MASK) == geometry.FULL
 
 
 def _dot_nt(a, b, precision):
@@ -265,7 +255,7 @@ def pad_to(x: Optional[Array], axis: int, size: int, value=0):
 def row_labels(cfg: TileConfig, block_q: int, block_k: int, q_pos, k_pos,
                q_seg, kv_seg) -> Array:
   """Labels [Bl, nq, nk] for (query block, key block) pairs on the device."""
-  return masks_lib.classify_blocks(
+  return geometry.classify_blocks(
       cfg.mask, q_len=cfg.q_len, kv_len=cfg.kv_len, block_q=block_q,
       block_k=block_k, q_positions=q_pos, k_positions=k_pos,
       q_segment_ids=q_seg, kv_segment_ids=kv_seg)
@@ -273,7 +263,7 @@ def row_labels(cfg: TileConfig, block_q: int, block_k: int, q_pos, k_pos,
 
 def visited_blocks(labels: Array) -> Array:
   """What a kernel that skips EMPTY blocks visits: non-empty count per row."""
-  return jnp.sum(labels != masks_lib.EMPTY, axis=-1)
+  return jnp.sum(labels != geometry.EMPTY, axis=-1)
 
 
 DotFn = Callable[..., Array]

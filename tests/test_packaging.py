@@ -26,7 +26,7 @@ def test_wheel_maps_folders_into_the_namespace(tmp_path):
       check=True, cwd=tmp_path)
   wheel, = tmp_path.glob("extrapolax-*.whl")
   names = zipfile.ZipFile(wheel).namelist()
-  for folder in ("attention", "pallas_kernels", "models", "experiments"):
+  for folder in ("common", "attention", "pallas_kernels", "models", "experiments"):
     assert f"extrapolax/{folder}/__init__.py" in names
   assert "extrapolax/attention/xla_chunked.py" in names
   top = {n.split("/")[0] for n in names}
@@ -39,7 +39,7 @@ def test_source_checkout_reads_as_one_package():
   """src/extrapolax/<folder> links each folder back, so IDEs resolve
   ``extrapolax.X`` in a checkout without installing it."""
   view = ROOT / "src" / "extrapolax"
-  for folder in ("attention", "pallas_kernels", "models", "experiments"):
+  for folder in ("common", "attention", "pallas_kernels", "models", "experiments"):
     link = view / folder
     assert link.is_symlink(), link
     assert link.resolve() == (ROOT / folder).resolve()

@@ -33,6 +33,8 @@ from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
+from extrapolax.common.checks import check_int
+
 from . import packing as packing_lib
 from . import store as store_lib
 from . import tasks as tasks_lib
@@ -40,24 +42,6 @@ from . import tasks as tasks_lib
 __all__ = ["TrainSource", "TaskSource"]
 
 _PERMUTATION, _OFFSET = 0, 1      # streams of the per-epoch random draws
-
-
-def _check_positive(name: str, value) -> int:
-  if not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-  return int(value)
-
-
-def _check_seed(seed) -> int:
-  if not isinstance(seed, (int, np.integer)) or seed < 0:
-    raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-  return int(seed)
-
-
-def _check_step(step) -> int:
-  if not isinstance(step, (int, np.integer)) or step < 0:
-    raise ValueError(f"step must be an int >= 0, got {step!r}")
-  return int(step)
 
 
 def _fingerprint(metadata: Mapping[str, Any]) -> str:
@@ -86,9 +70,9 @@ class TrainSource:
       raise ValueError(f"packing must be one of "
                        f"{packing_lib.PACKING_METHODS}, got {packing!r}")
     self.store = store
-    self.seq_len = _check_positive("seq_len", seq_len)
-    self.batch_size = _check_positive("batch_size", batch_size)
-    self.seed = _check_seed(seed)
+    self.seq_len = check_int("seq_len", seq_len, 1)
+    self.batch_size = check_int("batch_size", batch_size, 1)
+    self.seed = check_int("seed", seed, 0)
     self.packing = packing
     self._offsets = store.offsets
     num_tokens = store.num_tokens
@@ -128,7 +112,7 @@ class TrainSource:
 
   def rows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     """(epoch, row within the epoch's row set) of each row of batch step."""
-    step = _check_step(step)
+    step = check_int("step", step, 0)
     global_rows = step * self.batch_size + np.arange(self.batch_size)
     epochs = global_rows // self.num_rows
     rows = np.empty(self.batch_size, np.int64)
@@ -176,7 +160,7 @@ class TrainSource:
 
   def state(self, step: int) -> dict[str, Any]:
     """What a checkpoint stores: the step and what makes batches equal."""
-    return {"kind": "lm", "step": _check_step(step), "seed": self.seed,
+    return {"kind": "lm", "step": check_int("step", step, 0), "seed": self.seed,
             "seq_len": self.seq_len, "batch_size": self.batch_size,
             "packing": self.packing, "num_tokens": self.store.num_tokens,
             "num_documents": self.store.num_documents,
@@ -224,9 +208,9 @@ class TaskSource:
                min_length: Optional[int] = None,
                max_length: Optional[int] = None):
     self.task = tasks_lib.get_task(task) if isinstance(task, str) else task
-    self.seq_len = _check_positive("seq_len", seq_len)
-    self.batch_size = _check_positive("batch_size", batch_size)
-    self.seed = _check_seed(seed)
+    self.seq_len = check_int("seq_len", seq_len, 1)
+    self.batch_size = check_int("batch_size", batch_size, 1)
+    self.seed = check_int("seed", seed, 0)
     fits = self.task.max_length_for(self.seq_len)
     self.min_length = self.task.min_length if min_length is None else int(
         min_length)
@@ -242,14 +226,14 @@ class TaskSource:
     """Batch ``step``; ``rows=(lo, hi)``: only those rows (the generator
     still draws the rows before lo, so they equal the whole batch's)."""
     lo, hi = _row_range(rows, self.batch_size)
-    rng = np.random.default_rng([self.seed, _check_step(step)])
+    rng = np.random.default_rng([self.seed, check_int("step", step, 0)])
     sizes = rng.integers(self.min_length, self.max_length + 1,
                          self.batch_size)
     examples = [self.task.sample(rng, int(n)) for n in sizes[:hi]]
     return tasks_lib.examples_to_batch(examples[lo:], width=self.seq_len)
 
   def state(self, step: int) -> dict[str, Any]:
-    return {"kind": "task", "step": _check_step(step), "seed": self.seed,
+    return {"kind": "task", "step": check_int("step", step, 0), "seed": self.seed,
             "task": self.task.name, "task_params": self.task.params(),
             "seq_len": self.seq_len, "batch_size": self.batch_size,
             "min_length": self.min_length, "max_length": self.max_length}

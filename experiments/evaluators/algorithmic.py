@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from extrapolax.attention import use_implementation
 from extrapolax.experiments import records as records_lib
 
 from . import perplexity
@@ -88,15 +89,20 @@ def grade_examples(logits_fn, tokens: Sequence[np.ndarray],
   return correct, graded
 
 
-def model_logits_fn(model):
-  """A jitted ``tokens [B, T] -> logits`` of an nnx model."""
+def model_logits_fn(model, implementation=None):
+  """A jitted ``tokens [B, T] -> logits`` of an nnx model, its attention on
+  ``implementation`` (None: the model's own)."""
   graphdef, state = nnx.split(model)
 
   @jax.jit
   def logits(state, tokens):
     return nnx.merge(graphdef, state)(tokens)
 
-  return lambda tokens: logits(state, jnp.asarray(tokens))
+  def call(tokens):
+    with use_implementation(implementation):
+      return logits(state, jnp.asarray(tokens))
+
+  return call
 
 
 def algorithmic_accuracy(
@@ -132,8 +138,7 @@ def algorithmic_accuracy(
     raise ValueError("lengths is empty")
   task = _task_object(task)
   name = _task_name(task)
-  logits_fn = model_logits_fn(
-      variants.with_implementation(model, implementation))
+  logits_fn = model_logits_fn(model, implementation)
   extra = {} if train_min_len is None else {"train_min_len": train_min_len}
   shared = variants.labels_for(model, train_len, {**extra, **(labels or {})})
   out = []

@@ -1,12 +1,19 @@
 """Mask sweep: the same trained weights with another mask at inference.
 
-* ``"causal"``: the model as trained (a baseline column).
+A sweep entry is any mask the library can name (``attention.masks.names()``:
+registered masks, a user's included), as text with optional parameters,
+optionally followed by ``+ceiling``:
+
+* ``"causal"``: plain causal (the baseline column for a causal model).
 * ``"sliding_window"``: every query sees its last ``window`` keys.
 * ``"lambda"``: LM-Infinite's Lambda mask, ``num_sinks`` first tokens plus a
   ``window``-key band (window = the training length by default).
-* ``"lambda_ceiling"``: Lambda plus LM-Infinite's distance ceiling on the
-  RoPE layers: sink keys past the band are scored at distance ``window``
-  (RoPE models only).
+* ``"lambda+ceiling"`` (or its older name ``"lambda_ceiling"``): Lambda plus
+  LM-Infinite's distance ceiling on the RoPE layers: sink keys past the band
+  are scored at distance ``window`` (RoPE models only).
+* ``"prefix_lm(prefix_len=8)"``, ``"my_mask(stride=2)"``, ...: any other
+  registered mask; parameters named ``window`` / ``num_sinks`` that the text
+  leaves out come from the sweep's shared settings.
 
 Each variant is scored with
 :func:`~extrapolax.experiments.evaluators.perplexity.perplexity_vs_length`;
@@ -18,25 +25,53 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Sequence
 
+from extrapolax.attention import masks as masks_lib
+
 from . import perplexity
 from . import variants
 
-__all__ = ["MASKS", "perplexity_with_masks", "mask_variant"]
+__all__ = ["MASKS", "CEILING", "perplexity_with_masks", "mask_variant",
+           "check_entries"]
 
+# The default sweep (any registered mask text may be used as well).
 MASKS = ("causal", "sliding_window", "lambda", "lambda_ceiling")
+CEILING = "+ceiling"
+_ALIASES = {"lambda_ceiling": "lambda" + CEILING}
+
+
+def _split(entry: str) -> tuple[str, bool]:
+  """A sweep entry -> (mask text, with the distance ceiling)."""
+  if not isinstance(entry, str):
+    raise ValueError(f"a mask sweep entry must be text such as 'lambda' or "
+                     f"'sliding_window(window=64)', got {entry!r}")
+  entry = _ALIASES.get(entry.strip(), entry.strip())
+  ceiling = entry.endswith(CEILING)
+  return (entry[:-len(CEILING)] if ceiling else entry), ceiling
+
+
+def check_entries(entries: Sequence[str], *, window: int = 1,
+                  num_sinks: int = 0) -> None:
+  """Raises ValueError naming the first entry that names no valid mask."""
+  for entry in entries:
+    text, ceiling = _split(entry)
+    try:
+      name, params = masks_lib.parse(text)
+      accepted = masks_lib.parameters(name)
+      for key, value in (("window", window), ("num_sinks", num_sinks)):
+        if key in accepted:
+          params.setdefault(key, value)
+      mask = masks_lib.from_name(name, **params)
+      if ceiling and not isinstance(mask, masks_lib.Lambda):
+        raise ValueError(f"{CEILING} needs a lambda mask, got {name!r}")
+    except ValueError as e:
+      raise ValueError(f"mask sweep entry {entry!r}: {e}") from e
 
 
 def mask_variant(model, mask: str, *, window: int, num_sinks: int):
-  """``model`` with ``mask`` (one of MASKS) at inference, same weights."""
-  if mask not in MASKS:
-    raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
-  if mask == "causal":
-    return model
-  if mask == "sliding_window":
-    return variants.with_mask(model, "sliding_window", window=window)
-  return variants.with_mask(
-      model, "lambda", window=window, num_sinks=num_sinks,
-      distance_ceiling=window if mask == "lambda_ceiling" else None)
+  """``model`` with the sweep entry ``mask`` at inference, same weights."""
+  text, ceiling = _split(mask)
+  return variants.with_mask(model, text, window=window, num_sinks=num_sinks,
+                            distance_ceiling=window if ceiling else None)
 
 
 def perplexity_with_masks(
@@ -52,7 +87,8 @@ def perplexity_with_masks(
     model: a DecoderLM.
     tokens: the evaluation stream or documents.
     train_len: the training length (default ``model.config.max_len``).
-    masks: any of MASKS.
+    masks: sweep entries (MASKS, or any registered mask text, optionally
+      with ``+ceiling``).
     window: the band / window in keys (default train_len, LM-Infinite's
       n_local).
     num_sinks: Lambda's global (sink) tokens (LM-Infinite uses 10..100,
@@ -67,6 +103,7 @@ def perplexity_with_masks(
   window = int(window or train_len)
   if num_sinks < 0:
     raise ValueError(f"num_sinks must be >= 0, got {num_sinks}")
+  check_entries(masks, window=window, num_sinks=num_sinks)
   built = [(m, mask_variant(model, m, window=window, num_sinks=num_sinks))
            for m in masks]
   user = {k: v for k, v in dict(labels or {}).items()

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from extrapolax.attention import use_implementation
 from extrapolax.experiments import records as records_lib
 
 from . import algorithmic
@@ -153,7 +154,7 @@ def passkey_retrieval(
   train_len = int(train_len or model.config.max_len)
   tokenizer = tokenizer if tokenizer is not None else _default_tokenizer()
   prompt_fn = prompt_fn or _default_prompt_fn()
-  runner = variants.with_implementation(model, implementation)
+  runner = model
   shared = variants.labels_for(model, train_len, labels)
   rng = np.random.default_rng(seed)
   logits_fn = None
@@ -172,13 +173,15 @@ def passkey_retrieval(
     steps = max(len(a) for a in answers)
     batch_size = max(1, tokens_per_batch // (int(length) + steps))
     if decode == "greedy":
-      generated = greedy_continuations(runner, prompts, steps,
-                                       batch_size=batch_size)
+      with use_implementation(implementation):
+        generated = greedy_continuations(runner, prompts, steps,
+                                         batch_size=batch_size)
       passed = np.array([np.array_equal(g[:len(a)], a)
                          for g, a in zip(generated, answers)])
     else:
       if logits_fn is None:
-        logits_fn = algorithmic.model_logits_fn(runner)
+        logits_fn = algorithmic.model_logits_fn(
+            runner, implementation=implementation)
       correct, graded = algorithmic.grade_examples(
           logits_fn, [np.concatenate([p, a]) for p, a in zip(prompts,
                                                                answers)],

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from extrapolax.attention import ContextParallel, use_implementation
 from extrapolax.experiments import records as records_lib
 from extrapolax.experiments import sharding
 
@@ -165,8 +166,11 @@ def logits_nll_fn(logits_fn: Callable[[Any], Any]) -> NllFn:
   return nll
 
 
-def model_nll_fn(model, mesh: Optional[jax.sharding.Mesh] = None) -> NllFn:
-  """A jitted NLL function of an nnx model (compiles once per shape).
+def model_nll_fn(model, mesh: Optional[jax.sharding.Mesh] = None,
+                 implementation=None) -> NllFn:
+  """A jitted NLL function of an nnx model (compiles once per shape), its
+  attention on ``implementation`` (a name or an Implementation; None: the
+  model's own), chosen at call time (no rebuild).
 
   With ``mesh`` the parameters are placed by ``sharding.param_shardings``,
   each call's windows are split over the mesh (sequence over ``context``,
@@ -182,7 +186,12 @@ def model_nll_fn(model, mesh: Optional[jax.sharding.Mesh] = None) -> NllFn:
 
   if mesh is None:
     jitted = jax.jit(nll)
-    return lambda inputs, targets: jitted(state, inputs, targets)
+
+    def call_here(inputs, targets):
+      with use_implementation(implementation):
+        return jitted(state, inputs, targets)
+
+    return call_here
   state = jax.device_put(state, sharding.param_shardings(state, mesh))
   jitted = jax.jit(nll)
 
@@ -190,23 +199,10 @@ def model_nll_fn(model, mesh: Optional[jax.sharding.Mesh] = None) -> NllFn:
     window = _window_sharding(mesh, np.shape(inputs))
     inputs, targets = (jax.device_put(np.asarray(x), window)
                        for x in (inputs, targets))
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), use_implementation(implementation):
       return jitted(state, inputs, targets)
 
   return call
-
-
-def with_context_parallel(model, inner: Optional[str]):
-  """``model`` (parameters shared) with every attention layer splitting the
-  sequence over the ambient mesh's context axis, ``inner`` (a name, or
-  None: automatic) computing each device's blocks."""
-  from extrapolax.attention import context_parallel  # pylint: disable=import-outside-toplevel
-  runner = variants.rebuild(model, model.config)
-  implementation = context_parallel.ContextParallel(inner=inner)
-  for old, new in zip(model.blocks, runner.blocks):
-    new.attn.position = old.attn.position      # settings on built layers
-    new.attn.implementation = implementation
-  return runner
 
 
 def _window_sharding(mesh, shape) -> jax.sharding.NamedSharding:
@@ -366,14 +362,15 @@ def perplexity_vs_length(
       _check_mode(mode, stride if mode == "sliding" else None, length)
   if not lengths:
     raise ValueError("lengths is empty")
-  runner = variants.with_implementation(model, implementation)
   if mesh is not None and mesh.shape.get("context", 1) > 1:
     bad = [l for l in lengths if l % mesh.shape["context"]]
     if bad:
       raise ValueError(f"lengths {bad} are not divisible by the mesh's "
                        f"context={mesh.shape['context']} devices")
-    runner = with_context_parallel(runner, implementation)
-  nll_fn = model_nll_fn(runner, mesh)
+    # Every layer splits the sequence over the mesh's context axis, with
+    # ``implementation`` computing each device's blocks.
+    implementation = ContextParallel(inner=implementation)
+  nll_fn = model_nll_fn(model, mesh, implementation)
   shared = variants.labels_for(model, train_len, labels)
   out, scores = [], {}
   for mode in modes:

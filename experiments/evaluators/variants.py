@@ -1,29 +1,34 @@
 """Inference-time variants of a trained model, and their record labels.
 
-A variant is a ``DecoderLM`` built from a changed ``ModelConfig`` (another
-attention implementation, a RoPE scaling, another mask) that runs the *same*
-parameters: the new model's structure comes from ``nnx.eval_shape`` (no
-weights are initialised) and the trained state is merged into it. Only
-changes that keep the parameter tree are allowed; anything else raises.
+A variant is a ``DecoderLM`` built from a changed ``ModelConfig`` (a RoPE
+scaling, another mask, an inference transform such as LM-Infinite's distance
+ceiling or Self-Extend) that runs the *same* parameters: the new model's
+structure comes from ``nnx.eval_shape`` (no weights are initialised) and the
+trained state is merged into it. Only changes that keep the parameter tree
+are allowed; anything else raises.
+
+Which implementation runs attention is not a variant: choose it at call
+time with ``extrapolax.attention.use_implementation`` (and a mesh with
+``jax.set_mesh``), with no rebuild.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 from flax import nnx
 
-from extrapolax.attention import layer as attn_layer
-from extrapolax.models import DecoderLM, ModelConfig
+from extrapolax.attention import masks as masks_lib
+from extrapolax.attention import rope as rope_lib
+from extrapolax.models import AttentionSpec, DecoderLM, ModelConfig
 
-__all__ = ["rebuild", "with_implementation", "with_rope_scaling",
-           "with_mask", "rope_scaling_dict", "describe", "labels_for",
-           "ROPE_SCALINGS"]
+__all__ = ["rebuild", "with_spec", "with_rope_scaling", "with_mask",
+           "rope_scaling_dict", "describe", "labels_for", "ROPE_SCALINGS"]
 
 # The zero-shot scalings the sweep knows how to parameterise from a factor.
-ROPE_SCALINGS = ("linear", "dynamic", "ntk", "yarn", "llama3")
+ROPE_SCALINGS = rope_lib.ZERO_SHOT_SCALINGS
 
 
 def rebuild(model: DecoderLM, config: ModelConfig) -> DecoderLM:
@@ -45,22 +50,6 @@ def _structure(state) -> list:
                 for path, leaf in jax.tree_util.tree_leaves_with_path(state))
 
 
-def with_implementation(model: DecoderLM,
-                        implementation: Optional[str]) -> DecoderLM:
-  """The model on another attention implementation (None: keep it)."""
-  if implementation is None or model.config.implementation == implementation:
-    return model
-  variant = rebuild(model, model.config.replace(implementation=implementation))
-  # Settings that live on the built layers, not in the config (with_mask's
-  # distance ceiling), carry over unchanged.
-  for old, new in zip(model.blocks, variant.blocks):
-    ceiling = getattr(old.attn.position, "distance_ceiling", None)
-    if ceiling is not None:
-      new.attn.position = dataclasses.replace(new.attn.position,
-                                              distance_ceiling=ceiling)
-  return variant
-
-
 def _map_specs(config: ModelConfig, change, *, only_rope: bool):
   specs = []
   touched = False
@@ -78,26 +67,21 @@ def _map_specs(config: ModelConfig, change, *, only_rope: bool):
 
 def rope_scaling_dict(method: str, factor: float,
                       train_len: int) -> Optional[dict[str, Any]]:
-  """A Hugging Face rope_scaling dict for ``method`` at ``factor``.
+  """A Hugging Face rope_scaling dict for ``method`` at ``factor``
+  (``attention.rope.zero_shot_scaling``; ``"none"`` gives None)."""
+  return rope_lib.zero_shot_scaling(method, factor, train_len)
 
-  ``train_len`` is the original context (yarn/llama3's
-  original_max_position_embeddings; dynamic reads it as
-  max_position_embeddings from the spec). llama3 uses Llama 3.1's
-  low_freq_factor 1 and high_freq_factor 4. ``"none"`` gives None.
+
+def with_spec(model: DecoderLM, change: Callable[[AttentionSpec],
+                                                 AttentionSpec], *,
+              only_rope: bool = False) -> DecoderLM:
+  """``model`` with every layer's spec (every RoPE layer's with
+  ``only_rope``) passed through ``change``, same weights.
+
+  The variant is built from the changed specs; nothing is set on built
+  layers. Changes that alter the parameter tree raise.
   """
-  if method == "none":
-    return None
-  if method not in ROPE_SCALINGS:
-    raise ValueError(f"rope scaling method must be one of "
-                     f"{('none',) + ROPE_SCALINGS}, got {method!r}")
-  if not factor > 0:
-    raise ValueError(f"rope scaling factor must be > 0, got {factor!r}")
-  scaling = {"rope_type": method, "factor": float(factor)}
-  if method in ("yarn", "llama3"):
-    scaling["original_max_position_embeddings"] = int(train_len)
-  if method == "llama3":
-    scaling.update(low_freq_factor=1.0, high_freq_factor=4.0)
-  return scaling
+  return rebuild(model, _map_specs(model.config, change, only_rope=only_rope))
 
 
 def with_rope_scaling(model: DecoderLM, rope_scaling: Optional[Mapping],
@@ -107,64 +91,51 @@ def with_rope_scaling(model: DecoderLM, rope_scaling: Optional[Mapping],
   ``train_len`` becomes the layers' max_position_embeddings (what dynamic
   NTK scales against).
   """
-  scaling = None if rope_scaling is None else dict(rope_scaling)
-  needs_max = scaling is not None and scaling.get(
-      "rope_type", scaling.get("type")) == "dynamic"
-  config = _map_specs(model.config, lambda s: dataclasses.replace(
-      s, rope_scaling=scaling,
-      rope_max_position_embeddings=int(train_len) if needs_max else None),
-                      only_rope=True)
-  return rebuild(model, config)
+  return with_spec(model, lambda s: s.with_rope_scaling(rope_scaling,
+                                                        train_len),
+                   only_rope=True)
 
 
 def with_mask(model: DecoderLM, mask: str, *, window: Optional[int] = None,
-              num_sinks: int = 0,
-              distance_ceiling: Optional[int] = None) -> DecoderLM:
+              num_sinks: Optional[int] = None,
+              distance_ceiling: Optional[int] = None,
+              self_extend: Optional[tuple[int, int]] = None,
+              **mask_args) -> DecoderLM:
   """Every layer with another mask at inference (same weights).
 
-  mask: "causal", "sliding_window" (``window`` keys) or "lambda"
-  (``num_sinks`` sinks and a ``window``-key band, LM-Infinite).
-  distance_ceiling: with "lambda", the RoPE layers score the sink keys past
-  the band at this fixed distance (LM-Infinite's ceiling; usually the
-  training length). AttentionSpec has no field for it, so it is set on the
-  rebuilt model's attention layers.
+  Args:
+    model: a DecoderLM.
+    mask: a registered mask name or text (``attention.masks.names()``:
+      "causal", "sliding_window", "lambda", "chunked", "prefix_lm", or one a
+      user registered), e.g. ``"lambda(num_sinks=4, window=64)"``.
+    window, num_sinks: fill those parameters when the mask takes them and
+      the text does not give them (the sweeps' shared settings).
+    distance_ceiling: LM-Infinite's ceiling on the RoPE layers (needs a
+      lambda mask): sink keys past the band are scored at this distance.
+    self_extend: (group_size, window): Self-Extend on the RoPE layers.
+    **mask_args: further mask parameters by name.
   """
-  if mask not in ("causal", "sliding_window", "lambda"):
-    raise ValueError(f"mask must be causal, sliding_window or lambda, got "
-                     f"{mask!r}")
-  if mask == "causal":
-    change = lambda s: dataclasses.replace(s, mask="causal", window=None,
-                                           num_sinks=0)
-  else:
-    change = lambda s: dataclasses.replace(
-        s, mask=mask, window=window,
-        num_sinks=num_sinks if mask == "lambda" else 0)
-  variant = rebuild(model, _map_specs(model.config, change, only_rope=False))
-  if distance_ceiling is not None:
-    if mask != "lambda":
-      raise ValueError(f"distance_ceiling needs mask='lambda', got {mask!r}")
-    if distance_ceiling < 0:
-      raise ValueError(f"distance_ceiling must be >= 0, got "
-                       f"{distance_ceiling}")
-    rope_layers = [b.attn for b in variant.blocks
-                   if isinstance(b.attn.position, attn_layer.Rope)]
-    if not rope_layers:
-      raise ValueError("distance_ceiling needs RoPE layers; the model has "
-                       "none")
-    for attn in rope_layers:
-      attn.position = dataclasses.replace(
-          attn.position, distance_ceiling=int(distance_ceiling))
-  return variant
-
-
-def _mask_label(spec) -> str:
-  if spec.mask == "sliding_window":
-    return f"sliding_window({spec.window})"
-  if spec.mask == "lambda":
-    return f"lambda(sinks={spec.num_sinks}, window={spec.window})"
-  if spec.mask == "chunked":
-    return f"chunked({spec.chunk})"
-  return spec.mask
+  name, params = masks_lib.parse(mask)
+  accepted = masks_lib.parameters(name)
+  for key, value in (("window", window), ("num_sinks", num_sinks)):
+    if value is not None and key in accepted:
+      params.setdefault(key, value)
+  params.update(mask_args)
+  masks_lib.from_name(name, **params)       # a bad mask fails here
+  change = lambda s: s.replace(mask=name, mask_args=params or None)
+  variant_config = _map_specs(model.config, change, only_rope=False)
+  transforms = {k: v for k, v in (("distance_ceiling", distance_ceiling),
+                                  ("self_extend", self_extend))
+                if v is not None}
+  if transforms:
+    if not any(s.position == "rope" for s in variant_config.attention):
+      raise ValueError(f"{sorted(transforms)} need RoPE layers; the model "
+                       f"has none (positions: "
+                       f"{sorted({s.position for s in variant_config.attention})})")
+    variant_config = _map_specs(
+        variant_config, lambda s: dataclasses.replace(s, **transforms),
+        only_rope=True)
+  return rebuild(model, variant_config)
 
 
 def _distinct(values):
@@ -198,13 +169,15 @@ def describe(model_or_config) -> dict[str, Any]:
     scale = 1.0 if factor is None else float(factor)
   else:
     scaling, scale = "none", 1.0
-  mask = "+".join(_distinct(_mask_label(s) for s in specs))
-  ceilings = _distinct(  # lives on the built layers only, not the config
-      getattr(b.attn.position, "distance_ceiling", None)
-      for b in getattr(model_or_config, "blocks", ()))
-  ceilings = [c for c in ceilings if c is not None]
+  mask = "+".join(_distinct(s.mask_label() for s in specs))
+  ceilings = _distinct(s.distance_ceiling for s in specs
+                       if s.distance_ceiling is not None)
   if ceilings:
     mask += f"+ceiling({ceilings[0]})"
+  extends = _distinct(tuple(s.self_extend) for s in specs
+                      if s.self_extend is not None)
+  if extends:
+    mask += f"+self_extend({extends[0][0]}, {extends[0][1]})"
   return dict(pe=pe, scaling=scaling, scale=scale, mask=mask)
 
 

@@ -140,7 +140,8 @@ def test_learned_position_embedding_cannot_extrapolate():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_kv_heads=3), "num_heads=4 must be a multiple of num_kv_heads=3"),
-    (dict(position="rope"), "position must be one of"),
+    (dict(position="ropee"), "position must be one of .* got 'ropee' \\(did you mean 'rope'"),
+    (dict(position=3), "position must be a PositionScheme"),
     (dict(position=L.Rope(distance_ceiling=4)), "needs a Lambda mask"),
     (dict(length_scaling=1), "length_scaling must be >= 2, got 1"),
     (dict(position=L.Rope(rope_scaling={"rope_type": "linear"})), "factor"),

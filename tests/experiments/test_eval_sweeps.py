@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from extrapolax import attention
+from extrapolax.attention import core
 from extrapolax.attention import layer as attn_layer
 from extrapolax.experiments import records
 from extrapolax.experiments.evaluators import mask_sweep
@@ -166,16 +168,34 @@ def test_masks_match_causal_where_every_key_is_visible():
       ROPE.blocks[0].attn.position.distance_ceiling is None)
 
 
-def test_switching_implementation_keeps_the_distance_ceiling():
+def test_implementation_chosen_at_call_time_keeps_the_distance_ceiling():
+  """use_implementation switches every layer's implementation, no rebuild;
+  the spec's ceiling stays."""
   window, sinks = 16, 2
   ceiling = mask_sweep.mask_variant(ROPE, "lambda_ceiling", window=window,
                                     num_sinks=sinks)
-  impl = "xla" if ceiling.config.implementation != "xla" else "xla_chunked"
-  moved = variants.with_implementation(ceiling, impl)
-  assert moved is not ceiling
-  assert all(b.attn.position.distance_ceiling == window
-             for b in moved.blocks)
-  np.testing.assert_allclose(logits(moved), logits(ceiling), atol=1e-5)
+  assert all(s.distance_ceiling == window for s in ceiling.config.attention)
+  seen = []
+  original = core.dot_product_attention
+
+  def spy(*args, implementation=None, **kwargs):
+    seen.append(implementation)
+    return original(*args, implementation=implementation, **kwargs)
+
+  core.dot_product_attention = spy
+  try:
+    with attention.use_implementation("xla"):
+      dense = logits(ceiling)
+    with attention.use_implementation("xla_chunked"):
+      chunked = logits(ceiling)
+  finally:
+    core.dot_product_attention = original
+  names = [getattr(i, "name", i) for i in seen]
+  assert "xla" in names and "xla_chunked" in names, names
+  np.testing.assert_allclose(chunked, dense, atol=1e-5)
+  with pytest.raises(ValueError, match="unknown implementation"):
+    with attention.use_implementation("xla_chunkd"):
+      pass
 
 
 def test_mask_labels():

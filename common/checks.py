@@ -1,0 +1,90 @@
+"""Argument checks shared by every package: one clear ValueError each.
+
+Each check returns the value normalised (a Python ``int`` or ``float``), so
+callers write ``self.window = check_int("window", window, 1)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+from typing import Any, Iterable, Optional, Sequence
+
+__all__ = ["check_int", "check_optional_int", "check_number", "check_choice",
+           "check_numbers", "close_matches"]
+
+
+def check_int(name: str, value, minimum: int = 0,
+              maximum: Optional[int] = None) -> int:
+  """``value`` as an int in [minimum, maximum]; bools and floats refused."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+  if value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {value}")
+  if maximum is not None and value > maximum:
+    raise ValueError(f"{name} must be <= {maximum}, got {value}")
+  return int(value)
+
+
+def check_optional_int(name: str, value, minimum: int = 0) -> Optional[int]:
+  """None, or ``check_int``."""
+  return None if value is None else check_int(name, value, minimum)
+
+
+def check_number(name: str, value, *, positive: bool = False,
+                 minimum: Optional[float] = None,
+                 maximum: Optional[float] = None,
+                 finite: bool = True) -> float:
+  """``value`` as a float: real, finite (unless ``finite=False``), and > 0
+  with ``positive``, within [minimum, maximum] when given."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise ValueError(f"{name} must be a real number, got {value!r}")
+  value = float(value)
+  if math.isnan(value) or (finite and math.isinf(value)):
+    raise ValueError(f"{name} must be a finite number, got {value}")
+  if positive and value <= 0:
+    raise ValueError(f"{name} must be a finite number > 0, got {value}")
+  if minimum is not None and value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {value}")
+  if maximum is not None and value > maximum:
+    raise ValueError(f"{name} must be <= {maximum}, got {value}")
+  return value
+
+
+def close_matches(value: Any, allowed: Iterable[str]) -> str:
+  """" (did you mean 'x'?)" for a near miss among ``allowed``, else ""."""
+  if not isinstance(value, str):
+    return ""
+  near = difflib.get_close_matches(value, [str(a) for a in allowed], n=2)
+  if not near:
+    return ""
+  return " (did you mean " + " or ".join(repr(n) for n in near) + "?)"
+
+
+def check_choice(name: str, value, allowed: Sequence) -> Any:
+  """``value`` if it is one of ``allowed``; else names both."""
+  if value not in tuple(allowed):
+    raise ValueError(f"{name} must be one of {tuple(allowed)}, got "
+                     f"{value!r}{close_matches(value, allowed)}")
+  return value
+
+
+def check_numbers(name: str, values: Sequence, *, integer: bool = False,
+                  minimum: Optional[float] = None,
+                  positive: bool = True) -> tuple:
+  """Every item of ``values`` a number (an integer with ``integer``),
+  > 0 with ``positive``, >= ``minimum`` when given."""
+  for v in values:
+    ok = (not isinstance(v, bool) and isinstance(v, numbers.Real)
+          and math.isfinite(v) and (not positive or v > 0)
+          and (minimum is None or v >= minimum)
+          and (not integer or int(v) == v))
+    if not ok:
+      kind = "integers" if integer else "numbers"
+      bound = ("positive " if positive else "") + kind
+      if minimum is not None:
+        bound += f" >= {minimum}"
+      raise ValueError(f"{name}={tuple(values)!r} must hold {bound}; got "
+                       f"{v!r}")
+  return tuple(int(v) if integer else v for v in values)
