@@ -12,14 +12,18 @@ orbax checkpoints that include the data position, metrics and resume.
                      targets in the batch), elapsed_sec (this process)
   events.out.tfevents.*   the same scalars for TensorBoard
   checkpoints/<step>/     orbax: params, opt_state, data (step, seed and the
-                     data source's state)
+                     data source's state); manifest.json, written last
+                     (sha256 of each file, the run's fixed config)
+  .lock              held while a run trains (workdir_lock: one run only)
 
 Rerunning with the same workdir resumes from the latest checkpoint. Batches
 are a pure function of (seed, step) and the step is deterministic, so a run
 killed part-way and resumed logs the same losses, bit for bit on the CPU, as
 one that never stopped (metrics logged after the checkpoint it resumes from are
-dropped and logged again). A non-finite loss stops the run with
-``NonFiniteLossError`` naming the step; no checkpoint is written past it.
+dropped and logged again). A damaged checkpoint or a swapped config.json is
+refused naming the file; an interrupted save is skipped. A non-finite loss
+stops the run with ``NonFiniteLossError`` naming the step; no checkpoint is
+written past it.
 
 The step is a pure function of (params, opt_state, batch) under ``jax.jit``:
 the model is split once into a graph definition and its parameter state (nnx
