@@ -98,9 +98,8 @@ def latest_complete(workdir: str, *, remove_newer: bool = False
     if remove_newer and jax.process_index() == 0:
       for s in newer:
         shutil.rmtree(step_dir(workdir, s))
-    if remove_newer and jax.process_count() > 1:
-      from jax.experimental import multihost_utils as mh  # pylint: disable=import-outside-toplevel
-      mh.sync_global_devices("extrapolax_drop_incomplete")
+    if remove_newer:
+      _sync("extrapolax_drop_incomplete")
   return latest
 
 
@@ -116,16 +115,31 @@ def save(manager, step, params, opt_state, data_state, *, workdir: str,
         data=ocp.args.JsonSave(data_state)))
     manager.wait_until_finished()
   directory = step_dir(workdir, step)
+  # Listed before the barrier below, so every process prunes the same steps.
+  done = sorted(set(steps(workdir)[0]) | {step})
   if jax.process_index() == 0:
     checkpoint_files.write_manifest(directory, {
         "format": _FORMAT, "version": _VERSION, "step": int(step),
         "checksum": "sha256", "config": dict(config),
         "config_sha256": checkpoint_files.json_sha256(dict(config)),
         "files": checkpoint_files.describe_files(directory)})
-  done, _ = steps(workdir)
+  _sync("extrapolax_manifest_written")
   with quiet_orbax():
     for old in [s for s in done if s < step][:max(len(done) - keep, 0)]:
+      # Manifest first: a kill mid-delete leaves an incomplete step, not a
+      # damaged one.
+      manifest = os.path.join(step_dir(workdir, old),
+                              checkpoint_files.MANIFEST)
+      if jax.process_index() == 0 and os.path.exists(manifest):
+        os.remove(manifest)
       manager.delete(old)
+
+
+def _sync(name: str) -> None:
+  """A barrier across processes (nothing on a single-process run)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils as mh  # pylint: disable=import-outside-toplevel
+    mh.sync_global_devices(name)
 
 
 def verify(workdir: str, step: int) -> dict:
