@@ -10,11 +10,12 @@ Once orbax has finished, ``manifest.json`` is written last and atomically
 into the step's folder (``models.checkpoint_files``): the size and sha256 of
 every file orbax wrote, and the run's config (the fields that may not change
 on resume) with its sha256. A step folder without it is incomplete (the save
-was interrupted): it is skipped with a warning, and a resume removes it and
-continues from the newest complete step. A complete step is verified before
-orbax reads it: a changed, short or missing file raises
-``checkpoint_files.CheckpointError`` naming it. Old steps are removed (keep
-the newest ``keep``) only after the new step's manifest is written.
+was interrupted, or the removal of an old step): it is skipped with a
+warning, and a resume removes it and continues from the newest complete
+step. A complete step is verified before orbax reads it: a changed, short or
+missing file raises ``checkpoint_files.CheckpointError`` naming it. Old
+steps are removed (keep the newest ``keep``) only after the new step's
+manifest is written.
 """
 
 from __future__ import annotations
@@ -81,25 +82,28 @@ def steps(workdir: str) -> tuple[list[int], list[int]]:
   return done, [s for s in found if s not in done]
 
 
-def latest_complete(workdir: str, *, remove_newer: bool = False
+def latest_complete(workdir: str, *, remove_incomplete: bool = False
                     ) -> Optional[int]:
-  """The newest complete step (None if none). Incomplete newer step folders
-  are named in a warning and, with ``remove_newer`` (a resume, before the
-  manager opens), deleted so the run can save those steps again."""
+  """The newest complete step (None if none).
+
+  Incomplete step folders (a save or a removal that was interrupted) are
+  named in a warning and, with ``remove_incomplete`` (a resume, before the
+  manager opens), deleted: newer ones so the run can save those steps
+  again, older ones because nothing can load them.
+  """
   done, incomplete = steps(workdir)
   latest = done[-1] if done else None
-  newer = [s for s in incomplete if latest is None or s > latest]
-  if newer:
+  if incomplete:
     absl_logging.warning(
-        "skipping incomplete checkpoint(s) %s (no %s: the save was "
-        "interrupted)%s; using %s", [step_dir(workdir, s) for s in newer],
-        checkpoint_files.MANIFEST, "; removing them" if remove_newer else "",
-        f"step {latest}" if latest is not None else "no checkpoint")
-    if remove_newer and jax.process_index() == 0:
-      for s in newer:
+        "skipping incomplete checkpoint(s) %s (no %s: a save or a removal "
+        "was interrupted)%s; the newest complete step is %s",
+        [step_dir(workdir, s) for s in incomplete], checkpoint_files.MANIFEST,
+        "; removing them" if remove_incomplete else "", latest)
+  if remove_incomplete and incomplete:
+    if jax.process_index() == 0:
+      for s in incomplete:
         shutil.rmtree(step_dir(workdir, s))
-    if remove_newer:
-      _sync("extrapolax_drop_incomplete")
+    _sync("extrapolax_drop_incomplete")
   return latest
 
 

@@ -490,8 +490,8 @@ def _train(config, workdir: str, source) -> TrainResult:
   with contextlib.ExitStack() as stack:
     # The ambient mesh lets attention split the sequence (context axis).
     stack.enter_context(jax.set_mesh(mesh))
-    # Incomplete newer steps go before orbax lists the folder.
-    start = checkpoints.latest_complete(workdir, remove_newer=True) or 0
+    # Incomplete steps go before orbax lists the folder.
+    start = checkpoints.latest_complete(workdir, remove_incomplete=True) or 0
     manager = checkpoints.open_manager(workdir)
     stack.callback(checkpoints.close, manager)
     if start:

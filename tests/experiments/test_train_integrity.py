@@ -128,6 +128,17 @@ def test_incomplete_newer_step_is_skipped(run, workdir, damage, caplog):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_older_step_left_by_an_interrupted_removal_is_cleared(workdir):
+  # Pruning removes a step's manifest first: a kill there leaves it
+  # incomplete. The newest step still loads; a resume clears the leftover.
+  os.remove(os.path.join(workdir, "checkpoints", "3", "manifest.json"))
+  trainer.load_model(workdir)
+  again = StreamSource(_stream())
+  trainer.train(_config(train_steps=9), workdir, source=again)
+  assert again.calls == [6, 7, 8]
+  assert checkpoints.steps(workdir) == ([6, 9], [])
+
+
 def test_config_of_another_model_with_the_same_shapes_is_refused(workdir):
   path = os.path.join(workdir, "config.json")
   with open(path, encoding="utf-8") as f:
