@@ -99,10 +99,17 @@ def latest_complete(workdir: str, *, remove_incomplete: bool = False
         "was interrupted)%s; the newest complete step is %s",
         [step_dir(workdir, s) for s in incomplete], checkpoint_files.MANIFEST,
         "; removing them" if remove_incomplete else "", latest)
-  if remove_incomplete and incomplete:
+  root = os.path.join(workdir, "checkpoints")
+  # orbax's temporary folders of a killed save (it reuses one only when
+  # the same step is saved again).
+  temporary = [n for n in (os.listdir(root) if os.path.isdir(root) else ())
+               if ".orbax-checkpoint-tmp" in n]
+  if remove_incomplete and (incomplete or temporary):
     if jax.process_index() == 0:
       for s in incomplete:
         shutil.rmtree(step_dir(workdir, s))
+      for name in temporary:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     _sync("extrapolax_drop_incomplete")
   return latest
 

@@ -105,6 +105,8 @@ def test_incomplete_newer_step_is_skipped(run, workdir, damage, caplog):
     os.makedirs(os.path.join(workdir, "checkpoints", "9"))
   else:                       # killed after orbax, before the manifest
     os.remove(os.path.join(folder, "manifest.json"))
+  os.makedirs(os.path.join(workdir, "checkpoints",
+                           "12.orbax-checkpoint-tmp-1234", "params"))
   newest = 9 if damage == "empty" else 6
   with caplog.at_level(logging.WARNING):
     model, _ = trainer.load_model(workdir)
@@ -122,8 +124,12 @@ def test_incomplete_newer_step_is_skipped(run, workdir, damage, caplog):
   resumed = trainer.train(_config(), workdir, source=again)
   assert again.calls == [3, 4, 5]
   assert checkpoints.steps(workdir) == ([3, 6], [])
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
   assert [r["step"] for r in resumed.metrics] == [1, 2, 3, 4, 5, 6]
-  assert resumed.metrics == run[1].metrics[:3] + resumed.metrics[3:]
+  assert resumed.metrics[:3] == run[1].metrics[:3]     # kept as they were
+  for key in ("loss", "grad_norm", "lr"):                # bit for bit
+    assert [r[key] for r in resumed.metrics] == [
+        r[key] for r in run[1].metrics], key
   for a, b in zip(_params(resumed.model), _params(run[1].model)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
