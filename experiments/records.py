@@ -37,8 +37,9 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
 from typing import Any, Iterable, Mapping
+
+from extrapolax.experiments import jsonl
 
 __all__ = ["FIELDS", "OPTIONAL_FIELDS", "MODES", "make_record", "append",
            "read", "variant_label"]
@@ -159,27 +160,27 @@ def append(path: str, records: Iterable[Mapping[str, Any]]) -> int:
   """Validates ``records`` and appends them to ``path`` (JSON lines).
 
   Every record is validated before anything is written, so a bad record
-  leaves the file as it was. Returns the number of records written.
+  leaves the file as it was. The lines go out in one write, then flush and
+  fsync (``jsonl.append``: a torn last line left by a kill is cut away
+  first). Returns the number of records written.
   """
   lines = [json.dumps(make_record(**r), sort_keys=True) for r in records]
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  with open(path, "a", encoding="utf-8") as f:
-    for line in lines:
-      f.write(line + "\n")
+  jsonl.append(path, lines)
   return len(lines)
 
 
 def read(path: str) -> list[dict[str, Any]]:
-  """The records of a JSON-lines file, validated (blank lines skipped)."""
+  """The records of a JSON-lines file, validated (blank lines skipped).
+
+  A torn last line (a kill during an append) is dropped with a warning; a
+  bad line elsewhere raises ValueError naming the file and line.
+  """
   records = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        data = json.loads(line)
-        records.append(make_record(**data))
-      except (ValueError, TypeError) as e:
-        raise ValueError(f"{path}:{number}: bad record: {e}") from e
+  for number, data in jsonl.read(path):
+    try:
+      if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {data!r}")
+      records.append(make_record(**data))
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{path}:{number}: bad record: {e}") from e
   return records

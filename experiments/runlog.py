@@ -19,24 +19,38 @@ from typing import Callable, Mapping
 import jax
 from absl import logging as absl_logging
 
+from extrapolax.experiments import jsonl
+
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The records of metrics.jsonl (empty if there is none)."""
+  """The records of metrics.jsonl (empty if there is none; a torn last
+  line is dropped with a warning)."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.isfile(path):
     return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  records = []
+  for number, record in jsonl.read(path):
+    if not isinstance(record, dict) or not isinstance(record.get("step"),
+                                                      int):
+      raise ValueError(f"{path}:{number}: not a metrics record (no integer "
+                       "'step'); fix or delete that line")
+    records.append(record)
+  return records
 
 
 def truncate_metrics(workdir: str, last_step: int) -> None:
-  """Drops records past the checkpoint a run resumes from."""
+  """Drops records past the checkpoint a run resumes from (a crash after
+  logging, before its checkpoint, would repeat them), and repeated steps
+  (the last one kept), in step order."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.isfile(path):
     return
-  kept = [r for r in read_metrics(workdir) if r["step"] <= last_step]
+  by_step = {r["step"]: r for r in read_metrics(workdir)
+             if r["step"] <= last_step}
   with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.writelines(json.dumps(r) + "\n" for r in kept)
+    f.writelines(json.dumps(by_step[s]) + "\n" for s in sorted(by_step))
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(path + ".tmp", path)
 
 

@@ -12,14 +12,18 @@ orbax checkpoints that include the data position, metrics and resume.
                      targets in the batch), elapsed_sec (this process)
   events.out.tfevents.*   the same scalars for TensorBoard
   checkpoints/<step>/     orbax: params, opt_state, data (step, seed and the
-                     data source's state)
+                     data source's state); manifest.json, written last
+                     (sha256 of each file, the run's fixed config)
+  .lock              held while a run trains (workdir_lock: one run only)
 
 Rerunning with the same workdir resumes from the latest checkpoint. Batches
 are a pure function of (seed, step) and the step is deterministic, so a run
 killed part-way and resumed logs the same losses, bit for bit on the CPU, as
 one that never stopped (metrics logged after the checkpoint it resumes from are
-dropped and logged again). A non-finite loss stops the run with
-``NonFiniteLossError`` naming the step; no checkpoint is written past it.
+dropped and logged again). A damaged checkpoint or a swapped config.json is
+refused naming the file; an interrupted save is skipped. A non-finite loss
+stops the run with ``NonFiniteLossError`` naming the step; no checkpoint is
+written past it.
 
 The step is a pure function of (params, opt_state, batch) under ``jax.jit``:
 the model is split once into a graph definition and its parameter state (nnx
@@ -59,15 +63,14 @@ from flax import nnx
 
 from extrapolax.experiments import checkpoints
 from extrapolax.experiments import modeling
+from extrapolax.experiments import run_config
 from extrapolax.experiments import runlog
 from extrapolax.experiments import sharding
+from extrapolax.experiments import workdir_lock
 from extrapolax.models import DecoderLM, ModelConfig
 
-# Fields that may change when a run resumes (the rest must match config.json).
-# The mesh may change too: checkpoints are resharded onto the new one.
-RESUMABLE_FIELDS = ("train_steps", "log_every", "checkpoint_every",
-                    "keep_checkpoints", "mesh", "mesh.data", "mesh.fsdp",
-                    "mesh.tensor", "mesh.context")
+RESUMABLE_FIELDS = run_config.RESUMABLE_FIELDS
+WorkdirLockedError = workdir_lock.WorkdirLockedError
 _REQUIRED_KEYS = ("tokens", "targets", "weights")
 _OPTIONAL_KEYS = ("positions", "segment_ids")
 
@@ -390,55 +393,8 @@ def _source_state(source, step: int) -> Any:
   return json.loads(json.dumps(state, default=lambda x: np.asarray(x).item()))
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config.json a training run wrote."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise ValueError(f"{workdir} holds no training run (no config.json)")
-  with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def _config_json(config) -> dict:
-  return json.loads(config.to_json_best_effort(sort_keys=True))
-
-
-def _differences(old: Mapping, new: Mapping, prefix="") -> list[str]:
-  out = []
-  for key in sorted(set(old) | set(new)):
-    a, b = old.get(key), new.get(key)
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-      out += _differences(a, b, f"{prefix}{key}.")
-    elif a != b and f"{prefix}{key}" not in RESUMABLE_FIELDS:
-      out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-  return out
-
-
-def _write_config(config, workdir: str) -> None:
-  """Writes config.json; a resumed run may only change RESUMABLE_FIELDS."""
-  path = os.path.join(workdir, "config.json")
-  new = _config_json(config)
-  if os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      old = json.load(f)
-    changed = _differences(old, new)
-    if old.get("train_steps") != new["train_steps"]:
-      absl_logging.warning(
-          "train_steps changed from %s to %s: the cosine schedule of the "
-          "remaining steps follows the new value", old.get("train_steps"),
-          new["train_steps"])
-    if changed:
-      raise ValueError(
-          f"{workdir} holds a run with a different config "
-          f"({'; '.join(changed)}); only {RESUMABLE_FIELDS} may change when "
-          "resuming. Use another --workdir for a new run")
-  if jax.process_index():
-    return      # multi-host: process 0 writes the workdir's files
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(new, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+# The run's config.json (kept here: the trainer's public reader).
+read_config = run_config.read_config
 
 
 # metrics.jsonl of a run (kept here: the trainer's public reader).
@@ -459,8 +415,12 @@ def _prepare(config) -> ml_collections.ConfigDict:
 
 
 def _resume(manager, start, params, opt_state, config, source, workdir):
-  """(params, opt_state) of checkpoint ``start``, after checking that the
-  data source would serve the same batches."""
+  """(params, opt_state) of checkpoint ``start``, after verifying its files
+  and config and checking that the data source would serve the same
+  batches."""
+  manifest = checkpoints.verify(workdir, start)
+  run_config.check_saved_config(manifest, run_config.config_json(config),
+                                workdir, start)
   restored = checkpoints.restore(manager, start, {
       "params": nnx.to_pure_dict(params),
       "opt_state": jax.tree.leaves(opt_state), "data": None})
@@ -500,12 +460,20 @@ def train(config, workdir: str, *, source=None) -> TrainResult:
 
   Raises:
     ValueError: a bad config value, or a workdir holding another config.
+    WorkdirLockedError: another run holds the workdir (names its pid/host).
+    checkpoint_files.CheckpointError: the checkpoint to resume from is
+      damaged (names the file) or was saved with another config.json.
     NonFiniteLossError: the loss became NaN or infinite (names the step).
   """
   config = _prepare(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
-  _write_config(config, workdir)
+  with workdir_lock.hold(workdir):
+    return _train(config, workdir, source)
+
+
+def _train(config, workdir: str, source) -> TrainResult:
+  run_config.write_config(config, workdir)
   if source is None:
     source = make_source(config, workdir)
 
@@ -522,15 +490,17 @@ def train(config, workdir: str, *, source=None) -> TrainResult:
   with contextlib.ExitStack() as stack:
     # The ambient mesh lets attention split the sequence (context axis).
     stack.enter_context(jax.set_mesh(mesh))
-    manager = checkpoints.open_manager(workdir, config.keep_checkpoints)
+    # Incomplete steps go before orbax lists the folder.
+    start = checkpoints.latest_complete(workdir, remove_incomplete=True) or 0
+    manager = checkpoints.open_manager(workdir)
     stack.callback(checkpoints.close, manager)
-    start = manager.latest_step() or 0
     if start:
       params, opt_state = _resume(manager, start, params, opt_state, config,
                                   source, workdir)
     log = stack.enter_context(runlog.RunLog(
         workdir, config, start, learning_rate_schedule(config, xp=np)))
     pending: list[tuple[int, dict]] = []
+    fixed = run_config.fixed_fields(run_config.config_json(config))
     for index in range(start, config.train_steps):
       step = index + 1
       batch = sharding.host_batch(
@@ -548,7 +518,8 @@ def train(config, workdir: str, *, source=None) -> TrainResult:
       if save:
         checkpoints.save(manager, step, params, opt_state, {
             "step": step, "seed": config.seed,
-            "source": _source_state(source, step)})
+            "source": _source_state(source, step)}, workdir=workdir,
+                         config=fixed, keep=config.keep_checkpoints)
   return TrainResult(model=nnx.merge(graphdef, params),
                      step=max(start, config.train_steps),
                      metrics=runlog.read_metrics(workdir))
@@ -572,7 +543,11 @@ def load_model(workdir: str, *, step: Optional[int] = None,
   """The model of a run's latest (or given) checkpoint, and its config.
 
   The parameters land on the first local device, or sharded on ``mesh``
-  (``sharding.param_shardings``) whatever mesh wrote the checkpoint.
+  (``sharding.param_shardings``) whatever mesh wrote the checkpoint. The
+  latest step is the newest complete one (an interrupted save is skipped
+  with a warning); its files and config.json are verified against its
+  manifest first (``checkpoint_files.CheckpointError`` names a damaged
+  file, or a config.json the checkpoint was not saved with).
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   config = read_config(workdir)
@@ -582,16 +557,20 @@ def load_model(workdir: str, *, step: Optional[int] = None,
   if mesh is not None:
     params = sharding.abstract_with(
         params, sharding.param_shardings(params, mesh))
-  manager = checkpoints.open_manager(workdir, config.keep_checkpoints)
-  try:
-    steps = manager.all_steps()
-    if not steps:
-      raise ValueError(f"{workdir} has no checkpoint yet")
+  done, incomplete = checkpoints.steps(workdir)
+  if step is None:
+    step = checkpoints.latest_complete(workdir)
     if step is None:
-      step = max(steps)
-    elif step not in steps:
-      raise ValueError(f"no checkpoint at step {step} in {workdir}; "
-                       f"steps: {sorted(steps)}")
+      more = f" (incomplete: {incomplete})" if incomplete else ""
+      raise ValueError(f"{workdir} has no complete checkpoint yet{more}")
+  elif step not in done + incomplete:
+    raise ValueError(f"no checkpoint at step {step} in {workdir}; "
+                     f"steps: {done}")
+  manifest = checkpoints.verify(workdir, step)
+  run_config.check_saved_config(manifest, run_config.config_json(config),
+                                workdir, step)
+  manager = checkpoints.open_manager(workdir)
+  try:
     pure = checkpoints.restore(manager, step,
                                {"params": nnx.to_pure_dict(params)})
   finally:

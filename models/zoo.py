@@ -20,8 +20,10 @@ A checkpoint directory: ``config.json`` (``ModelConfig.to_json``), optional
 ``info.json``, ``params/`` (the nnx parameters, by orbax: one tensorstore zarr
 directory per array, ``params/<array path>/<chunk>``, zstd) and, written last,
 ``manifest.json`` (each array's shape, dtype and crc32; each file's size and
-crc32). No manifest means an interrupted save; a short or changed file is
-named, with its array, before orbax reads anything.
+sha256, config.json and info.json included: ``checkpoint_files``). No
+manifest means an interrupted save; a short or changed file is named, with
+its array, before orbax reads anything, and a config.json swapped for
+another model's is refused even when the shapes agree.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import logging
 import os
 import shutil
 import uuid
+import warnings
 import zlib
 from typing import Any, Callable, Mapping, Optional
 
@@ -44,6 +47,7 @@ from flax import nnx
 
 from extrapolax.attention import rope as rope_lib
 
+from . import checkpoint_files
 from .config import AttentionSpec, ModelConfig
 from .transformer import DecoderLM
 
@@ -54,7 +58,9 @@ SCALE_FACTOR = 4.0      # rope scalings stretch the training length 4x
 NUM_SINKS = 4           # rope-lambda's sink tokens
 CHECKPOINTS_ENV = "EXTRAPOLAX_CHECKPOINTS"
 DEFAULT_CHECKPOINTS = os.path.join("~", ".cache", "extrapolax", "checkpoints")
-_FORMAT, _VERSION = "extrapolax.checkpoint", 1
+# Version 2: sha256 of every file, config.json included; version 1 (crc32
+# of the params/ files only) still loads, with a warning.
+_FORMAT, _VERSION = "extrapolax.checkpoint", 2
 _OWN_FILES = ("config.json", "info.json", "manifest.json", "params")
 
 _SIZES: dict[str, dict[str, Any]] = {
@@ -311,31 +317,7 @@ def _checkpointer():
   return ocp.Checkpointer(ocp.StandardCheckpointHandler(use_ocdbt=False))
 
 
-def _file_crc32(path: str) -> str:
-  crc = 0
-  with open(path, "rb") as f:
-    while chunk := f.read(1 << 22):
-      crc = zlib.crc32(chunk, crc)
-  return f"{crc & 0xFFFFFFFF:08x}"
-
-
-def _files(root: str) -> dict[str, dict[str, Any]]:
-  """{relative path: {size, crc32}} of every file under root."""
-  paths = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
-  return {os.path.relpath(p, root).replace(os.sep, "/"): {
-      "size": os.path.getsize(p), "crc32": _file_crc32(p)}
-          for p in sorted(paths)}
-
-
-def _write_json(path: str, data) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(data if isinstance(data, str) else json.dumps(
-        data, indent=2, sort_keys=True))
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+_write_json = checkpoint_files.write_json_atomic
 
 
 def _check_target(path: str, overwrite: bool) -> bool:
@@ -400,12 +382,12 @@ def save_pretrained(model: DecoderLM, path, *, info=None,
     params_path = os.path.join(staging, "params")
     with quiet_orbax(), _checkpointer() as checkpointer:
       checkpointer.save(params_path, params)
-    _write_json(os.path.join(staging, "manifest.json"), {
-        "format": _FORMAT, "version": _VERSION, "checksum": "crc32",
+    checkpoint_files.write_manifest(staging, {
+        "format": _FORMAT, "version": _VERSION, "checksum": "sha256",
         "num_params": int(sum(a.size for a in arrays.values())),
         "arrays": {k: {"shape": list(a.shape), "dtype": _dtype_name(a.dtype),
                        "crc32": _crc32(a)} for k, a in arrays.items()},
-        "files": _files(params_path)})
+        "files": checkpoint_files.describe_files(staging)})
     if replace:   # manifest first: a crash mid-swap leaves it incomplete
       if os.path.exists(os.path.join(path, "manifest.json")):
         os.remove(os.path.join(path, "manifest.json"))
@@ -426,12 +408,7 @@ def _read_json(path: str, what: str):
                      f"{e}") from e
 
 
-def _first_line(error: BaseException) -> str:
-  """The innermost cause's first line (tensorstore's, not orbax's wrapper)."""
-  while (error.__cause__ or error.__context__) is not None:
-    error = error.__cause__ or error.__context__
-  text = str(error).strip()
-  return (text.splitlines()[0] if text else type(error).__name__)[:400]
+_first_line = checkpoint_files.innermost_line
 
 
 def _check_arrays(stored: Mapping[str, tuple], expected: Mapping[str, tuple],
@@ -459,46 +436,41 @@ def _check_arrays(stored: Mapping[str, tuple], expected: Mapping[str, tuple],
 
 
 def _read_manifest(directory: str) -> dict:
-  path = os.path.join(directory, "manifest.json")
-  if not os.path.isfile(path):
-    raise ValueError(f"incomplete checkpoint: {directory} has no "
-                     "manifest.json (saving was interrupted, or not every "
-                     "file was copied); save it again")
-  manifest = _read_json(path, "manifest")
-  if not isinstance(manifest, dict) or (manifest.get("format"), manifest.get(
-      "version")) != (_FORMAT, _VERSION):
-    raise ValueError(f"damaged checkpoint: {path} is not an {_FORMAT} "
-                     f"version {_VERSION} manifest")
+  manifest = checkpoint_files.read_manifest(directory, fmt=_FORMAT,
+                                            versions=(1, _VERSION))
   try:
     manifest["listed"] = {k: (tuple(v["shape"]), str(v["dtype"]),
                               str(v["crc32"]))
                           for k, v in manifest["arrays"].items()}
-    manifest["files"] = {str(k): (int(v["size"]), str(v["crc32"]))
-                         for k, v in manifest["files"].items()}
   except (AttributeError, KeyError, TypeError, ValueError) as e:
-    raise ValueError(f"damaged checkpoint: {path} is malformed "
-                     f"({type(e).__name__}: {e})") from e
+    raise checkpoint_files.CheckpointError(
+        f"damaged checkpoint: {directory}/manifest.json is malformed "
+        f"({type(e).__name__}: {e})") from e
   return manifest
 
 
 def _check_files(directory: str, manifest: dict) -> None:
-  """Every file orbax wrote is there, whole and unchanged (before reading)."""
-  params_path = os.path.join(directory, "params")
-  for rel, (size, crc) in manifest["files"].items():
-    top = rel.split("/")[0]
-    owner = (f"array {top}" if top in manifest["listed"]
-             else "orbax's metadata")
-    full = os.path.join(params_path, *rel.split("/"))
-    where = f"damaged checkpoint {directory}: params/{rel} ({owner})"
-    if not os.path.isfile(full):
-      raise ValueError(f"{where} is missing")
-    got = os.path.getsize(full)
-    if got != size:
-      raise ValueError(f"{where} has {got} bytes, {size} when saved "
-                       f"({'truncated' if got < size else 'grown'})")
-    if _file_crc32(full) != crc:
-      raise ValueError(f"{where} fails its checksum (its bytes changed since "
-                       "it was saved)")
+  """Every file saved is there, whole and unchanged (before reading).
+
+  Version 2 lists every file (config.json too) relative to the checkpoint;
+  version 1 listed the params/ files only, with crc32.
+  """
+  files = manifest["files"]
+  if manifest["version"] == 1:
+    warnings.warn(f"{directory} has a version 1 manifest, which does not "
+                  "cover config.json; save it again to checksum it",
+                  stacklevel=3)
+    files = {f"params/{name}": entry for name, entry in files.items()}
+
+  def owner(name):
+    parts = name.split("/")
+    if parts[0] != "params" or len(parts) < 2:
+      return "the model's config" if name == "config.json" else "metadata"
+    return (f"array {parts[1]}" if parts[1] in manifest["listed"]
+            else "orbax's metadata")
+
+  checkpoint_files.check_files(directory, files, where=directory,
+                               owner=owner)
 
 
 def _load(directory: str) -> tuple[ModelConfig, dict]:

@@ -102,3 +102,37 @@ def test_variant_label():
       good(mask="lambda(sinks=4, window=128)")) == (
           "rope lambda(sinks=4, window=128)")
   assert records.variant_label(good(variant="mine")) == "mine"
+
+
+def test_torn_last_line_is_dropped_then_cut_away(tmp_path, caplog):
+  path = str(tmp_path / "results.jsonl")
+  records.append(path, [good(), good(eval_len=512)])
+  whole = open(path, encoding="utf-8").read()
+  with open(path, "a", encoding="utf-8") as f:    # killed mid-append
+    f.write(json.dumps(good(eval_len=1024))[:40])
+  with caplog.at_level("WARNING"):
+    assert [r["eval_len"] for r in records.read(path)] == [256, 512]
+  assert "results.jsonl: dropping its last line" in caplog.text
+  records.append(path, [good(eval_len=2048)])
+  assert [r["eval_len"] for r in records.read(path)] == [256, 512, 2048]
+  assert open(path, encoding="utf-8").read().startswith(whole)
+
+
+def test_complete_last_line_without_newline_is_kept(tmp_path):
+  path = tmp_path / "results.jsonl"
+  path.write_text(json.dumps(good()) + "\n" + json.dumps(good(eval_len=64)))
+  assert len(records.read(str(path))) == 2
+  records.append(str(path), [good(eval_len=128)])
+  assert [r["eval_len"] for r in records.read(str(path))] == [256, 64, 128]
+
+
+def test_corrupt_line_in_the_middle_names_file_and_line(tmp_path):
+  path = tmp_path / "results.jsonl"
+  line = json.dumps(good())
+  path.write_text(line + "\n" + line[:30] + "\n" + line + "\n")
+  with pytest.raises(ValueError, match=r"results.jsonl:2: not a JSON line"):
+    records.read(str(path))
+  path.write_text(line + "\n" + line[:30] + "\n" + line[:30])
+  with pytest.raises(ValueError, match=r"results.jsonl:2: not a JSON line"):
+    records.append(str(path), [good()])     # left as it was
+  assert path.read_text().endswith(line[:30])

@@ -90,7 +90,7 @@ def test_task_training_uses_the_task_source(tmp_path):
   _main(["--config=experiments/configs/tiny.py:steps=3", f"--workdir={workdir}",
          "--config.data.task=copy", "--config.checkpoint_every=3"] + SMALL)
   assert "data" not in os.listdir(workdir)          # no corpus, no store
-  manager = checkpoints.open_manager(workdir, 3)
+  manager = checkpoints.open_manager(workdir)
   try:
     state = checkpoints.restore(manager, 3, {"data": None})["data"]
   finally:

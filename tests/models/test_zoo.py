@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from extrapolax.models import DecoderLM, ModelConfig, num_params
+from extrapolax.models import checkpoint_files
 from extrapolax.models import zoo
 
 TINY = [n for n in zoo.names() if n.endswith("-tiny")]
@@ -264,10 +265,16 @@ def test_checkpoint_layout(ckpt):
     manifest = json.load(f)
   for array in manifest["arrays"]:     # one zarr directory per array
     assert os.path.isfile(os.path.join(params, array, ".zarray"))
-    assert f"{array}/.zarray" in manifest["files"]
-  on_disk = {os.path.relpath(os.path.join(d, f), params).replace(os.sep, "/")
-             for d, _, fs in os.walk(params) for f in fs}
-  assert on_disk == set(manifest["files"])
+    assert f"params/{array}/.zarray" in manifest["files"]
+  on_disk = {os.path.relpath(os.path.join(d, f), ckpt).replace(os.sep, "/")
+             for d, _, fs in os.walk(ckpt) for f in fs}
+  # Every file is listed with its sha256, config.json and info.json too.
+  assert on_disk == set(manifest["files"]) | {"manifest.json"}
+  assert {"config.json", "info.json"} <= set(manifest["files"])
+  assert manifest["version"] == 2 and manifest["checksum"] == "sha256"
+  entry = manifest["files"]["config.json"]
+  assert entry["sha256"] == checkpoint_files.file_digest(
+      os.path.join(ckpt, "config.json"))
 
 
 def test_truncated_array_file_raises(ckpt):
@@ -301,10 +308,10 @@ def test_damage_past_the_file_checks_is_caught_by_the_array_checksum(ckpt):
   # either way the load raises and names what is wrong.
   chunk = _chunk(ckpt, "embed.embedding")
   _flip(chunk)
-  rel = "embed.embedding/" + os.path.basename(chunk)
+  rel = "params/embed.embedding/" + os.path.basename(chunk)
 
   def fix(manifest):
-    manifest["files"][rel]["crc32"] = zoo._file_crc32(chunk)  # pylint: disable=protected-access
+    manifest["files"][rel]["sha256"] = checkpoint_files.file_digest(chunk)
   _edit_json(os.path.join(ckpt, "manifest.json"), fix)
   with pytest.raises(ValueError, match=r"damaged checkpoint .*(array "
                      r"embed\.embedding fails its checksum|orbax cannot read)"):
@@ -325,6 +332,45 @@ def test_damaged_orbax_metadata_raises(ckpt):
     f.truncate(10)
   with pytest.raises(ValueError, match=r"params/_METADATA \(orbax's metadata\) "
                      "has 10 bytes"):
+    zoo.from_pretrained(ckpt)
+
+
+def test_config_of_another_model_with_the_same_shapes_is_refused(tmp_path):
+  # rope -> alibi: the same arrays, another model; only the checksum of
+  # config.json tells them apart.
+  path = zoo.save_pretrained(zoo.create("rope-tiny"), tmp_path / "rope")
+  with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+    f.write(zoo.config("alibi-tiny").to_json())
+  with pytest.raises(checkpoint_files.CheckpointError, match=r"damaged "
+                     r"checkpoint .*: config.json \(the model's config\) "
+                     "fails its checksum"):
+    zoo.from_pretrained(path)
+
+
+def test_damaged_info_json_is_named(ckpt):
+  with open(os.path.join(ckpt, "info.json"), "a", encoding="utf-8") as f:
+    f.write(" ")
+  with pytest.raises(ValueError, match=r"info.json \(metadata\) has \d+ "
+                     r"bytes, \d+ when saved \(grown\)"):
+    zoo.from_pretrained(ckpt)
+
+
+def test_version_1_manifest_still_loads_with_a_warning(saved, ckpt):
+  def downgrade(manifest):   # crc32 of the params/ files, as version 1 had
+    manifest["version"], manifest["checksum"] = 1, "crc32"
+    manifest["files"] = {
+        name[len("params/"):]: {"size": entry["size"],
+                                "crc32": checkpoint_files.file_digest(
+                                    os.path.join(ckpt, name), "crc32")}
+        for name, entry in manifest["files"].items()
+        if name.startswith("params/")}
+  _edit_json(os.path.join(ckpt, "manifest.json"), downgrade)
+  with pytest.warns(UserWarning, match="version 1 manifest"):
+    _assert_same_model(saved[0], zoo.from_pretrained(ckpt), logits=False)
+  _flip(_chunk(ckpt, "embed.embedding"))
+  with pytest.raises(ValueError, match=r"params/embed\.embedding/0\.0 \(array "
+                     r"embed\.embedding\) fails its checksum \(crc32"), (
+                         pytest.warns(UserWarning)):
     zoo.from_pretrained(ckpt)
 
 
