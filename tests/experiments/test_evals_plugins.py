@@ -60,24 +60,37 @@ def _study(**evaluations):
   return config
 
 
-def test_user_evaluator_runs_from_config(tmp_path):
+README = os.path.join(os.path.dirname(__file__), "..", "..", "experiments",
+                      "README.md")
+
+
+def test_user_evaluator_runs_from_config(tmp_path, monkeypatch):
   here = __name__
+  # experiments/README.md's complete example, saved as my_evals.py.
+  text = open(README, encoding="utf-8").read()
+  example = text.split("save as `my_evals.py`", 1)[1].split("```python\n", 1)[
+      1].split("```", 1)[0]
+  (tmp_path / "my_evals.py").write_text(example)
+  monkeypatch.syspath_prepend(str(tmp_path))
   config = _study(
       length=dict(type="length", models="", multiples=(1,), max_tokens=64),
       mine=dict(type=f"{here}:MY_EVALUATOR", models="rope", lengths=(16, 32)),
-      plain=dict(type=f"{here}:token_count", models=""))
+      plain=dict(type=f"{here}:token_count", models=""),
+      prefix=dict(type="my_evals:PREFIX_LOSS", models="", prefix=8))
   config.evals.plain.lengths = (16,)
   config.evals.plain.train_len = 16
   workdir = str(tmp_path / "study")
   result = extrapolation.run_study(config, workdir)
   assert sorted(result.evaluated) == ["length/rope", "mine/rope",
-                                      "plain/rope"]
+                                      "plain/rope", "prefix/rope"]
   got = records.read(os.path.join(workdir, "results.jsonl"))
   mine = [r for r in got if r["experiment"] == "mine"]
   assert [r["eval_len"] for r in mine] == [16, 32]
   assert all(r["value"] > 0 and r["step"] == 4 for r in mine)
-  assert {r["experiment"] for r in got} == {"length", "mine", "plain"}
+  assert {r["experiment"] for r in got} == {"length", "mine", "plain",
+                                            "prefix"}
   text = open(result.report).read()
+  assert "## Prefix loss" in text
   assert "## my check" in text and "| eval length | rope |" in text
   # The plain function gets the generic section (a table and a plot).
   assert "## plain: documents_tokens" in text
