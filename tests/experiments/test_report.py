@@ -190,3 +190,25 @@ def test_equal_lines_stay_distinguishable_and_titles_are_readable(
   labels = [l.get_label() for l in base.get_lines()]
   assert "learned (no result past the training length)" in labels
   assert "alibi" in labels
+
+
+def test_passkey_heatmap_panels_do_not_overlap(tmp_path, monkeypatch):
+  figures = []
+  real_save = report.save_figure
+  monkeypatch.setattr(report, "save_figure", lambda fig, out, name: (
+      figures.append(fig), real_save(fig, out, name))[1])
+  rows = [rec(model=m, pe=m, eval_len=length, depth=depth, mode=None,
+              task="passkey", metric="passkey_accuracy", value=depth,
+              n_trials=4, experiment="passkey")
+          for m in ("rope", "alibi", "sinusoidal")
+          for length in (256, 512, 1024) for depth in (0.0, 0.5, 1.0)]
+  report.write_report(rows, str(tmp_path))
+  (fig,) = figures
+  assert "Constrained" in type(fig.get_layout_engine()).__name__
+  fig.draw_without_rendering()   # runs the layout
+  renderer = fig._get_renderer()  # pylint: disable=protected-access
+  panels = [ax for ax in fig.axes if ax.get_title()]
+  assert [ax.get_title() for ax in panels] == ["rope", "alibi", "sinusoidal"]
+  boxes = [ax.get_tightbbox(renderer) for ax in panels]   # labels included
+  for left, right in zip(boxes, boxes[1:]):
+    assert left.x1 <= right.x0, "a panel's labels overlap its neighbour"
