@@ -200,13 +200,13 @@ def _finite(xs, ys):
 
 
 def _legend_label(variant, xs, ys, drawn, past) -> str:
-  """The variant, noting a line equal to one drawn before (hidden under
-  it) and a variant with no point past the training length."""
+  """The variant, noting a line within 2% of one drawn before (hidden
+  under it) and a variant with no point past the training length."""
   label = variant
   for other, (oxs, oys) in drawn.items():
-    if oxs == xs and all(math.isclose(a, b, rel_tol=1e-3)
-                         for a, b in zip(oys, ys)):
-      label += f" (same as {other})"
+    if xs and oxs == xs and all(math.isclose(a, b, rel_tol=0.02)
+                                for a, b in zip(oys, ys)):
+      label += f" (overlaps {other})"
       break
   if past is not None and not any(x > past for x in xs):
     label += " (no result past the training length)"

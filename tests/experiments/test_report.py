@@ -184,7 +184,7 @@ def test_equal_lines_stay_distinguishable_and_titles_are_readable(
   assert list(lines[0].get_ydata()) == list(lines[1].get_ydata())
   assert lines[0].get_marker() != lines[1].get_marker()
   assert lines[0].get_linestyle() != lines[1].get_linestyle()
-  assert "(same as rope sliding_window(16))" in lines[1].get_label()
+  assert "(overlaps rope sliding_window(16))" in lines[1].get_label()
   base = next(ax for t, ax in by_title.items()
               if t.startswith("Position encodings"))
   labels = [l.get_label() for l in base.get_lines()]
