@@ -38,10 +38,10 @@ Rerunning the command with the same workdir reuses everything done: a
 finished training run is not retrained (an unfinished one resumes from its
 checkpoint), and an evaluation whose settings, model config and checkpoint
 step are unchanged is skipped; the report is then rewritten from
-results.jsonl. Changing an evaluation setting (``--config.evals.mask.num_sinks=2``)
-re-runs that evaluation and appends its records (the report shows the latest
-value per point); records of an evaluation a crash interrupted are dropped
-on the rerun; changing a training field makes the trainer refuse the
+results.jsonl. Changing an evaluation setting
+(``--config.evals.mask.num_sinks=2``) re-runs that evaluation and appends
+its records (the report shows the latest value per point); records of an
+evaluation a crash interrupted are dropped on the rerun; changing a training field makes the trainer refuse the
 workdir. ``python -m extrapolax.experiments.report --workdir=WORKDIR``
 re-reports without JAX.
 
