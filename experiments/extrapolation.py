@@ -41,9 +41,10 @@ step are unchanged is skipped; the report is then rewritten from
 results.jsonl. Changing an evaluation setting
 (``--config.evals.mask.num_sinks=2``) re-runs that evaluation and appends
 its records (the report shows the latest value per point); records of an
-evaluation a crash interrupted are dropped on the rerun; changing a training field makes the trainer refuse the
-workdir. ``python -m extrapolax.experiments.report --workdir=WORKDIR``
-re-reports without JAX.
+evaluation a crash interrupted are dropped on the rerun; changing a
+training field makes the trainer refuse the workdir.
+``python -m extrapolax.experiments.report --workdir=WORKDIR`` re-reports
+without JAX.
 
 ``--config=PATH[:ARGS]`` picks another config file (a name such as
 ``extrapolation.py:quick`` is found in the installed configs folder) and
