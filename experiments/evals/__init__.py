@@ -45,7 +45,7 @@ import importlib
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 __all__ = ["Evaluator", "register", "get", "names", "resolve",
-           "split_names", "select_models"]
+           "split_names", "split_numbers", "select_models"]
 
 RunFn = Callable[[Any, Optional[list], dict, dict], list]
 ReportFn = Callable[[list, Optional[str], list], str]
@@ -176,6 +176,22 @@ def split_names(value) -> tuple:
       out += [part.strip() for part in item.split(",") if part.strip()]
     else:
       out.append(item)
+  return tuple(out)
+
+
+def split_numbers(value) -> tuple:
+  """A list of numbers: "1,2,4", ("1,2", 4) or (1, 2, 4) -> (1, 2, 4);
+  text that is not a number is kept (for the caller's check to name)."""
+  out = []
+  for item in split_names(value):
+    if isinstance(item, str):
+      for kind in (int, float):
+        try:
+          item = kind(item)
+          break
+        except ValueError:
+          pass
+    out.append(item)
   return tuple(out)
 
 

@@ -39,7 +39,7 @@ def _validate(settings: dict, study) -> dict:
   if not settings.get("task"):
     raise ValueError(f"task={settings.get('task')!r}: name a task, e.g. "
                      "'copy'")
-  lengths = evals.split_names(settings.get("lengths", ()))
+  lengths = evals.split_numbers(settings.get("lengths", ()))
   if not lengths:
     raise ValueError("lengths is empty; give task lengths, e.g. 8,16,32")
   length.check_positive("lengths", lengths, integer=True)

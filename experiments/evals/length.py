@@ -68,7 +68,7 @@ def perplexity_settings(settings: dict, study) -> dict:
   """Checks the shared perplexity settings; returns the run's settings
   (lengths resolved from multiples)."""
   train_len = int(study.train.train_len)
-  multiples = evals.split_names(settings.get("multiples", (1, 2, 4, 8, 16)))
+  multiples = evals.split_numbers(settings.get("multiples", (1, 2, 4, 8, 16)))
   if not multiples:
     raise ValueError("multiples is empty; give multiples of train_len, e.g. "
                      "1,2,4")

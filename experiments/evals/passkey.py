@@ -37,11 +37,11 @@ def _validate(settings: dict, study) -> Optional[dict]:
   unknown = sorted(set(settings) - set(HELP))
   if unknown:
     raise ValueError(f"unknown settings {unknown}; allowed: {sorted(HELP)}")
-  lengths = evals.split_names(settings.get("lengths", ()))
+  lengths = evals.split_numbers(settings.get("lengths", ()))
   if not lengths:
     return None
   length.check_positive("lengths", lengths, integer=True)
-  depths = evals.split_names(settings.get("depths", (0.0, 0.5, 1.0)))
+  depths = evals.split_numbers(settings.get("depths", (0.0, 0.5, 1.0)))
   try:
     ok = bool(depths) and all(0.0 <= float(d) <= 1.0 for d in depths)
   except ValueError:

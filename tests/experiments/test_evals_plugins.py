@@ -194,3 +194,24 @@ def test_help_and_one_line_errors(module, tmp_path):
   assert done.returncode == 1
   assert done.stderr.strip().splitlines()[-1].startswith("error: --workdir=")
   assert "is a file" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_builtin_evaluators_check_their_settings():
+  study = configs.get_config("extrapolation.py:quick")
+  assert evals.get("perplexity") is evals.get("length")
+  assert evals.names()[:5] == ("length", "perplexity", "rope_scaling", "mask",
+                               "passkey")
+  with pytest.raises(ValueError, match=r"unknown settings \['multiple'\]"):
+    evals.get("length").validate({"multiple": (1,)}, study)
+  assert evals.get("passkey").validate({"lengths": ()}, study) is None
+  with pytest.raises(ValueError, match="task=None: name a task"):
+    evals.get("algorithmic").validate({"lengths": (8,), "train_len": 16},
+                                      study)
+  checked = evals.get("algorithmic").validate(
+      {"task": "copy", "lengths": "8,16", "train_len": 8}, study)
+  assert checked["lengths"] == (8, 16)
+  # models="none" and passkey without lengths: nothing to run.
+  study.evals.mask.models = "none"
+  study.evals.passkey.lengths = ()
+  names = [e.name for e in extrapolation.evaluations(study)]
+  assert names == ["length/rope", "rope_scaling/rope", "length/alibi"]
