@@ -134,6 +134,31 @@ def _docstring_fields(text: Optional[str]) -> dict[str, str]:
     elif names:
       for n in names:
         out[n] = (out[n] + " " + line.strip()).strip()
+  return _split_inline(out)
+
+
+_INLINE = re.compile(r"([a-z_][\w.]*(?:,\s*[a-z_][\w.]*)*):\s+(.+)")
+
+
+def _split_inline(entries: dict[str, str]) -> dict[str, str]:
+  """Entries written inside another's text ("... steps. checkpoint_every,
+  keep_checkpoints: orbax checkpoints.") become entries of their own."""
+  out = dict(entries)
+  for name, text in entries.items():
+    sentences = re.split(r"(?<=\.)\s+", text)
+    kept, current = [], None
+    for sentence in sentences:
+      match = _INLINE.fullmatch(sentence) if kept else None
+      if match:
+        current = [n.strip() for n in match.group(1).split(",")]
+        for n in current:
+          out[n] = match.group(2)
+      elif current:
+        for n in current:
+          out[n] += " " + sentence
+      else:
+        kept.append(sentence)
+    out[name] = " ".join(kept)
   return out
 
 
