@@ -129,16 +129,16 @@ def cells(records: Sequence[Mapping[str, Any]], *, by=("eval_len",)):
       (len(v) for v in values.values()), default=0)
 
 
-def fmt(value: Optional[float], metric: str) -> str:
+def fmt(value: Optional[float], digits: int = 2) -> str:
+  """A table cell: ``digits`` decimals (3 significant digits past 1e4),
+  n/a for NaN (the model cannot run there), inf, "" for no value."""
   if value is None:
     return ""
   if math.isnan(value):
     return "n/a"
   if math.isinf(value):
     return "inf"
-  if "accuracy" in metric:
-    return f"{value:.3f}"
-  return f"{value:.2f}" if abs(value) < 1e4 else f"{value:.3g}"
+  return f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:.3g}"
 
 
 def variants(records) -> list[str]:
@@ -162,8 +162,11 @@ def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
   return "\n".join(lines)
 
 
-def length_table(records, metric: str, columns=None) -> str:
-  """A markdown table: rows evaluation length, columns variant."""
+def length_table(records, metric: str, columns=None, *,
+                 digits: int = 2) -> str:
+  """A markdown table of ``metric``: rows evaluation length, columns
+  variant, ``digits`` decimals per cell."""
+  del metric  # the records' metric; kept for the callers' readability
   values, seeds = cells(records)
   columns = columns or variants(records)
   lengths = sorted({r["eval_len"] for r in records})
@@ -171,7 +174,7 @@ def length_table(records, metric: str, columns=None) -> str:
   rows = []
   for length in lengths:
     label = f"{length}" + (" (train)" if length in train else "")
-    rows.append([label] + [fmt(values.get((c, length)), metric)
+    rows.append([label] + [fmt(values.get((c, length)), digits)
                            for c in columns])
   note = f"\n\n(mean over {seeds} seeds)" if seeds > 1 else ""
   return markdown(["eval length"] + list(columns), rows) + note
@@ -272,6 +275,12 @@ def readable(metric: str) -> str:
   return text[:1].upper() + text[1:]
 
 
+def _digits(records) -> int:
+  """3 decimals for values in [0, 1] (accuracies, rates), else 2."""
+  values = [r["value"] for r in records if math.isfinite(r["value"])]
+  return 3 if values and all(0.0 <= v <= 1.0 for v in values) else 2
+
+
 def generic_section(records, out_dir: Optional[str],
                     all_records=None) -> str:  # pylint: disable=unused-argument
   """The fallback section: per (metric, mode, stride, task) a length table
@@ -283,7 +292,7 @@ def generic_section(records, out_dir: Optional[str],
     train = ", ".join(str(t) for t in train_lens(group))
     lines = [f"## {title}", "",
              f"Training length {train} (the row marked (train)).", "",
-             length_table(group, metric)]
+             length_table(group, metric, digits=_digits(group))]
     if out_dir is not None:
       where = {"sliding": f", sliding windows (stride {stride})",
                "nonoverlap": ", non-overlapping windows"}.get(mode, "")

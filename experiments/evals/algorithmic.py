@@ -70,7 +70,7 @@ def _report(records, out_dir, all_records) -> str:
              for r in group)
     hi = max(r["train_len"] for r in group)
     lines = [f"## {title}", "", f"Training range: lengths {lo}..{hi}.", "",
-             report.length_table(group, metric)]
+             report.length_table(group, metric, digits=3)]
     if out_dir is not None:
       on = f" on {task}" if task else ""
       name = report.line_plot(

@@ -86,7 +86,7 @@ def _mean_table(group) -> str:
   rows = [dict(group[0], depth=None, seed=None, value=value, variant=variant,
                eval_len=eval_len)
           for (variant, eval_len), value in means.items()]
-  return report.length_table(rows, "passkey_accuracy")
+  return report.length_table(rows, "passkey_accuracy", digits=3)
 
 
 def _depth_table(group) -> str:
@@ -94,8 +94,8 @@ def _depth_table(group) -> str:
   lengths = sorted({k[1] for k in values})
   depths = sorted({k[2] for k in values})
   variant = records_lib.variant_label(group[0])
-  rows = [[str(l)] + [report.fmt(values.get((variant, l, d)),
-                                 "passkey_accuracy") for d in depths]
+  rows = [[str(l)] + [report.fmt(values.get((variant, l, d)), 3)
+                      for d in depths]
           for l in lengths]
   return report.markdown(["length \\ depth"] + [f"{d:g}" for d in depths],
                          rows)
