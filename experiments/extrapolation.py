@@ -16,31 +16,41 @@ evaluates each far past its training length, and writes a report::
   WORKDIR/evaluations.json   which evaluations are done, with what settings
   WORKDIR/report.md, *.png   tables and plots (experiments.report)
 
-Evaluations (each a list of records, appended to results.jsonl when done):
+Evaluations: ``config.evals`` names them, each entry a plug-in of
+``extrapolax.experiments.evals`` (``type``: length, rope_scaling, mask,
+passkey, algorithmic, or "package.module:function" for one of your own) with
+its settings; ``models`` picks the variants it runs on. The default config:
 
-* ``length``: every variant's perplexity at eval.multiples x train_len
+* ``length``: every variant's perplexity at multiples x train_len
   (non-overlapping by default) and its loss per position at the longest.
-* ``rope_scaling``: the rope_scaling.model variant with each zero-shot RoPE
-  scaling (factor matched to the length by default), no fine-tuning.
-* ``mask``: the masks.model variant with a sliding window and a Lambda mask
-  at inference.
-* ``passkey``: passkey accuracy over passkey.lengths x passkey.depths.
+* ``rope_scaling``: the RoPE variant with each zero-shot RoPE scaling
+  (factor matched to the length by default), no fine-tuning.
+* ``mask``: the RoPE variant with a sliding window and a Lambda mask at
+  inference.
+* ``passkey``: passkey accuracy over lengths x depths.
+
+Each evaluation's records are appended to results.jsonl (their
+``experiment`` field is the entry's name) and written to TensorBoard
+(``eval/<experiment>/<variant>/<metric>...`` scalars in WORKDIR); its
+evaluator writes its report section.
 
 Rerunning the command with the same workdir reuses everything done: a
 finished training run is not retrained (an unfinished one resumes from its
 checkpoint), and an evaluation whose settings, model config and checkpoint
 step are unchanged is skipped; the report is then rewritten from
-results.jsonl. Changing an evaluation setting (``--config.eval.max_tokens``)
-re-runs that evaluation and appends its records (the report shows the latest
-value per point); changing a training field makes the trainer refuse the
-workdir. ``python -m extrapolax.experiments.report --workdir=WORKDIR``
-re-reports without JAX.
+results.jsonl. Changing an evaluation setting
+(``--config.evals.mask.num_sinks=2``) re-runs that evaluation and appends
+its records (the report shows the latest value per point); records of an
+evaluation a crash interrupted are dropped on the rerun; changing a
+training field makes the trainer refuse the workdir.
+``python -m extrapolax.experiments.report --workdir=WORKDIR`` re-reports
+without JAX.
 
 ``--config=PATH[:ARGS]`` picks another config file (a name such as
 ``extrapolation.py:quick`` is found in the installed configs folder) and
 ``--config.FIELD=VALUE`` overrides a field, as for
 ``extrapolax.experiments.train``. Tuple fields take comma-separated values:
-``--config.variants=rope,alibi``.
+``--config.variants=rope,alibi``. ``--config_help`` lists the fields.
 """
 
 from __future__ import annotations
@@ -51,22 +61,24 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import ml_collections
-import numpy as np
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from extrapolax.common import checks
+from extrapolax.experiments import cli
 from extrapolax.experiments import configs
-from extrapolax.experiments import evaluators
+from extrapolax.experiments import evals
 from extrapolax.experiments import modeling
 from extrapolax.experiments import records as records_lib
 from extrapolax.experiments import report as report_lib
-from extrapolax.experiments import sharding
+from extrapolax.experiments import runlog
 from extrapolax.experiments import trainer
+from extrapolax.experiments import workdir_lock
 
 __all__ = ["DEFAULT_CONFIG", "Arguments", "Evaluation", "StudyResult",
            "split_names", "parse_flags", "validate_config", "variant_config",
@@ -75,74 +87,68 @@ __all__ = ["DEFAULT_CONFIG", "Arguments", "Evaluation", "StudyResult",
 DEFAULT_CONFIG = os.path.join(configs.CONFIG_DIR, "extrapolation.py")
 RESULTS_FILE = report_lib.RESULTS_FILE
 DONE_FILE = "evaluations.json"
-ROPE_SCALING_METHODS = ("none",) + evaluators.variants.ROPE_SCALINGS
+split_names = evals.split_names
 
 
 # ----------------------------------------------------------------------------
 # Config.
 
 
-def split_names(value) -> tuple:
-  """A list field: "rope,alibi", ("rope,alibi",) or ("rope", "alibi") ->
-  ("rope", "alibi"); numbers are kept as they are."""
-  if isinstance(value, str):
-    value = (value,)
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  """A validated ``config.evals`` entry."""
+  name: str
+  type: str
+  evaluator: evals.Evaluator
+  models: tuple
+  settings: Optional[dict]   # None: nothing to run
+
+
+def _entries(config) -> list[_Entry]:
+  """config.evals, validated by each entry's evaluator."""
+  variants = split_names(config.variants)
+  evaluations_config = config.get("evals")
+  if evaluations_config is None:
+    raise ValueError("config.evals is missing; see "
+                     "experiments/configs/extrapolation.py")
   out = []
-  for item in value or ():
-    if isinstance(item, str):
-      out += [part.strip() for part in item.split(",") if part.strip()]
-    else:
-      out.append(item)
-  return tuple(out)
-
-
-def _factors(value) -> tuple:
-  """rope_scaling.factors: numbers and "matched" (numeric text -> float)."""
-  out = []
-  for item in split_names(value):
-    if isinstance(item, str) and item != "matched":
-      try:
-        item = float(item)
-      except ValueError as e:
-        raise ValueError(f"config.rope_scaling.factors: {item!r} is neither "
-                         "a number nor 'matched'") from e
-    out.append(item)
-  return tuple(out)
-
-
-def _choices(name: str, values: Sequence, allowed: Sequence) -> None:
-  bad = [v for v in values if v not in allowed]
-  if bad:
-    raise ValueError(f"config.{name}={tuple(values)!r}: {bad} not in "
-                     f"{tuple(allowed)}")
-
-
-def _positive(name: str, values: Sequence, *, integer=False) -> None:
-  for v in values:
-    ok = (not isinstance(v, bool) and isinstance(v, (int, float))
-          and v > 0 and (not integer or int(v) == v))
-    if not ok:
-      kind = "positive integers" if integer else "positive numbers"
-      raise ValueError(f"config.{name}={tuple(values)!r} must hold {kind}; "
-                       f"got {v!r}")
-
-
-def _optional_model(config, section: str, variants: Sequence[str]) -> str:
-  """config.<section>.model: "" (none) or one of the variants."""
-  name = config[section].model or ""
-  if name and name not in variants:
-    raise ValueError(f"config.{section}.model={name!r} is not one of the "
-                     f"variants {tuple(variants)} (use '' for none)")
-  return name
+  for name in evaluations_config.keys():
+    entry = evaluations_config[name]
+    if not hasattr(entry, "keys") or "type" not in entry:
+      raise ValueError(f"config.evals.{name}={entry!r} must be a dict with "
+                       f"a type (one of {evals.names()} or "
+                       "'package.module:function')")
+    settings = {k: (v.to_dict() if hasattr(v, "to_dict") else v)
+                for k, v in entry.items()}
+    type_name = settings.pop("type")
+    try:
+      evaluator = evals.get(type_name)
+      models = evals.select_models(name, settings.pop("models", ""),
+                                   variants)
+      checked = evaluator.validate(dict(settings, models=models), config)
+    except ValueError as e:
+      message = str(e)
+      if not message.startswith(f"config.evals.{name}"):
+        message = f"config.evals.{name}: {message}"
+      raise ValueError(message) from e
+    if checked is not None:
+      checked = dict(checked)
+      checked.pop("models", None)
+    out.append(_Entry(name, type_name, evaluator, models, checked))
+  return out
 
 
 def validate_config(config) -> None:
   """Raises ValueError naming the first bad field of a study config."""
   variants = split_names(config.variants)
+  choices = modeling.pe_choices()
   if not variants:
     raise ValueError("config.variants is empty; name at least one position "
-                     f"encoding of {modeling.PE_CHOICES}")
-  _choices("variants", variants, modeling.PE_CHOICES)
+                     f"encoding of {choices}")
+  bad = [v for v in variants if v not in choices]
+  if bad:
+    raise ValueError(f"config.variants={variants!r}: {bad} not in "
+                     f"{choices}{checks.close_matches(bad[0], choices)}")
   if len(set(variants)) != len(variants):
     raise ValueError(f"config.variants={variants!r} repeats a name")
   if config.train.data.task is not None:
@@ -150,43 +156,7 @@ def validate_config(config) -> None:
                      "the study models text; use None")
   for variant in variants:
     trainer.validate_config(variant_config(config, variant, workdir=""))
-  multiples = split_names(config.eval.multiples)
-  if not multiples:
-    raise ValueError("config.eval.multiples is empty")
-  _positive("eval.multiples", multiples)
-  _choices("eval.modes", split_names(config.eval.modes), records_lib.MODES)
-  if config.eval.max_tokens is not None:
-    _positive("eval.max_tokens", (config.eval.max_tokens,), integer=True)
-  _positive("eval.tokens_per_batch", (config.eval.tokens_per_batch,),
-            integer=True)
-  context = config.eval.get("context_devices", 1)
-  _positive("eval.context_devices", (context,), integer=True)
-  if context > jax_device_count():
-    raise ValueError(f"config.eval.context_devices={context} but only "
-                     f"{jax_device_count()} devices are available")
-  scaled = _optional_model(config, "rope_scaling", variants)
-  if scaled:
-    if scaled != "rope":
-      raise ValueError(f"config.rope_scaling.model={scaled!r} has no RoPE "
-                       "layer to scale; use 'rope' or ''")
-    _choices("rope_scaling.methods", split_names(config.rope_scaling.methods),
-             ROPE_SCALING_METHODS)
-    factors = _factors(config.rope_scaling.factors)
-    _positive("rope_scaling.factors", [f for f in factors if f != "matched"])
-  if _optional_model(config, "masks", variants):
-    _choices("masks.masks", split_names(config.masks.masks),
-             evaluators.mask_sweep.MASKS)
-    if config.masks.window is not None:
-      _positive("masks.window", (config.masks.window,), integer=True)
-  lengths = split_names(config.passkey.lengths)
-  if lengths:
-    _positive("passkey.lengths", lengths, integer=True)
-    _choices("passkey.models", split_names(config.passkey.models), variants)
-    depths = split_names(config.passkey.depths)
-    if not depths or any(not 0.0 <= float(d) <= 1.0 for d in depths):
-      raise ValueError(f"config.passkey.depths={depths!r} must be fractions "
-                       "in [0, 1]")
-    _positive("passkey.trials", (config.passkey.trials,), integer=True)
+  _entries(config)
 
 
 def variant_config(config, variant: str,
@@ -215,85 +185,48 @@ class Evaluation:
   Attributes:
     name: "<experiment>/<variant>", its key in evaluations.json.
     variant: the trained model it evaluates.
-    settings: everything besides the model that decides its records.
+    settings: everything besides the model that decides its records (the
+      evaluator's validated settings, and its type).
     evaluate: (model, eval documents, labels) -> records.
+    experiment: the config.evals entry's name (the records' experiment).
+    needs_documents: whether evaluate reads the eval documents.
   """
   name: str
   variant: str
   settings: dict
   evaluate: Callable[[Any, list, dict], list]
+  experiment: str = ""
+  needs_documents: bool = True
 
 
-def _perplexity_settings(config) -> dict:
-  train_len = config.train.train_len
-  return dict(
-      lengths=evaluators.default_lengths(train_len,
-                                         split_names(config.eval.multiples)),
-      modes=split_names(config.eval.modes), stride=config.eval.stride,
-      max_tokens=config.eval.max_tokens,
-      tokens_per_batch=config.eval.tokens_per_batch,
-      implementation=config.eval.implementation, train_len=train_len)
-
-
-def jax_device_count() -> int:
-  import jax  # pylint: disable=import-outside-toplevel
-  return jax.device_count()
-
-
-def _on_mesh(settings: dict) -> dict:
-  """``context_devices`` -> ``mesh``: the first n devices split each
-  evaluation window (context-parallel attention)."""
-  settings = dict(settings)
-  context = settings.pop("context_devices", 1)
-  if context > 1:
-    import jax  # pylint: disable=import-outside-toplevel
-    settings["mesh"] = sharding.make_mesh({"context": context},
-                                          jax.devices()[:context])
-  return settings
+def _evaluate(entry: _Entry, settings: dict):
+  def evaluate(model, documents, labels):
+    labels = dict(labels, experiment=entry.name)
+    records = entry.evaluator.run(model, documents, dict(settings), labels)
+    return [r if r.get("experiment") else dict(r, experiment=entry.name)
+            for r in records]
+  return evaluate
 
 
 def evaluations(config) -> list[Evaluation]:
-  """The study's evaluations, in the order they run (variant by variant)."""
-  variants = split_names(config.variants)
-  shared = _perplexity_settings(config)
-  # The perplexity evaluations may split windows over devices; the key is
-  # only present when it does (so default fingerprints stay as they were).
-  if config.eval.get("context_devices", 1) > 1:
-    shared["context_devices"] = config.eval.context_devices
+  """The study's evaluations, in the order they run: variant by variant,
+  each variant's config.evals entries in name order."""
+  entries = [e for e in _entries(config) if e.settings is not None]
   out = []
-  for variant in variants:
-    out.append(Evaluation(
-        f"length/{variant}", variant, dict(shared),
-        lambda m, docs, labels, s=shared: evaluators.perplexity_vs_length(
-            m, docs, labels=labels, experiment="length", **_on_mesh(s))))
-    if variant == config.rope_scaling.model:
-      settings = dict(shared, methods=split_names(config.rope_scaling.methods),
-                      factors=_factors(config.rope_scaling.factors))
-      out.append(Evaluation(
-          f"rope_scaling/{variant}", variant, settings,
-          lambda m, docs, labels, s=settings: evaluators.rope_scaling_sweep(
-              m, docs, labels=labels, experiment="rope_scaling",
-              **_on_mesh(s))))
-    if variant == config.masks.model:
-      settings = dict(shared, masks=split_names(config.masks.masks),
-                      window=config.masks.window,
-                      num_sinks=config.masks.num_sinks)
-      out.append(Evaluation(
-          f"mask/{variant}", variant, settings,
-          lambda m, docs, labels, s=settings: evaluators.perplexity_with_masks(
-              m, docs, labels=labels, experiment="mask", **_on_mesh(s))))
-    passkey_models = split_names(config.passkey.models) or variants
-    if split_names(config.passkey.lengths) and variant in passkey_models:
-      settings = dict(
-          lengths=tuple(int(l) for l in split_names(config.passkey.lengths)),
-          depths=tuple(float(d) for d in split_names(config.passkey.depths)),
-          trials=config.passkey.trials, train_len=config.train.train_len,
-          implementation=config.eval.implementation)
-      out.append(Evaluation(
-          f"passkey/{variant}", variant, settings,
-          lambda m, docs, labels, s=settings: evaluators.passkey_retrieval(
-              m, labels=labels, experiment="passkey", **s)))
+  for variant in split_names(config.variants):
+    for entry in entries:
+      if variant in entry.models:
+        out.append(Evaluation(
+            f"{entry.name}/{variant}", variant,
+            dict(entry.settings, type=entry.type),
+            _evaluate(entry, entry.settings), entry.name,
+            entry.evaluator.needs_documents))
   return out
+
+
+def _types(config) -> dict[str, str]:
+  """{experiment: evaluator type} of config.evals (for the report)."""
+  return {name: config.evals[name].type for name in config.evals.keys()}
 
 
 def _fingerprint(evaluation: Evaluation, train_config, step: int) -> str:
@@ -304,13 +237,48 @@ def _fingerprint(evaluation: Evaluation, train_config, step: int) -> str:
   return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _read_done(workdir: str) -> dict:
+def _read_done(workdir: str) -> tuple[dict, Optional[int]]:
+  """(evaluation name -> fingerprint, results.jsonl lines they account
+  for; None: unknown, an older workdir)."""
   path = os.path.join(workdir, DONE_FILE)
-  if not (os.path.isfile(path) and
-          os.path.isfile(os.path.join(workdir, RESULTS_FILE))):
-    return {}   # no results: nothing counts as done
+  results = os.path.join(workdir, RESULTS_FILE)
+  if not os.path.isfile(results):
+    return {}, 0   # no results: nothing counts as done
+  if not os.path.isfile(path):
+    return {}, 0   # records of an evaluation that never finished
   with open(path, encoding="utf-8") as f:
-    return json.load(f)
+    done = json.load(f)
+  if "evaluations" in done and "results_lines" in done:
+    return dict(done["evaluations"]), int(done["results_lines"])
+  return done, None
+
+
+def _write_done(workdir: str, done: dict, results_lines: int) -> None:
+  _write_json(os.path.join(workdir, DONE_FILE),
+              {"evaluations": done, "results_lines": results_lines})
+
+
+def _count_lines(path: str) -> int:
+  if not os.path.isfile(path):
+    return 0
+  with open(path, encoding="utf-8") as f:
+    return sum(1 for _ in f)
+
+
+def _drop_unfinished(results_path: str, committed: Optional[int]) -> None:
+  """Drops the records an interrupted evaluation appended after the last
+  finished one (they would be appended again by its rerun)."""
+  if committed is None or not os.path.isfile(results_path):
+    return
+  with open(results_path, encoding="utf-8") as f:
+    lines = f.readlines()
+  if len(lines) <= committed:
+    return
+  logging.warning("%s: dropping %d records of an unfinished evaluation",
+                  results_path, len(lines) - committed)
+  with open(results_path + ".tmp", "w", encoding="utf-8") as f:
+    f.writelines(lines[:committed])
+  os.replace(results_path + ".tmp", results_path)
 
 
 def _write_json(path: str, value) -> None:
@@ -327,18 +295,11 @@ def _latest_checkpoint(run_dir: str) -> int:
   return max((int(n) for n in os.listdir(folder) if n.isdigit()), default=0)
 
 
-def _eval_documents(config, workdir: str) -> list[np.ndarray]:
-  """The held-out documents of the corpus (a cached token store)."""
+def _eval_documents(config, workdir: str) -> list:
+  """The held-out documents (``data.eval_documents`` of the first run)."""
   from extrapolax.experiments import data  # pylint: disable=g-import-not-at-top
   train = variant_config(config, split_names(config.variants)[0], workdir)
-  fields = train.data
-  path = data.default_store_path(trainer.data_dir(train, workdir),
-                                 fields.corpus, fields.tokenizer, "eval")
-  store = data.build_store(path, fields.corpus, fields.tokenizer,
-                           split="eval", eval_fraction=fields.eval_fraction,
-                           split_seed=fields.split_seed,
-                           cache_dir=fields.cache_dir)
-  return [store.document(i) for i in range(store.num_documents)]
+  return data.eval_documents(train, workdir)
 
 
 # ----------------------------------------------------------------------------
@@ -357,6 +318,7 @@ class StudyResult:
     evaluated: evaluation names run in this run.
     skipped: evaluation names reused from an earlier run.
     seconds: wall time of this run.
+    types: {experiment: evaluator type} of config.evals.
   """
   records: list
   report: str
@@ -365,24 +327,39 @@ class StudyResult:
   evaluated: list
   skipped: list
   seconds: float
+  types: dict = dataclasses.field(default_factory=dict)
+
+
+def _check_workdir(workdir: str) -> str:
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir} is a file; give a folder (new or "
+                     "a study's)")
+  return workdir
 
 
 def run_study(config, workdir: str) -> StudyResult:
   """Trains, evaluates and reports the study ``config`` describes.
 
   Raises:
-    ValueError: a bad config value, or a run in the workdir that was trained
-      with another training config.
+    ValueError: a bad config value, a workdir that is a file, or a run in
+      the workdir that was trained with another training config.
   """
   started = time.perf_counter()
+  workdir = _check_workdir(workdir)
   validate_config(config)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
+  with workdir_lock.hold(workdir):    # one study per workdir at a time
+    return _run_study(config, workdir, started)
+
+
+def _run_study(config, workdir: str, started: float) -> StudyResult:
   _write_json(os.path.join(workdir, "config.json"),
               json.loads(config.to_json_best_effort()))
   results_path = os.path.join(workdir, RESULTS_FILE)
-  done = _read_done(workdir)
-  result = StudyResult([], "", [], [], [], [], 0.0)
+  done, committed = _read_done(workdir)
+  _drop_unfinished(results_path, committed)
+  result = StudyResult([], "", [], [], [], [], 0.0, _types(config))
   documents = None
   by_variant: dict[str, list[Evaluation]] = {}
   for evaluation in evaluations(config):
@@ -406,18 +383,22 @@ def run_study(config, workdir: str) -> StudyResult:
       if done.get(evaluation.name) == fingerprint:
         result.skipped.append(evaluation.name)
         continue
-      if documents is None and evaluation.name.split("/")[0] != "passkey":
+      if documents is None and evaluation.needs_documents:
         documents = _eval_documents(config, workdir)
       clock = time.perf_counter()
       new = evaluation.evaluate(model, documents, labels)
       records_lib.append(results_path, new)
       done[evaluation.name] = fingerprint
-      _write_json(os.path.join(workdir, DONE_FILE), done)
+      _write_done(workdir, done, _count_lines(results_path))
+      runlog.write_eval_scalars(workdir, new)
       result.evaluated.append(evaluation.name)
       logging.info("%s: %d records in %.1fs", evaluation.name, len(new),
                    time.perf_counter() - clock)
+  if committed is None:   # an older workdir: start counting
+    _write_done(workdir, done, _count_lines(results_path))
   result.records = records_lib.read(results_path)
-  result.report = report_lib.write_report(results_path, workdir)
+  result.report = report_lib.write_report(results_path, workdir,
+                                          types=result.types)
   result.seconds = time.perf_counter() - started
   return result
 
@@ -443,40 +424,10 @@ def _trained_model(train, run_dir: str, variant: str, step: int,
   return trained.model, trained.step
 
 
-def summary_tables(records) -> str:
-  """The perplexity tables of the report and the passkey accuracy (mean over
-  depths; rows: length, columns: variant), as markdown."""
-  shown = [r for r in records if r["metric"] == "perplexity"]
-  parts = [report_lib.markdown_tables(shown)] if shown else []
-  passkey = [r for r in records if r["metric"] == "passkey_accuracy"]
-  if passkey:
-    parts.append(_passkey_summary(passkey))
-  return "\n\n".join(parts) if parts else "(no records)"
-
-
-def _passkey_summary(records) -> str:
-  """Passkey accuracy averaged over depths (trial-weighted); the last record
-  per (variant, length, depth, seed) wins, as in the report."""
-  last = {}
-  for r in records:
-    key = (records_lib.variant_label(r), r["eval_len"], r.get("depth"),
-           r["seed"])
-    last[key] = (r["value"], r.get("n_trials") or 1)
-  sums: dict[tuple, list] = {}
-  for (variant, length, _, _), (value, trials) in last.items():
-    total = sums.setdefault((variant, length), [0.0, 0])
-    total[0] += value * trials
-    total[1] += trials
-  variants = list(dict.fromkeys(k[0] for k in sums))
-  lengths = sorted({k[1] for k in sums})
-  lines = ["## passkey: accuracy (mean over depths)", "",
-           "| prompt length | " + " | ".join(variants) + " |",
-           "|" + "---|" * (len(variants) + 1)]
-  for length in lengths:
-    cells = [f"{sums[(v, length)][0] / sums[(v, length)][1]:.2f}"
-             if (v, length) in sums else "" for v in variants]
-    lines.append(f"| {length} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+def summary_tables(records, types: Optional[dict] = None) -> str:
+  """What the study main prints: each evaluator's summary (perplexity
+  tables, passkey accuracy averaged over depths, ...), as markdown."""
+  return report_lib.summary_tables(records, types)
 
 
 # ----------------------------------------------------------------------------
@@ -489,10 +440,13 @@ class Arguments:
   config: ml_collections.ConfigDict
   workdir: str
   argv: list
+  config_help: bool = False
+  config_path: str = DEFAULT_CONFIG
 
 
 def parse_flags(argv: Sequence[str]) -> Arguments:
-  """Parses ``--config``, ``--config.*`` and ``--workdir`` from argv.
+  """Parses ``--config``, ``--config.*``, ``--workdir`` and
+  ``--config_help`` from argv.
 
   The flags live in their own FlagValues (not absl's global FLAGS), so this
   module and ``extrapolax.experiments.train`` can share a process; the
@@ -500,6 +454,8 @@ def parse_flags(argv: Sequence[str]) -> Arguments:
 
   Raises:
     flags.Error: a bad flag value or a missing --workdir.
+    ValueError: a ``--config.*`` field the config does not have (one line,
+      with close matches).
   """
   argv = configs.resolve_config_flag(argv)
   flag_values = flags.FlagValues()
@@ -509,7 +465,13 @@ def parse_flags(argv: Sequence[str]) -> Arguments:
       lock_config=True, sys_argv=argv)
   flags.DEFINE_string("workdir", None, "Study folder (runs/, results.jsonl, "
                       "report.md).", flag_values=flag_values)
-  rest = flag_values(argv, known_only=True)
+  flags.DEFINE_bool("config_help", False, "List the --config.* fields with "
+                    "their defaults and exit.", flag_values=flag_values)
+  rest = cli.parse_known(flag_values, argv, DEFAULT_CONFIG)
+  if flag_values.config_help:
+    return Arguments(flag_values.config, flag_values.workdir or "", rest,
+                     config_help=True,
+                     config_path=cli.config_spec(argv, DEFAULT_CONFIG))
   if not flag_values.workdir:
     raise flags.IllegalFlagValueError("--workdir is required")
   return Arguments(flag_values.config, flag_values.workdir, rest)
@@ -517,14 +479,16 @@ def parse_flags(argv: Sequence[str]) -> Arguments:
 
 def main(args: Arguments) -> None:
   """Runs the study and prints its tables."""
+  if args.config_help:
+    print(cli.config_help(args.config, args.config_path))
+    return
   if len(args.argv) > 1:
     raise app.UsageError(f"unexpected arguments: {args.argv[1:]}")
   try:
     result = run_study(args.config, args.workdir)
   except (ValueError, trainer.NonFiniteLossError) as e:
-    logging.error("%s", e)
-    sys.exit(f"error: {e}")
-  print(summary_tables(result.records))
+    sys.exit(f"error: {e}")   # one line: the message names the value
+  print(summary_tables(result.records, result.types))
   print(f"\nstudy done in {result.seconds:.0f}s: trained "
         f"{len(result.trained)} model(s) {result.trained}, reused "
         f"{len(result.reused)}; ran {len(result.evaluated)} evaluation(s), "
@@ -533,12 +497,14 @@ def main(args: Arguments) -> None:
 
 
 def _flags_parser(argv: list[str]) -> Arguments:
+  cli.maybe_print_help(argv, __doc__, "extrapolax.experiments.extrapolation")
   try:
     args = parse_flags(argv)
     args.argv = flags.FLAGS(args.argv)   # absl's own (--verbosity, ...)
-  except flags.Error as e:
+  except (flags.Error, ValueError) as e:
     sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
-                     "Pass --helpfull to see help on flags.\n")
+                     "Pass --help to see help on flags, --config_help for "
+                     "the config fields.\n")
     sys.exit(1)
   return args
 

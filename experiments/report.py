@@ -1,22 +1,21 @@
 """report.md and PNG plots from results records, without the models.
 
-``write_report(records_or_path, out_dir)`` groups the records by
-(experiment, metric, mode, stride, task) and writes, per group, a markdown
-table (rows: evaluation length; columns: variant) and a plot:
+``write_report(records_or_path, out_dir)`` groups the records by experiment
+(the ``config.evals`` entry that made them) and asks that experiment's
+evaluator plug-in (``extrapolax.experiments.evals``) for its section: a
+markdown table and a plot. Records no evaluator claims get the generic
+section: per (metric, mode, stride, task), a table (rows: evaluation
+length; columns: variant) and a line plot of the metric vs length.
 
-* perplexity: perplexity vs length per variant, log-y, the training length
-  as a dashed vertical line. Sweeps other than the base "length" experiment
-  (RoPE scalings, masks) also show the base columns of the same models.
-* position_nll: mean NLL vs position within the window.
-* passkey_accuracy: a table of the mean over depths, a table per variant
-  (rows length, columns depth) and a heatmap per variant (depth x length).
-* accuracies of synthetic tasks: accuracy vs length with the training range
-  shaded.
+The helpers the sections share are public here (``length_table``,
+``line_plot``, ``generic_section``, ...), for evaluators outside the
+package too.
 
 A record is a cell; when a (variant, length) cell has several records, the
 last one per seed wins (reruns append) and seeds are averaged.
 
-Command line (re-report a workdir from its results.jsonl)::
+Command line (re-report a workdir from its results.jsonl; the evaluator of
+each experiment is read from the workdir's config.json)::
 
   python -m extrapolax.experiments.report --workdir DIR [--out_dir DIR]
 """
@@ -24,6 +23,7 @@ Command line (re-report a workdir from its results.jsonl)::
 from __future__ import annotations
 
 import collections
+import json
 import math
 import os
 import re
@@ -32,15 +32,21 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
+from extrapolax.experiments import evals
 from extrapolax.experiments import records as records_lib
 
 __all__ = ["load_records", "group_records", "markdown_tables",
-           "write_report", "main"]
+           "summary_tables", "write_report", "main", "evaluator_types",
+           "generic_section", "length_table", "line_plot", "group_title",
+           "slug", "readable", "cells", "fmt", "variants", "train_lens",
+           "markdown", "save_figure"]
 
 RESULTS_FILE = "results.jsonl"
 REPORT_FILE = "report.md"
-BASE_EXPERIMENT = "length"
 Records = Union[str, os.PathLike, Iterable[Mapping[str, Any]]]
+# Distinct styles, so a line drawn over another (equal values) still shows.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+LINESTYLES = ("-", "--", "-.", ":")
 
 
 def load_records(source: Records) -> list[dict[str, Any]]:
@@ -55,11 +61,25 @@ def load_records(source: Records) -> list[dict[str, Any]]:
   return [records_lib.make_record(**r) for r in source]
 
 
+def evaluator_types(workdir: str) -> dict[str, str]:
+  """{experiment: evaluator type} from a study workdir's config.json
+  (``config.evals``); empty if there is none."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    config = json.load(f)
+  entries = config.get("evals") if isinstance(config, dict) else None
+  return {name: entry["type"] for name, entry in (entries or {}).items()
+          if isinstance(entry, dict) and entry.get("type")}
+
+
 def _experiment(record) -> str:
   if record.get("experiment"):
     return record["experiment"]
-  if record["metric"] in ("perplexity", "position_nll"):
-    return BASE_EXPERIMENT
+  evaluator = evals.resolve("", record["metric"])
+  if evaluator is not None:
+    return evaluator.name
   return record["task"] or record["metric"]
 
 
@@ -77,7 +97,8 @@ def group_records(records: Sequence[Mapping[str, Any]]
   return groups
 
 
-def _title(key: GroupKey) -> str:
+def group_title(key: GroupKey) -> str:
+  """A group's markdown heading: "length: perplexity (nonoverlap)"."""
   experiment, metric, mode, stride, task = key
   parts = [f"{experiment}: {metric}"]
   if mode == "sliding":
@@ -89,13 +110,14 @@ def _title(key: GroupKey) -> str:
   return " ".join(parts)
 
 
-def _slug(key: GroupKey) -> str:
+def slug(key: GroupKey) -> str:
   text = "_".join(str(k) for k in key if k is not None)
   return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
 
 
-def _cells(records: Sequence[Mapping[str, Any]], *, by=("eval_len",)):
-  """{(variant, *by): mean over seeds of the last value per seed}."""
+def cells(records: Sequence[Mapping[str, Any]], *, by=("eval_len",)):
+  """({(variant, *by): mean over seeds of the last value per seed},
+  the largest number of seeds of a cell)."""
   last = collections.OrderedDict()
   for r in records:
     key = (records_lib.variant_label(r),) + tuple(r[b] for b in by)
@@ -107,19 +129,20 @@ def _cells(records: Sequence[Mapping[str, Any]], *, by=("eval_len",)):
       (len(v) for v in values.values()), default=0)
 
 
-def _fmt(value: Optional[float], metric: str) -> str:
+def fmt(value: Optional[float], digits: int = 2) -> str:
+  """A table cell: ``digits`` decimals (3 significant digits past 1e4),
+  n/a for NaN (the model cannot run there), inf, "" for no value."""
   if value is None:
     return ""
   if math.isnan(value):
     return "n/a"
   if math.isinf(value):
     return "inf"
-  if "accuracy" in metric:
-    return f"{value:.3f}"
-  return f"{value:.2f}" if abs(value) < 1e4 else f"{value:.3g}"
+  return f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:.3g}"
 
 
-def _variants(records) -> list[str]:
+def variants(records) -> list[str]:
+  """The records' variant labels, in first-seen order."""
   out = []
   for r in records:
     label = records_lib.variant_label(r)
@@ -128,57 +151,47 @@ def _variants(records) -> list[str]:
   return out
 
 
-def _train_lens(records) -> list[int]:
+def train_lens(records) -> list[int]:
   return sorted({r["train_len"] for r in records})
 
 
-def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
   lines = ["| " + " | ".join(header) + " |",
            "|" + "|".join("---" for _ in header) + "|"]
   lines += ["| " + " | ".join(row) + " |" for row in rows]
   return "\n".join(lines)
 
 
-def _length_table(records, metric: str, columns=None) -> str:
-  cells, seeds = _cells(records)
-  columns = columns or _variants(records)
+def length_table(records, metric: str, columns=None, *,
+                 digits: int = 2) -> str:
+  """A markdown table of ``metric``: rows evaluation length, columns
+  variant, ``digits`` decimals per cell."""
+  del metric  # the records' metric; kept for the callers' readability
+  values, seeds = cells(records)
+  columns = columns or variants(records)
   lengths = sorted({r["eval_len"] for r in records})
-  train = _train_lens(records)
+  train = train_lens(records)
   rows = []
   for length in lengths:
     label = f"{length}" + (" (train)" if length in train else "")
-    rows.append([label] + [_fmt(cells.get((c, length)), metric)
+    rows.append([label] + [fmt(values.get((c, length)), digits)
                            for c in columns])
   note = f"\n\n(mean over {seeds} seeds)" if seeds > 1 else ""
-  return _markdown(["eval length"] + list(columns), rows) + note
-
-
-def _with_base_columns(key: GroupKey, group, all_groups):
-  """The base experiment's records of the same models, for comparison."""
-  experiment, metric, mode, stride, task = key
-  if experiment == BASE_EXPERIMENT or metric != "perplexity":
-    return group
-  base = all_groups.get((BASE_EXPERIMENT, metric, mode, stride, task), [])
-  models = {r["model"] for r in group}
-  labels = set(_variants(group))
-  lengths = {r["eval_len"] for r in group}
-  extra = [r for r in base if r["model"] in models and r["eval_len"] in
-           lengths and records_lib.variant_label(r) not in labels]
-  return extra + list(group)
+  return markdown(["eval length"] + list(columns), rows) + note
 
 
 # ----------------------------------------------------------------------------
 # Plots (matplotlib's object API: no display, no global backend change).
 
 
-def _save(fig: Figure, out_dir: str, name: str) -> str:
-  path = os.path.join(out_dir, name)
-  fig.savefig(path, dpi=110, bbox_inches="tight")
+def save_figure(fig: Figure, out_dir: str, name: str) -> str:
+  """Writes ``fig`` to out_dir/name; returns name (for the markdown link)."""
+  fig.savefig(os.path.join(out_dir, name), dpi=110, bbox_inches="tight")
   return name
 
 
 def _mark_train(ax, records):
-  for i, train_len in enumerate(_train_lens(records)):
+  for i, train_len in enumerate(train_lens(records)):
     ax.axvline(train_len, color="grey", linestyle="--", linewidth=1,
                label="training length" if i == 0 else None)
 
@@ -189,18 +202,44 @@ def _finite(xs, ys):
   return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def _line_plot(records, title, ylabel, out_dir, name, *, logy=False,
-               x_of=lambda key: key[1], by=("eval_len",), shade=None,
-               xlabel="evaluation length (tokens)"):
-  cells, _ = _cells(records, by=by)
-  fig = Figure(figsize=(7, 4.2))
+def _legend_label(variant, xs, ys, drawn, past) -> str:
+  """The variant, noting a line within 2% of one drawn before (hidden
+  under it) and a variant with no point past the training length."""
+  label = variant
+  for other, (oxs, oys) in drawn.items():
+    if xs and oxs == xs and all(math.isclose(a, b, rel_tol=0.02)
+                                for a, b in zip(oys, ys)):
+      label += f" (overlaps {other})"
+      break
+  if past is not None and not any(x > past for x in xs):
+    label += " (no result past the training length)"
+  return label
+
+
+def line_plot(records, title, ylabel, out_dir, name, *, logy=False,
+              x_of=lambda key: key[1], by=("eval_len",), shade=None,
+              xlabel="evaluation length (tokens)", past_train=True) -> str:
+  """A line per variant (distinct marker and line style each) of the mean
+  value vs ``x_of(cell key)``; the training length as a dashed line (or
+  ``shade``: a (lo, hi) range). Returns the PNG's name."""
+  values, _ = cells(records, by=by)
+  fig = Figure(figsize=(7, 4.2), layout="constrained")
   ax = fig.subplots()
-  for variant in _variants(records):
-    points = sorted((x_of(k), v) for k, v in cells.items()
+  past = max(train_lens(records)) if past_train and by == ("eval_len",) \
+      else None
+  drawn = {}
+  for i, variant in enumerate(variants(records)):
+    points = sorted((x_of(k), v) for k, v in values.items()
                     if k[0] == variant)
     xs, ys = _finite([p[0] for p in points], [p[1] for p in points])
-    if xs:
-      ax.plot(xs, ys, marker="o", markersize=3, label=variant)
+    label = _legend_label(variant, xs, ys, drawn, past)
+    # Later lines are drawn thinner with hollow markers, so one under an
+    # equal earlier line still shows.
+    ax.plot(xs, ys, marker=MARKERS[i % len(MARKERS)],
+            linestyle=LINESTYLES[i % len(LINESTYLES)],
+            markersize=max(7 - i, 3), linewidth=max(2.2 - 0.3 * i, 1.0),
+            markerfacecolor="none" if i % 2 else None, label=label)
+    drawn[variant] = (xs, ys)
   if shade:
     ax.axvspan(shade[0], shade[1], color="tab:green", alpha=0.12,
                label="training range")
@@ -223,143 +262,116 @@ def _line_plot(records, title, ylabel, out_dir, name, *, logy=False,
   ax.set_title(title, fontsize=10)
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize=7)
-  return _save(fig, out_dir, name)
-
-
-def _passkey_heatmap(records, title, out_dir, name):
-  variants = _variants(records)
-  cells, _ = _cells(records, by=("eval_len", "depth"))
-  lengths = sorted({r["eval_len"] for r in records})
-  depths = sorted({r["depth"] for r in records if r.get("depth") is not None})
-  fig = Figure(figsize=(min(4 + 3.2 * len(variants), 20), 3.6))
-  axes = fig.subplots(1, len(variants), squeeze=False)[0]
-  image = None
-  for ax, variant in zip(axes, variants):
-    grid = [[cells.get((variant, length, depth), math.nan)
-             for length in lengths] for depth in depths]
-    image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis",
-                      aspect="auto", origin="upper")
-    ax.set_xticks(range(len(lengths)), [str(l) for l in lengths],
-                  rotation=45, fontsize=7)
-    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths],
-                  fontsize=7)
-    ax.set_xlabel("prompt length")
-    ax.set_ylabel("depth")
-    ax.set_title(variant, fontsize=9)
-    for i, row in enumerate(grid):
-      for j, v in enumerate(row):
-        if not math.isnan(v):
-          ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=6,
-                  color="white" if v < 0.5 else "black")
-  fig.colorbar(image, ax=list(axes), fraction=0.025, label="accuracy")
-  fig.suptitle(title, fontsize=10)
-  return _save(fig, out_dir, name)
+  return save_figure(fig, out_dir, name)
 
 
 # ----------------------------------------------------------------------------
-# The report.
+# Sections.
 
 
-def _section(key, group, all_groups, out_dir, plots: bool) -> str:
-  experiment, metric, _, _, _ = key
-  title, slug = _title(key), _slug(key)
-  train = ", ".join(str(t) for t in _train_lens(group))
-  parts = [f"## {title}", ""]
-  if metric == "position_nll":
-    longest = max(r["eval_len"] for r in group)
-    parts.append(f"Mean NLL (nats) by position within windows of {longest} "
-                 f"tokens; training length {train}.")
-    if plots:
-      name = _line_plot(group, title, "mean NLL (nats)", out_dir,
-                        f"{slug}.png", by=("position", "position_end"),
-                        x_of=lambda k: (k[1] + k[2]) / 2,
-                        xlabel="position in the window")
-      parts += ["", f"![{title}]({name})"]
-    return "\n".join(parts)
-  if metric == "passkey_accuracy":
-    parts.append(f"Exact-match accuracy, mean over depths; training length "
-                 f"{train}.")
-    parts += ["", _passkey_mean_table(group)]
-    for variant in _variants(group):
-      parts += ["", f"{variant}, by depth:", "",
-                _passkey_depth_table([r for r in group if records_lib
-                                      .variant_label(r) == variant])]
-    if plots:
-      name = _passkey_heatmap(group, title, out_dir, f"{slug}.png")
-      parts += ["", f"![{title}]({name})"]
-    return "\n".join(parts)
-  shown = _with_base_columns(key, group, all_groups)
-  if "accuracy" in metric:
-    lo = min(r.get("train_min_len") or min(r["eval_len"] for r in group)
-             for r in group)
-    hi = max(r["train_len"] for r in group)
-    parts.append(f"Training range: lengths {lo}..{hi}.")
-    parts += ["", _length_table(shown, metric)]
-    if plots:
-      name = _line_plot(shown, title, metric.replace("_", " "), out_dir,
-                        f"{slug}.png", shade=(lo, hi), xlabel="task length")
-      parts += ["", f"![{title}]({name})"]
-    return "\n".join(parts)
-  parts.append(f"Training length {train} (the row marked (train)).")
-  parts += ["", _length_table(shown, metric)]
-  if plots:
-    name = _line_plot(shown, title, metric, out_dir, f"{slug}.png",
-                      logy=metric == "perplexity")
-    parts += ["", f"![{title}]({name})"]
-  return "\n".join(parts)
+def readable(metric: str) -> str:
+  """"sequence_accuracy" -> "Sequence accuracy"."""
+  text = metric.replace("_", " ").strip()
+  return text[:1].upper() + text[1:]
 
 
-def _passkey_mean_table(group) -> str:
-  # Mean over depths, weighted by trials.
-  merged = collections.OrderedDict()
-  cells, _ = _cells(group, by=("eval_len", "depth"))
-  trials = {(records_lib.variant_label(r), r["eval_len"], r["depth"]):
-            r.get("n_trials") or 1 for r in group}
-  for (variant, length, depth), value in cells.items():
-    w = trials[(variant, length, depth)]
-    total, weight = merged.get((variant, length), (0.0, 0))
-    merged[(variant, length)] = (total + w * value, weight + w)
-  means = [dict(r, depth=None, seed=None, value=total / weight,
-                variant=variant, eval_len=length)
-           for (variant, length), (total, weight) in merged.items()
-           for r in group[:1]]
-  return _length_table(means, "passkey_accuracy")
+def _digits(records) -> int:
+  """3 decimals for values in [0, 1] (accuracies, rates), else 2."""
+  values = [r["value"] for r in records if math.isfinite(r["value"])]
+  return 3 if values and all(0.0 <= v <= 1.0 for v in values) else 2
 
 
-def _passkey_depth_table(group) -> str:
-  cells, _ = _cells(group, by=("eval_len", "depth"))
-  lengths = sorted({k[1] for k in cells})
-  depths = sorted({k[2] for k in cells})
-  variant = records_lib.variant_label(group[0])
-  rows = [[str(length)] + [_fmt(cells.get((variant, length, d)),
-                                "passkey_accuracy") for d in depths]
-          for length in lengths]
-  return _markdown(["length \\ depth"] + [f"{d:g}" for d in depths], rows)
+def generic_section(records, out_dir: Optional[str],
+                    all_records=None) -> str:  # pylint: disable=unused-argument
+  """The fallback section: per (metric, mode, stride, task) a length table
+  and (with ``out_dir``) a line plot of the metric vs length."""
+  parts = []
+  for key, group in group_records(records).items():
+    metric, mode, stride = key[1], key[2], key[3]
+    title = group_title(key)
+    train = ", ".join(str(t) for t in train_lens(group))
+    lines = [f"## {title}", "",
+             f"Training length {train} (the row marked (train)).", "",
+             length_table(group, metric, digits=_digits(group))]
+    if out_dir is not None:
+      where = {"sliding": f", sliding windows (stride {stride})",
+               "nonoverlap": ", non-overlapping windows"}.get(mode, "")
+      name = line_plot(group, f"{readable(metric)} vs length{where}",
+                       readable(metric), out_dir, f"{slug(key)}.png")
+      lines += ["", f"![{title}]({name})"]
+    parts.append("\n".join(lines))
+  return "\n\n".join(parts)
 
 
-def markdown_tables(records: Records) -> str:
-  """Every group's section (tables only, no plots) as markdown."""
-  records = load_records(records)
-  groups = group_records(records)
-  return "\n\n".join(_section(k, g, groups, "", plots=False)
-                     for k, g in groups.items())
+def _sections(records, out_dir: Optional[str], types, *,
+              summary: bool) -> list[str]:
+  """One section per experiment: builtin evaluators in registration order,
+  then the others in first-seen order."""
+  by_experiment = collections.OrderedDict()
+  for r in records:
+    by_experiment.setdefault(_experiment(r), []).append(r)
+  order = evals.names()
+  chosen = []
+  for index, (experiment, group) in enumerate(by_experiment.items()):
+    evaluator = evals.resolve(experiment, group[0]["metric"], types)
+    rank = (order.index(evaluator.name) if evaluator is not None and
+            evaluator.name in order else len(order))
+    chosen.append((rank, index, evaluator, group))
+  out = []
+  for _, _, evaluator, group in sorted(chosen, key=lambda c: c[:2]):
+    if summary and evaluator is not None and evaluator.summary is not None:
+      text = evaluator.summary(group, records)
+    elif evaluator is not None and evaluator.report is not None:
+      text = evaluator.report(group, out_dir, records)
+    else:
+      text = generic_section(group, out_dir, records)
+    if text:
+      out.append(text)
+  return out
+
+
+def markdown_tables(records: Records,
+                    types: Optional[Mapping[str, str]] = None) -> str:
+  """Every experiment's section (tables only, no plots) as markdown.
+
+  ``types``: {experiment: evaluator type} (a study's config.evals; default:
+  the workdir's config.json when ``records`` is a workdir).
+  """
+  if types is None and isinstance(records, (str, os.PathLike)) and (
+      os.path.isdir(records)):
+    types = evaluator_types(os.fspath(records))
+  return "\n\n".join(_sections(load_records(records), None, types,
+                               summary=False))
+
+
+def summary_tables(records: Records,
+                   types: Optional[Mapping[str, str]] = None) -> str:
+  """What the study main prints: each evaluator's summary (its tables)."""
+  text = "\n\n".join(_sections(load_records(records), None, types,
+                               summary=True))
+  return text or "(no records)"
 
 
 def write_report(records_or_path: Records, out_dir: str, *,
-                 title: str = "Length extrapolation results") -> str:
-  """Writes out_dir/report.md and one PNG per group; returns report.md's path.
+                 title: str = "Length extrapolation results",
+                 types: Optional[Mapping[str, str]] = None) -> str:
+  """Writes out_dir/report.md and the PNGs; returns report.md's path.
 
   Args:
     records_or_path: a list of records, a results.jsonl path, or a workdir
       holding results.jsonl.
     out_dir: where report.md and the PNGs go (created if needed).
     title: the report's heading.
+    types: {experiment: evaluator type} (a study's config.evals); default:
+      the workdir's config.json when ``records_or_path`` is a workdir.
   """
+  if types is None and isinstance(records_or_path, (str, os.PathLike)) and (
+      os.path.isdir(records_or_path)):
+    types = evaluator_types(os.fspath(records_or_path))
   records = load_records(records_or_path)
   if not records:
     raise ValueError("no records to report")
   os.makedirs(out_dir, exist_ok=True)
-  groups = group_records(records)
   models = sorted({r["model"] for r in records})
   header = [f"# {title}", "",
             f"{len(records)} records; models: {', '.join(models)}. "
@@ -367,8 +379,7 @@ def write_report(records_or_path: Records, out_dir: str, *,
             "nonoverlap scores every token of disjoint windows, sliding "
             "scores only the stride's new tokens of each window. n/a: the "
             "model cannot run at that length."]
-  sections = [_section(k, g, groups, out_dir, plots=True)
-              for k, g in groups.items()]
+  sections = _sections(records, out_dir, types, summary=False)
   path = os.path.join(out_dir, REPORT_FILE)
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n\n".join(["\n".join(header)] + sections) + "\n")

@@ -5,7 +5,8 @@ bar and absl log lines.
 only process 0 writes the files (the others log to absl only). A resumed run
 first drops the records a killed run logged past the checkpoint it resumes
 from (``truncate_metrics``; TensorBoard's ``purge_step`` does the same for
-events).
+events). ``write_eval_scalars`` puts a study's evaluation records into
+TensorBoard beside them.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import jax
 from absl import logging as absl_logging
@@ -109,3 +111,46 @@ def progress(total: int, initial: int):
   # disable=None: no bar when stderr is not a terminal (logs, tests).
   return tqdm.tqdm(total=total, initial=initial, unit="step", disable=None,
                    dynamic_ncols=True)
+
+
+def _tag(text) -> str:
+  return re.sub(r"[^A-Za-z0-9_.\-]+", "_", str(text)).strip("_")
+
+
+def eval_scalar_tag(record: Mapping) -> str:
+  """``eval/<experiment>/<variant>/<metric>[_<mode>]_L<eval_len>[_d<depth>]``
+  (characters TensorBoard dislikes become _)."""
+  from extrapolax.experiments import records  # pylint: disable=import-outside-toplevel
+  metric = record["metric"]
+  if record.get("mode") == "sliding":
+    metric += f"_sliding{record['stride']}"
+  elif record.get("mode"):
+    metric += f"_{record['mode']}"
+  metric += f"_L{record['eval_len']}"
+  if record.get("depth") is not None:
+    metric += f"_d{record['depth']:g}"
+  return "/".join(["eval", _tag(record.get("experiment") or "eval"),
+                   _tag(records.variant_label(record)), _tag(metric)])
+
+
+def write_eval_scalars(workdir: str, records: Sequence[Mapping]) -> int:
+  """Writes evaluation records as TensorBoard scalars into ``workdir``
+  (``eval_scalar_tag``; the record's step; loss-per-position buckets are
+  left out). Only process 0 writes. Returns the scalars written."""
+  if jax.process_index() != 0:
+    return 0
+  shown = [r for r in records if r.get("position") is None]
+  if not shown:
+    return 0
+  import tensorboardX  # pylint: disable=import-outside-toplevel
+  # A suffix of its own: event file names only hold the second, and two
+  # writers in one second would share (and overwrite) a file.
+  writer = tensorboardX.SummaryWriter(
+      logdir=workdir, filename_suffix=f".eval{time.time_ns()}")
+  try:
+    for r in shown:
+      writer.add_scalar(eval_scalar_tag(r), float(r["value"]),
+                        r.get("step") or 0)
+  finally:
+    writer.close()
+  return len(shown)

@@ -22,16 +22,21 @@ product is the device count). Several hosts: run the same command on every
 host with ``JAX_COORDINATOR_ADDRESS=host0:port JAX_NUM_PROCESSES=N
 JAX_PROCESS_ID=i`` (or under SLURM / Open MPI, detected), or
 ``--distributed=on`` on a Cloud TPU pod slice; see the README.
+
+``--config_help`` lists every ``--config.*`` field with its default and one
+line (the tiny config's fields without ``--config``).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from extrapolax.experiments import cli
 from extrapolax.experiments import configs
 from extrapolax.experiments import sharding
 from extrapolax.experiments import trainer
@@ -46,22 +51,50 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "Multi-host start-up (jax.distributed.initialize): auto = when "
     "$JAX_COORDINATOR_ADDRESS or a multi-task SLURM / Open MPI job is seen; "
     "on = always (JAX detects Cloud TPU pod slices); off = never.")
-flags.mark_flags_as_required(["config", "workdir"])
+_CONFIG_HELP = flags.DEFINE_bool(
+    "config_help", False, "List the --config.* fields with their defaults "
+    "and exit.")
+TINY_CONFIG = "tiny.py"
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
+  cli.maybe_print_help(argv, __doc__, "extrapolax.experiments.train")
+  argv = configs.resolve_config_flag(argv)
   try:
-    return flags.FLAGS(configs.resolve_config_flag(argv))
-  except flags.Error as e:
+    try:
+      rest = flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:   # a --config.* field typo
+      raise ValueError(cli.bad_field_message(
+          argv, configs.get_config(cli.config_spec(argv, TINY_CONFIG))) or
+                       " ".join(str(e).split())) from None
+    if not _CONFIG_HELP.value:
+      missing = [f"--{n}" for n in ("config", "workdir")
+                 if not flags.FLAGS[n].value]
+      if missing:
+        raise flags.IllegalFlagValueError(
+            f"{' and '.join(missing)} required (e.g. --config=tiny.py "
+            "--workdir=/tmp/tiny)")
+    return rest
+  except (flags.Error, ValueError) as e:
     sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
-                     "Pass --helpfull to see help on flags.\n")
+                     "Pass --help to see help on flags, --config_help for "
+                     "the config fields.\n")
     sys.exit(1)
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG_HELP.value:
+    spec = cli.config_spec(sys.argv, TINY_CONFIG)
+    config = _CONFIG.value or configs.get_config(spec)
+    print(cli.config_help(config, configs.path(spec.partition(":")[0])))
+    return
   config = _CONFIG.value
+  workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    sys.exit(f"error: --workdir={workdir} is a file; give a folder (new or "
+             "a run's, to resume it)")
   try:
     sharding.initialize_distributed(_DISTRIBUTED.value)
     trainer.validate_config(config)

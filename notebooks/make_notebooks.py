@@ -396,18 +396,18 @@ EXTRAPOLATION = header(
       size = ["--config=extrapolation.py:quick",
               "--config.variants=rope,alibi",
               "--config.train.checkpoint_every=1000",
-              "--config.passkey.depths=0,0.5,1"]
+              "--config.evals.passkey.depths=0,0.5,1"]
     else:       # a few minutes on a CPU: 1000 steps of 16 x 64 tokens each
       size = ["--config=extrapolation.py:steps=1000,train_len=64",
               "--config.variants=rope,alibi,sinusoidal",
-              "--config.rope_scaling.methods=linear,ntk,yarn,llama3",
-              "--config.masks.masks=sliding_window,lambda",
-              "--config.passkey.lengths=256,512,1024",
-              "--config.passkey.depths=0,0.25,0.5,0.75,1"]
+              "--config.evals.rope_scaling.methods=linear,ntk,yarn,llama3",
+              "--config.evals.mask.masks=sliding_window,lambda",
+              "--config.evals.passkey.lengths=256,512,1024",
+              "--config.evals.passkey.depths=0,0.25,0.5,0.75,1"]
 
     args = extrapolation.parse_flags(
         ["notebook"] + size + [
-            "--config.passkey.models=",     # passkey for every variant
+            "--config.evals.passkey.models=",  # passkey for every variant
             f"--workdir={WORKDIR}"])
     config = args.config
     print(config.variants, "| train_len", config.train.train_len,
@@ -474,7 +474,7 @@ EXTRAPOLATION = header(
     of the training length (every query sees only distances it was trained
     on) or LM-Infinite's Lambda mask (the same window plus 4 "sink" tokens at
     the start, which keep the attention sink but sit at unseen distances;
-    `lambda_ceiling` in `config.masks.masks` adds LM-Infinite's distance
+    `lambda_ceiling` in `config.evals.mask.masks` adds LM-Infinite's distance
     ceiling for them).
     """),
         code("""
@@ -539,16 +539,12 @@ EXTRAPOLATION = header(
     """),
         code("""
     model, train_config = trainer.load_model(f"{WORKDIR}/runs/rope")
-    fields = train_config.data
-    store = data.build_store(
-        data.default_store_path(f"{WORKDIR}/data", fields.corpus, fields.tokenizer, "eval"),
-        fields.corpus, fields.tokenizer, split="eval",
-        eval_fraction=fields.eval_fraction, split_seed=fields.split_seed)
-    documents = [store.document(i) for i in range(store.num_documents)]
+    # The run's held-out documents (the study's runs share WORKDIR/data).
+    documents = data.eval_documents(train_config, workdir=f"{WORKDIR}/runs/rope")
 
     records = evaluators.rope_scaling_sweep(
         model, documents, methods=("none", "ntk"), factors=(4.0,),
-        lengths=(train_len, 4 * train_len), max_tokens=config.eval.max_tokens)
+        lengths=(train_len, 4 * train_len), max_tokens=config.evals.length.max_tokens)
     display(Markdown(report.markdown_tables(records)))
     """),
     ]

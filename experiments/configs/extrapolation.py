@@ -21,25 +21,27 @@ Variants (``:key=value,...``)::
   --config=experiments/configs/extrapolation.py:steps=2000,train_len=128
 
 Any field can be overridden too: ``--config.variants=rope,alibi``,
-``--config.train.model.d_model=128``, ``--config.eval.multiples=1,2,4``,
-``--config.passkey.lengths=()`` (no passkey grid). Lists of names are
+``--config.train.model.d_model=128``,
+``--config.evals.length.multiples=1,2,4``,
+``--config.evals.passkey.lengths=()`` (no passkey grid),
+``--config.evals.mask.models=none`` (no mask sweep). Lists of names are
 comma-separated strings (a tuple also works in a config file).
+``--config_help`` lists every field with its default.
 
 Fields:
   train: the training config every variant shares (the tiny config's
     fields); each variant sets train.model.pe to its name.
   variants: the models, one per position encoding (nope, sinusoidal,
     learned, rope, alibi, t5, kerple, fire).
-  eval: perplexity vs length: multiples (of train.train_len), modes
-    (nonoverlap, sliding), stride (sliding; None: train_len // 2),
-    max_tokens (scored per length), tokens_per_batch, implementation.
-  rope_scaling: model (the RoPE variant; "" for none), methods (linear,
-    dynamic, ntk, yarn, llama3; "none" adds the unscaled model), factors
-    (numbers and/or "matched": the factor eval_len / train_len).
-  masks: model ("" for none), masks (sliding_window, lambda,
-    lambda_ceiling), window (None: train_len), num_sinks.
-  passkey: lengths (() for none; a prompt needs >= 247 tokens), depths,
-    trials, models ("" for every variant).
+  evals: the evaluations, by name; each entry's type is an evaluator
+    (``extrapolax.experiments.evals``: length, rope_scaling, mask, passkey,
+    algorithmic) or "package.module:function", models picks the variants
+    ("" every one, "none" none), the other keys are the evaluator's
+    settings (its module docstring lists them).
+  evals.length: perplexity vs length of every variant.
+  evals.rope_scaling: the RoPE variant with zero-shot RoPE scalings.
+  evals.mask: the RoPE variant with other masks at inference.
+  evals.passkey: passkey retrieval accuracy.
 
 Expected result: see the README's "Main job" section (the table this
 command printed, with the machine and the wall time).
@@ -52,6 +54,21 @@ from extrapolax.experiments import configs
 from extrapolax.experiments.configs import tiny
 
 
+def _perplexity() -> dict:
+  """The perplexity settings the length, rope_scaling and mask evaluations
+  each get (``evals.length``'s module docstring explains them)."""
+  return dict(
+      multiples=(1, 2, 4, 8, 16), modes="nonoverlap",
+      stride=config_dict.placeholder(int), max_tokens=16384,
+      tokens_per_batch=8192,
+      # None: the model's own (auto; memory-linear xla_chunked on the CPU).
+      implementation=config_dict.placeholder(str),
+      # > 1: split each window over this many devices (context-parallel
+      # attention), for lengths one device cannot hold; every length must
+      # divide by it.
+      context_devices=1)
+
+
 def get_config(arg=None):
   """The study config; ``arg``: quick, steps, train_len, seed."""
   arg = configs.parse_arg(arg, quick=False, steps=1000, train_len=64, seed=0)
@@ -61,27 +78,17 @@ def get_config(arg=None):
   config.train.log_every = 100
   config.train.checkpoint_every = 100
   config.variants = "nope,sinusoidal,learned,rope,alibi,t5"
-  config.eval = ml_collections.ConfigDict(dict(
-      multiples=(1, 2, 4, 8, 16), modes="nonoverlap",
-      stride=config_dict.placeholder(int), max_tokens=16384,
-      tokens_per_batch=8192,
-      # None: the model's own (auto; memory-linear xla_chunked on the CPU).
-      # A name rebuilds each evaluated model for that implementation, which
-      # loses the mask sweep's LM-Infinite distance ceiling (set on the
-      # built layers, not in the config).
-      implementation=config_dict.placeholder(str),
-      # > 1: the perplexity evaluations (length, RoPE scaling, masks) split
-      # each window over this many devices (context-parallel attention), for
-      # lengths one device cannot hold; every length must divide by it.
-      # Passkey still runs on one device.
-      context_devices=1))
-  config.rope_scaling = ml_collections.ConfigDict(dict(
-      model="rope", methods="linear,dynamic,yarn,llama3", factors="matched"))
-  config.masks = ml_collections.ConfigDict(dict(
-      model="rope", masks="sliding_window,lambda,lambda_ceiling",
-      window=config_dict.placeholder(int), num_sinks=4))
-  config.passkey = ml_collections.ConfigDict(dict(
-      lengths=(256, 512), depths=(0.0, 0.5, 1.0), trials=4, models=""))
+  config.evals = ml_collections.ConfigDict()
+  config.evals.length = dict(type="length", models="", **_perplexity())
+  config.evals.rope_scaling = dict(
+      type="rope_scaling", models="rope", methods="linear,dynamic,yarn,llama3",
+      factors="matched", **_perplexity())
+  config.evals.mask = dict(
+      type="mask", models="rope", masks="sliding_window,lambda,lambda_ceiling",
+      window=config_dict.placeholder(int), num_sinks=4, **_perplexity())
+  config.evals.passkey = dict(
+      type="passkey", models="", lengths=(256, 512), depths=(0.0, 0.5, 1.0),
+      trials=4, implementation=config_dict.placeholder(str))
   if arg.quick:  # a smoke test: seconds, not a result
     config.train.train_len = 16
     config.train.train_steps = 4
@@ -94,12 +101,13 @@ def get_config(arg=None):
     config.train.model.num_kv_heads = 1
     config.train.model.mlp_dim = 64
     config.variants = "rope,alibi"
-    config.eval.multiples = (1, 4)
-    config.eval.max_tokens = 512
-    config.rope_scaling.methods = "linear,yarn"
-    config.masks.masks = "lambda"
-    config.passkey.lengths = (256,)
-    config.passkey.depths = (0.5,)
-    config.passkey.trials = 2
-    config.passkey.models = "rope"
+    for name in ("length", "rope_scaling", "mask"):
+      config.evals[name].multiples = (1, 4)
+      config.evals[name].max_tokens = 512
+    config.evals.rope_scaling.methods = "linear,yarn"
+    config.evals.mask.masks = "lambda"
+    config.evals.passkey.lengths = (256,)
+    config.evals.passkey.depths = (0.5,)
+    config.evals.passkey.trials = 2
+    config.evals.passkey.models = "rope"
   return config

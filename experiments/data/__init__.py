@@ -5,12 +5,14 @@ tokenizer (``get_tokenizer``) -> token store on disk (``build_store``,
 ``TokenStore``) -> packed rows (``pack``, ``PackedBatch``) -> training
 batches as a pure function of (seed, step) (``TrainSource``). Synthetic
 tasks (``get_task``, ``TaskSource``) and the passkey prompt
-(``passkey_prompt``) are byte-level text.
+(``passkey_prompt``) are byte-level text. ``eval_documents(config,
+workdir=...)``: a run's held-out documents, as its evaluators score them.
 """
 
 from .corpora import (ARCHIVES, CORPUS_NAMES, Corpus, DownloadError,
                       default_cache_dir, documents_sha256, fetch_archive,
                       load_corpus, split_documents, split_indices)
+from .held_out import eval_documents
 from .packing import (PACKING_METHODS, PackedBatch, Packing, materialize,
                       pack, pack_documents)
 from .pipeline import TaskSource, TrainSource
@@ -22,7 +24,7 @@ from .tokenizers import ByteTokenizer, Tokenizer, get_tokenizer
 __all__ = [
     "ARCHIVES", "CORPUS_NAMES", "Corpus", "DownloadError",
     "default_cache_dir", "documents_sha256", "fetch_archive", "load_corpus",
-    "split_documents", "split_indices",
+    "split_documents", "split_indices", "eval_documents",
     "PACKING_METHODS", "PackedBatch", "Packing", "materialize", "pack",
     "pack_documents",
     "TaskSource", "TrainSource",

@@ -1,7 +1,8 @@
 """Length-extrapolation evaluators: each returns a list of results records.
 
 * :func:`perplexity_vs_length` (perplexity.py): non-overlapping and sliding
-  perplexity from 1x to 16x the training length, and loss per position.
+  perplexity from 1x to 16x the training length, and loss per position;
+  :func:`perplexity_table` reads its records as {length: perplexity}.
 * :func:`rope_scaling_sweep` (rope_scaling.py): zero-shot RoPE scalings.
 * :func:`perplexity_with_masks` (mask_sweep.py): sliding window and Lambda
   masks at inference.
@@ -14,12 +15,12 @@
 from .algorithmic import algorithmic_accuracy
 from .mask_sweep import perplexity_with_masks
 from .passkey import passkey_retrieval
-from .perplexity import (StreamScore, default_lengths, perplexity_vs_length,
-                         score_stream)
+from .perplexity import (StreamScore, default_lengths, perplexity_table,
+                         perplexity_vs_length, score_stream)
 from .rope_scaling import rope_scaling_sweep
 from .variants import describe, rebuild
 
 __all__ = ["algorithmic_accuracy", "perplexity_with_masks",
            "passkey_retrieval", "StreamScore", "default_lengths",
-           "perplexity_vs_length", "score_stream", "rope_scaling_sweep",
+           "perplexity_vs_length", "perplexity_table", "score_stream", "rope_scaling_sweep",
            "describe", "rebuild"]

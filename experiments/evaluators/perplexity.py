@@ -54,7 +54,7 @@ from . import variants
 
 __all__ = ["MODES", "StreamScore", "as_documents", "plan_windows",
            "score_stream", "model_nll_fn", "logits_nll_fn",
-           "default_lengths", "perplexity_vs_length"]
+           "default_lengths", "perplexity_vs_length", "perplexity_table"]
 
 MODES = records_lib.MODES
 Tokens = Union[np.ndarray, Sequence[np.ndarray]]
@@ -402,3 +402,36 @@ def perplexity_vs_length(
     out.extend(position_records(scores[("nonoverlap", longest)], base,
                                 position_buckets))
   return (out, scores) if return_scores else out
+
+
+def perplexity_table(records: Sequence[Mapping[str, Any]], *,
+                     mode: str = "nonoverlap",
+                     variant: Optional[str] = None) -> dict[int, float]:
+  """{eval length: perplexity} of ``perplexity_vs_length``'s records.
+
+  ``perplexity_table(perplexity_vs_length(model, docs))`` reads the result
+  directly; the last record per length wins (reruns append).
+
+  Args:
+    records: results records (other metrics are ignored).
+    mode: "nonoverlap" or "sliding".
+    variant: the report label to keep (``records.variant_label``) when the
+      records hold several (sweeps, several models); None: the only one.
+
+  Raises:
+    ValueError: a bad mode, or several variants and no ``variant``.
+  """
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r} is not one of {MODES}")
+  chosen = [r for r in records
+            if r["metric"] == "perplexity" and r["mode"] == mode]
+  labels = list(dict.fromkeys(records_lib.variant_label(r) for r in chosen))
+  if variant is None and len(labels) > 1:
+    raise ValueError(f"the records hold variants {labels}; pass variant= "
+                     "one of them")
+  if variant is not None:
+    if variant not in labels:
+      raise ValueError(f"variant={variant!r} is not one of {labels}")
+    chosen = [r for r in chosen if records_lib.variant_label(r) == variant]
+  return {int(r["eval_len"]): float(r["value"])
+          for r in sorted(chosen, key=lambda r: r["eval_len"])}

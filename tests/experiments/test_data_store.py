@@ -120,3 +120,18 @@ def test_build_store_refuses_foreign_folders(tmp_path):
   assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
   with pytest.raises(ValueError, match="split must be"):
     data.build_store(str(tmp_path / "s"), "pydoc_topics", split="test")
+
+
+def test_eval_documents_of_a_run_and_a_study(tmp_path):
+  """The public route to a run's held-out documents: the store the
+  evaluators read, for a training config (WORKDIR/data) and a study."""
+  from extrapolax.experiments import configs  # pylint: disable=g-import-not-at-top
+  config = configs.get_config("tiny.py")
+  run = data.eval_documents(config, workdir=str(tmp_path / "run"))
+  assert run and all(d.dtype.kind == "i" and d.ndim == 1 for d in run)
+  assert os.path.isdir(tmp_path / "run" / "data")
+  study = configs.get_config("extrapolation.py:quick")
+  again = data.eval_documents(study, workdir=str(tmp_path / "study"))
+  assert [len(d) for d in again] == [len(d) for d in run]
+  with pytest.raises(ValueError, match="pass workdir="):
+    data.eval_documents(config)

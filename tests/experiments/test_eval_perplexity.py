@@ -156,6 +156,18 @@ def test_tiny_model_records():
   score = scores[("nonoverlap", 48)]
   mean = sum(r["value"] * r["n_tokens"] for r in buckets) / 144
   assert mean == pytest.approx(score.mean_nll, rel=1e-6)
+  # Read directly: {length: perplexity} per mode.
+  table = perplexity.perplexity_table(out)
+  assert table == {16: ppl[0]["value"], 48: ppl[1]["value"]}
+  assert perplexity.perplexity_table(out, mode="sliding") == {
+      16: ppl[2]["value"], 48: ppl[3]["value"]}
+  with pytest.raises(ValueError, match="mode='both' is not one of"):
+    perplexity.perplexity_table(out, mode="both")
+  other = [dict(r, model="alibi") for r in out]
+  with pytest.raises(ValueError, match="pass variant="):
+    perplexity.perplexity_table(out + other)
+  assert perplexity.perplexity_table(out + other, variant="rope-tiny") == (
+      table)
 
 
 def test_learned_absolute_past_its_table_is_nan():

@@ -101,7 +101,7 @@ def test_study_end_to_end_then_rerun_reuses_everything(tmp_path, capsys):
       results)
 
   # A changed mask setting re-runs only the mask sweep (still no training).
-  out = _main(ARGS + [f"--workdir={workdir}", "--config.masks.num_sinks=2"],
+  out = _main(ARGS + [f"--workdir={workdir}", "--config.evals.mask.num_sinks=2"],
               capsys)
   assert "trained 0 model(s)" in out and "ran 1 evaluation(s)" in out
   assert "rope lambda(sinks=2, window=16)" in out
@@ -124,7 +124,7 @@ def test_study_end_to_end_then_rerun_reuses_everything(tmp_path, capsys):
   # name; the finished study is reused.
   done = subprocess.run(
       [sys.executable, "-m", "extrapolax.experiments.extrapolation",
-       f"--workdir={workdir}"] + ARGS + ["--config.masks.num_sinks=2"],
+       f"--workdir={workdir}"] + ARGS + ["--config.evals.mask.num_sinks=2"],
       cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS="cpu"),
       capture_output=True, text=True, timeout=300, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
@@ -137,8 +137,10 @@ def test_study_end_to_end_then_rerun_reuses_everything(tmp_path, capsys):
   # same numbers.
   if jax.device_count() >= 8:
     before_cp = records.read(os.path.join(workdir, "results.jsonl"))
-    out = _main(ARGS + [f"--workdir={workdir}", "--config.masks.num_sinks=2",
-                        "--config.eval.context_devices=8"], capsys)
+    out = _main(ARGS + [f"--workdir={workdir}", "--config.evals.mask.num_sinks=2",
+                        "--config.evals.length.context_devices=8",
+                        "--config.evals.rope_scaling.context_devices=8",
+                        "--config.evals.mask.context_devices=8"], capsys)
     assert "trained 0 model(s)" in out and "ran 4 evaluation(s)" in out
     again = records.read(os.path.join(workdir, "results.jsonl"))[
         len(before_cp):]
@@ -159,11 +161,11 @@ def test_default_config_is_the_study():
   config = args.config
   variants = extrapolation.split_names(config.variants)
   assert {"nope", "sinusoidal", "rope", "alibi", "t5"} <= set(variants)
-  assert tuple(config.eval.multiples) == (1, 2, 4, 8, 16)
-  assert config.rope_scaling.model == "rope"
+  assert tuple(config.evals.length.multiples) == (1, 2, 4, 8, 16)
+  assert config.evals.rope_scaling.models == "rope"
   assert {"linear", "dynamic", "yarn", "llama3"} <= set(
-      extrapolation.split_names(config.rope_scaling.methods))
-  assert "lambda" in extrapolation.split_names(config.masks.masks)
+      extrapolation.split_names(config.evals.rope_scaling.methods))
+  assert "lambda" in extrapolation.split_names(config.evals.mask.masks)
   extrapolation.validate_config(config)
   names = [e.name for e in extrapolation.evaluations(config)]
   assert [n for n in names if n.startswith("length/")] == [
@@ -180,15 +182,20 @@ def test_default_config_is_the_study():
     ({"variants": "rope,bogus"}, r"\['bogus'\] not in"),
     ({"variants": "rope,rope"}, "repeats a name"),
     ({"variants": ""}, "config.variants is empty"),
-    ({"rope_scaling.model": "nope"}, r"rope_scaling.model='nope' is not one"),
-    ({"rope_scaling.methods": "linear,pi"}, r"\['pi'\] not in"),
-    ({"rope_scaling.factors": "matched,big"}, "neither a number"),
-    ({"masks.masks": "window"}, r"\['window'\] not in"),
-    ({"eval.multiples": (1, 0)}, "eval.multiples"),
-    ({"eval.context_devices": 0}, "eval.context_devices"),
-    ({"eval.context_devices": 64}, r"context_devices=64 but only"),
-    ({"passkey.models": "nope"}, r"passkey.models"),
-    ({"passkey.depths": (0.5, 2.0)}, r"passkey.depths"),
+    ({"evals.rope_scaling.models": "nope"},
+     r"evals.rope_scaling.models='nope': \['nope'\] not in the variants"),
+    ({"evals.rope_scaling.models": "alibi"},
+     r"evals.rope_scaling: .*no RoPE layer"),
+    ({"evals.rope_scaling.methods": "linear,pi"}, r"\['pi'\] not in"),
+    ({"evals.rope_scaling.factors": "matched,big"}, "neither a number"),
+    ({"evals.mask.masks": "window"}, r"evals.mask: masks=.*\['window'\]"),
+    ({"evals.length.multiples": (1, 0)}, "evals.length: multiples"),
+    ({"evals.length.context_devices": 0}, "evals.length: context_devices"),
+    ({"evals.mask.context_devices": 64}, r"context_devices=64 but only"),
+    ({"evals.passkey.models": "nope"}, r"evals.passkey.models"),
+    ({"evals.passkey.depths": (0.5, 2.0)}, r"evals.passkey: depths"),
+    ({"evals.passkey.type": "bogus"}, r"evals.passkey: .*'bogus' is not one"),
+    ({"evals.length.type": "no_such_module_xyz:fn"}, r"cannot import"),
     ({"train.model.mlp_dim": 0}, "mlp_dim"),
     ({"train.data.task": "copy"}, "the study models text"),
 ])

@@ -142,3 +142,73 @@ def test_nothing_to_report(tmp_path):
     report.write_report(str(tmp_path), str(tmp_path))
   with pytest.raises(ValueError, match="no records"):
     report.write_report([], str(tmp_path))
+
+
+def test_equal_lines_stay_distinguishable_and_titles_are_readable(
+    tmp_path, monkeypatch):
+  """Two variants with identical values (e.g. a window under
+  Lambda+ceiling) get different markers and line styles and a legend note;
+  a variant without points past the training length says so; plot titles
+  hold no internal keys."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  figures = []
+  real_save = report.save_figure
+
+  def keep(fig, out_dir, name):
+    figures.append(fig)
+    return real_save(fig, out_dir, name)
+
+  monkeypatch.setattr(report, "save_figure", keep)
+  rows = []
+  for mask in ("sliding_window(16)", "lambda(sinks=4, window=16)+ceiling"):
+    for length in (16, 64):
+      rows.append(rec(mask=mask, train_len=16, eval_len=length, value=9.0,
+                      experiment="mask"))
+  rows.append(rec(model="learned", pe="learned", train_len=16, eval_len=16,
+                  value=8.0, experiment="length"))
+  rows.append(rec(model="learned", pe="learned", train_len=16, eval_len=64,
+                  value=math.nan, experiment="length"))
+  rows.append(rec(model="alibi", pe="alibi", train_len=16, eval_len=64,
+                  value=8.5, experiment="length"))
+  rows.append(rec(model="alibi", pe="alibi", train_len=16, eval_len=16,
+                  value=8.0, experiment="length"))
+  report.write_report(rows, str(tmp_path))
+  assert figures and all(isinstance(f, Figure) for f in figures)
+  by_title = {f.axes[0].get_title(): f.axes[0] for f in figures}
+  for title in by_title:
+    assert not any(key in title for key in (
+        "nonoverlap", "perplexity (", "length:", "mask:", "_")), title
+  masks = next(ax for t, ax in by_title.items() if "mask" in t.lower())
+  lines = [l for l in masks.get_lines() if l.get_label().startswith("rope")]
+  assert len(lines) == 2
+  assert list(lines[0].get_ydata()) == list(lines[1].get_ydata())
+  assert lines[0].get_marker() != lines[1].get_marker()
+  assert lines[0].get_linestyle() != lines[1].get_linestyle()
+  assert "(overlaps rope sliding_window(16))" in lines[1].get_label()
+  base = next(ax for t, ax in by_title.items()
+              if t.startswith("Position encodings"))
+  labels = [l.get_label() for l in base.get_lines()]
+  assert "learned (no result past the training length)" in labels
+  assert "alibi" in labels
+
+
+def test_passkey_heatmap_panels_do_not_overlap(tmp_path, monkeypatch):
+  figures = []
+  real_save = report.save_figure
+  monkeypatch.setattr(report, "save_figure", lambda fig, out, name: (
+      figures.append(fig), real_save(fig, out, name))[1])
+  rows = [rec(model=m, pe=m, eval_len=length, depth=depth, mode=None,
+              task="passkey", metric="passkey_accuracy", value=depth,
+              n_trials=4, experiment="passkey")
+          for m in ("rope", "alibi", "sinusoidal")
+          for length in (256, 512, 1024) for depth in (0.0, 0.5, 1.0)]
+  report.write_report(rows, str(tmp_path))
+  (fig,) = figures
+  assert "Constrained" in type(fig.get_layout_engine()).__name__
+  fig.draw_without_rendering()   # runs the layout
+  renderer = fig._get_renderer()  # pylint: disable=protected-access
+  panels = [ax for ax in fig.axes if ax.get_title()]
+  assert [ax.get_title() for ax in panels] == ["rope", "alibi", "sinusoidal"]
+  boxes = [ax.get_tightbbox(renderer) for ax in panels]   # labels included
+  for left, right in zip(boxes, boxes[1:]):
+    assert left.x1 <= right.x0, "a panel's labels overlap its neighbour"

@@ -1,0 +1,175 @@
+"""The ``passkey`` evaluator: passkey retrieval accuracy, lengths x depths.
+
+Settings: ``lengths`` (prompt lengths in tokens; () for none: the
+evaluation is skipped; a prompt needs >= 247 tokens), ``depths``
+(fractions in [0, 1]), ``trials`` (keys per cell), ``implementation``.
+Records: ``evaluators.passkey_retrieval`` (no documents needed). Report: the
+mean over depths, a table per variant by depth and a heatmap per variant;
+the study main prints the mean over depths.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from matplotlib.figure import Figure
+
+from extrapolax.experiments import evals
+from extrapolax.experiments import records as records_lib
+from extrapolax.experiments import report
+from extrapolax.experiments.evals import length
+
+__all__ = ["EVALUATOR", "HELP"]
+
+HELP = {
+    "models": length.HELP["models"],
+    "lengths": "prompt lengths in tokens (() for none; >= 247 tokens each)",
+    "depths": "where the key sits, fractions in [0, 1]",
+    "trials": "keys per (length, depth)",
+    "implementation": length.HELP["implementation"],
+}
+
+
+def _validate(settings: dict, study) -> Optional[dict]:
+  settings = dict(settings)
+  settings.pop("models", None)
+  unknown = sorted(set(settings) - set(HELP))
+  if unknown:
+    raise ValueError(f"unknown settings {unknown}; allowed: {sorted(HELP)}")
+  lengths = evals.split_numbers(settings.get("lengths", ()))
+  if not lengths:
+    return None
+  length.check_positive("lengths", lengths, integer=True)
+  depths = evals.split_numbers(settings.get("depths", (0.0, 0.5, 1.0)))
+  try:
+    ok = bool(depths) and all(0.0 <= float(d) <= 1.0 for d in depths)
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(f"depths={depths!r} must be fractions in [0, 1]")
+  trials = settings.get("trials", 4)
+  length.check_positive("trials", (trials,), integer=True)
+  return dict(lengths=tuple(int(l) for l in lengths),
+              depths=tuple(float(d) for d in depths), trials=trials,
+              train_len=int(study.train.train_len),
+              implementation=settings.get("implementation"))
+
+
+def _run(model, documents, settings: dict, labels: dict) -> list:
+  del documents
+  from extrapolax.experiments import evaluators  # pylint: disable=import-outside-toplevel
+  labels = dict(labels)
+  experiment = labels.pop("experiment", "passkey")
+  return evaluators.passkey_retrieval(model, labels=labels,
+                                      experiment=experiment, **settings)
+
+
+def _mean_over_depths(group) -> dict:
+  """{(variant, length): accuracy averaged over depths, trial-weighted};
+  the last record per (variant, length, depth, seed) wins."""
+  last = {}
+  for r in group:
+    key = (records_lib.variant_label(r), r["eval_len"], r.get("depth"),
+           r["seed"])
+    last[key] = (r["value"], r.get("n_trials") or 1)
+  sums: dict = {}
+  for (variant, eval_len, _, _), (value, trials) in last.items():
+    total = sums.setdefault((variant, eval_len), [0.0, 0])
+    total[0] += value * trials
+    total[1] += trials
+  return {k: total / weight for k, (total, weight) in sums.items()}
+
+
+def _mean_table(group) -> str:
+  means = _mean_over_depths(group)
+  rows = [dict(group[0], depth=None, seed=None, value=value, variant=variant,
+               eval_len=eval_len)
+          for (variant, eval_len), value in means.items()]
+  return report.length_table(rows, "passkey_accuracy", digits=3)
+
+
+def _depth_table(group) -> str:
+  values, _ = report.cells(group, by=("eval_len", "depth"))
+  lengths = sorted({k[1] for k in values})
+  depths = sorted({k[2] for k in values})
+  variant = records_lib.variant_label(group[0])
+  rows = [[str(l)] + [report.fmt(values.get((variant, l, d)), 3)
+                      for d in depths]
+          for l in lengths]
+  return report.markdown(["length \\ depth"] + [f"{d:g}" for d in depths],
+                         rows)
+
+
+def _heatmap(group, out_dir, name) -> str:
+  variants = report.variants(group)
+  values, _ = report.cells(group, by=("eval_len", "depth"))
+  lengths = sorted({r["eval_len"] for r in group})
+  depths = sorted({r["depth"] for r in group if r.get("depth") is not None})
+  # Constrained layout keeps each panel's labels off its neighbour.
+  fig = Figure(figsize=(min(4 + 3.2 * len(variants), 20), 3.8),
+               layout="constrained")
+  axes = fig.subplots(1, len(variants), squeeze=False)[0]
+  image = None
+  for ax, variant in zip(axes, variants):
+    grid = [[values.get((variant, l, d), math.nan) for l in lengths]
+            for d in depths]
+    image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis",
+                      aspect="auto", origin="upper")
+    ax.set_xticks(range(len(lengths)), [str(l) for l in lengths],
+                  rotation=45, fontsize=7)
+    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths],
+                  fontsize=7)
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("key depth")
+    ax.set_title(variant, fontsize=9)
+    for i, row in enumerate(grid):
+      for j, v in enumerate(row):
+        if not math.isnan(v):
+          ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=6,
+                  color="white" if v < 0.5 else "black")
+  fig.colorbar(image, ax=list(axes), fraction=0.05, label="accuracy")
+  fig.suptitle("Passkey retrieval accuracy by prompt length and key depth",
+               fontsize=10)
+  return report.save_figure(fig, out_dir, name)
+
+
+def _report(records, out_dir, all_records) -> str:
+  del all_records
+  parts = []
+  for key, group in report.group_records(records).items():
+    title = report.group_title(key)
+    train = ", ".join(str(t) for t in report.train_lens(group))
+    lines = [f"## {title}", "",
+             "Exact-match accuracy, mean over depths; training length "
+             f"{train}.", "", _mean_table(group)]
+    for variant in report.variants(group):
+      lines += ["", f"{variant}, by depth:", "", _depth_table(
+          [r for r in group if records_lib.variant_label(r) == variant])]
+    if out_dir is not None:
+      name = _heatmap(group, out_dir, f"{report.slug(key)}.png")
+      lines += ["", f"![{title}]({name})"]
+    parts.append("\n".join(lines))
+  return "\n\n".join(parts)
+
+
+def _summary(records, all_records) -> str:
+  """Accuracy averaged over depths (rows: length, columns: variant)."""
+  del all_records
+  means = _mean_over_depths(records)
+  variants = list(dict.fromkeys(k[0] for k in means))
+  lengths = sorted({k[1] for k in means})
+  lines = ["## passkey: accuracy (mean over depths)", "",
+           "| prompt length | " + " | ".join(variants) + " |",
+           "|" + "---|" * (len(variants) + 1)]
+  for l in lengths:
+    cells = [f"{means[(v, l)]:.2f}" if (v, l) in means else ""
+             for v in variants]
+    lines.append(f"| {l} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+EVALUATOR = evals.register(evals.Evaluator(
+    name="passkey", run=_run, validate=_validate, report=_report,
+    summary=_summary, needs_documents=False, metrics=("passkey_accuracy",),
+    help=HELP))
