@@ -12,7 +12,7 @@ import numbers
 from typing import Any, Iterable, Optional, Sequence
 
 __all__ = ["check_int", "check_optional_int", "check_number", "check_choice",
-           "check_numbers", "close_matches"]
+           "check_choices", "check_numbers", "check_setting", "close_matches"]
 
 
 def check_int(name: str, value, minimum: int = 0,
@@ -88,3 +88,33 @@ def check_numbers(name: str, values: Sequence, *, integer: bool = False,
       raise ValueError(f"{name}={tuple(values)!r} must hold {bound}; got "
                        f"{v!r}")
   return tuple(int(v) if integer else v for v in values)
+
+
+def check_choices(name: str, values: Sequence, allowed: Sequence) -> tuple:
+  """Every item of ``values`` one of ``allowed``."""
+  bad = [v for v in values if v not in tuple(allowed)]
+  if bad:
+    raise ValueError(f"{name}={tuple(values)!r}: {bad} not in "
+                     f"{tuple(allowed)}{close_matches(bad[0], allowed)}")
+  return tuple(values)
+
+
+def check_setting(label: str, value, *, integer: bool = False,
+                  minimum: Optional[float] = None,
+                  maximum: Optional[float] = None,
+                  allow_none: bool = False):
+  """A config setting: ``label=value must be an integer >= 1`` style errors
+  (the label is how the user wrote it, e.g. ``config.batch_size``)."""
+  if value is None and allow_none:
+    return None
+  kind = "an integer" if integer else "a number"
+  ok = not isinstance(value, bool) and isinstance(
+      value, numbers.Integral if integer else numbers.Real)
+  ok = ok and math.isfinite(value)
+  ok = ok and (minimum is None or value >= minimum)
+  ok = ok and (maximum is None or value <= maximum)
+  if not ok:
+    bounds = "".join([f" >= {minimum}" if minimum is not None else "",
+                      f" and <= {maximum}" if maximum is not None else ""])
+    raise ValueError(f"{label}={value!r} must be {kind}{bounds}")
+  return value

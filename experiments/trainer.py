@@ -61,6 +61,7 @@ import optax
 from absl import logging as absl_logging
 from flax import nnx
 
+from extrapolax.common import checks
 from extrapolax.experiments import checkpoints
 from extrapolax.experiments import modeling
 from extrapolax.experiments import run_config
@@ -103,20 +104,8 @@ class TrainResult:
 # Config checks, schedule, optimizer.
 
 
-def _check_number(name, value, *, minimum=None, integer=False,
-                  allow_none=False, maximum=None):
-  if value is None and allow_none:
-    return
-  kind = "an integer" if integer else "a number"
-  ok = not isinstance(value, bool) and isinstance(
-      value, (int,) if integer else (int, float))
-  ok = ok and math.isfinite(value)
-  ok = ok and (minimum is None or value >= minimum)
-  ok = ok and (maximum is None or value <= maximum)
-  if not ok:
-    bounds = "".join([f" >= {minimum}" if minimum is not None else "",
-                      f" and <= {maximum}" if maximum is not None else ""])
-    raise ValueError(f"config.{name}={value!r} must be {kind}{bounds}")
+def _check_number(name, value, **bounds):
+  checks.check_setting(f"config.{name}", value, **bounds)
 
 
 def validate_config(config) -> None:
@@ -535,6 +524,21 @@ def _check_finite(fetched, config, *, last_saved) -> None:
           f"training stopped: the loss is {loss} at step {step} (grad_norm "
           f"{float(out['grad_norm'])}, learning_rate {config.learning_rate}); "
           f"{saved}. Lower the learning rate or check the data", step)
+
+
+def export_pretrained(workdir: str, path: str, *,
+                      step: Optional[int] = None,
+                      overwrite: bool = False) -> str:
+  """Writes a run's latest (or given) checkpoint as a zoo checkpoint.
+
+  ``zoo.from_pretrained(path)`` then loads it with no experiment code
+  (config.json, manifest and checksums as ``zoo.save_pretrained`` writes).
+  Returns ``path``.
+  """
+  from extrapolax.models import zoo  # pylint: disable=import-outside-toplevel
+  model, _ = load_model(workdir, step=step)
+  zoo.save_pretrained(model, path, overwrite=overwrite)
+  return path
 
 
 def load_model(workdir: str, *, step: Optional[int] = None,

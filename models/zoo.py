@@ -541,11 +541,35 @@ def _zero_shot_config(name: str, base: ModelConfig, directory: str):
                                       for s in base.attention))
 
 
+def _refuse_training_workdir(directory: str) -> None:
+  """A training run's (or a study's) workdir is not a zoo checkpoint: say
+  how to load or export it instead of "no manifest"."""
+  if os.path.exists(os.path.join(directory, "manifest.json")):
+    return
+  runs = os.path.join(directory, "runs")
+  if os.path.isdir(os.path.join(directory, "checkpoints")):
+    raise ValueError(
+        f"{directory} is a training run's workdir, not a zoo checkpoint: "
+        f"load it with extrapolax.experiments.trainer.load_model("
+        f"{directory!r}) (returns (model, config)), or export it once with "
+        f"extrapolax.experiments.trainer.export_pretrained({directory!r}, "
+        "OUT_DIR) and then zoo.from_pretrained(OUT_DIR)")
+  if os.path.isdir(runs):
+    names = sorted(os.listdir(runs))
+    raise ValueError(
+        f"{directory} is a study's workdir, not a zoo checkpoint; its "
+        f"training runs are {[os.path.join(runs, n) for n in names]}: load "
+        "one with extrapolax.experiments.trainer.load_model(RUN) or export "
+        "it with extrapolax.experiments.trainer.export_pretrained(RUN, "
+        "OUT_DIR)")
+
+
 def _resolve(path_or_name) -> tuple[str, Optional[str]]:
   """(checkpoint directory, zero-shot preset to derive from it or None)."""
   text = os.fspath(path_or_name)
   expanded = os.path.expanduser(text)
   if os.path.isdir(expanded):
+    _refuse_training_workdir(expanded)
     return os.path.abspath(expanded), None
   separators = [s for s in (os.sep, os.altsep) if s]
   if any(s in text for s in separators) or text.startswith((".", "~")):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from extrapolax.common import checks
 from extrapolax.experiments import evals
 from extrapolax.experiments import records as records_lib
 from extrapolax.experiments import report
@@ -43,20 +44,11 @@ HELP = {
 
 
 def check_choices(name: str, values: Sequence, allowed: Sequence) -> None:
-  bad = [v for v in values if v not in allowed]
-  if bad:
-    raise ValueError(f"{name}={tuple(values)!r}: {bad} not in "
-                     f"{tuple(allowed)}")
+  checks.check_choices(name, values, allowed)
 
 
 def check_positive(name: str, values: Sequence, *, integer=False) -> None:
-  for v in values:
-    ok = (not isinstance(v, bool) and isinstance(v, (int, float))
-          and v > 0 and (not integer or int(v) == v))
-    if not ok:
-      kind = "positive integers" if integer else "positive numbers"
-      raise ValueError(f"{name}={tuple(values)!r} must hold {kind}; "
-                       f"got {v!r}")
+  checks.check_numbers(name, values, integer=integer)
 
 
 def _device_count() -> int:

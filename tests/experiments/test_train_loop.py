@@ -16,6 +16,7 @@ from flax import nnx
 
 from extrapolax.experiments import configs
 from extrapolax.experiments import trainer
+from extrapolax.models import zoo
 
 SEQ_LEN, BATCH = 32, 4
 
@@ -151,6 +152,14 @@ def test_workdir_contents_and_load_model(tmp_path):
   assert not np.array_equal(_forward(older, tokens), _forward(model, tokens))
   with pytest.raises(ValueError, match="no checkpoint at step 3"):
     trainer.load_model(str(tmp_path), step=3)
+
+  # A run's workdir is not a zoo checkpoint: one line saying how to load or
+  # export it; the export then loads with no experiment code.
+  with pytest.raises(ValueError, match="training run's workdir.*load_model"):
+    zoo.from_pretrained(str(tmp_path))
+  exported = trainer.export_pretrained(str(tmp_path), str(tmp_path / "zoo"))
+  np.testing.assert_array_equal(_forward(zoo.from_pretrained(exported),
+                                         tokens), _forward(model, tokens))
 
 
 def test_nan_loss_stops_the_run_naming_the_step(tmp_path):
