@@ -163,11 +163,18 @@ def _split_inline(entries: dict[str, str]) -> dict[str, str]:
 
 
 def _model_field_comments() -> dict[str, str]:
+  from extrapolax.attention import masks as masks_lib  # pylint: disable=import-outside-toplevel
   from extrapolax.experiments import modeling  # pylint: disable=import-outside-toplevel
   source = inspect.getsource(modeling)
   block = source.split("MODEL_FIELDS", 1)[1].split("}", 1)[0]
-  return {m.group(1): m.group(2).strip() for m in re.finditer(
+  out = {m.group(1): m.group(2).strip() for m in re.finditer(
       r'"(\w+)":[^#\n]*#\s*(.*)', block)}
+  # The vocabularies, read from where they are defined.
+  out["pe"] = "position encoding, one of " + ", ".join(modeling.pe_choices())
+  out["mask"] = ("a mask as text, one of " + ", ".join(
+      masks_lib.describe_names()) + ", e.g. \"lambda(num_sinks=4, "
+                 "window=64)\"")
+  return out
 
 
 def field_docs(config, config_path: str) -> dict[str, str]:
