@@ -34,6 +34,7 @@ Policies (``CachePolicy``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import jax
@@ -297,8 +298,10 @@ def generate(model: DecoderLM, prompt: Array, steps: int, *,
   return tokens
 
 
+@functools.lru_cache(maxsize=16)
 def _step_fn(graphdef, policy, temperature, top_k):
-  """The jit-compiled decode step (one call per decoded position)."""
+  """The jit-compiled decode step (one call per decoded position); cached,
+  so a second ``generate`` on the same model does not compile again."""
 
   @jax.jit
   def step(state, cache, tokens, position, key):
@@ -309,6 +312,7 @@ def _step_fn(graphdef, policy, temperature, top_k):
   return step
 
 
+@functools.lru_cache(maxsize=16)
 def _prefill_fn(graphdef, policy, fresh):
   """The jit-compiled prefill of one chunk (compiled per chunk length)."""
 
