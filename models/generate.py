@@ -299,9 +299,26 @@ def generate(model: DecoderLM, prompt: Array, steps: int, *,
 
 
 @functools.lru_cache(maxsize=16)
+def _cached(make, *args):
+  return make(*args)
+
+
+def _reuse(make, *args):
+  """``make(*args)``, the same object again for equal hashable args (so a
+  second ``generate`` on the same model does not compile again)."""
+  try:
+    hash(args)
+  except TypeError:    # e.g. a config holding a rope_scaling dict
+    return make(*args)
+  return _cached(make, *args)
+
+
 def _step_fn(graphdef, policy, temperature, top_k):
-  """The jit-compiled decode step (one call per decoded position); cached,
-  so a second ``generate`` on the same model does not compile again."""
+  """The jit-compiled decode step (one call per decoded position)."""
+  return _reuse(_make_step, graphdef, policy, temperature, top_k)
+
+
+def _make_step(graphdef, policy, temperature, top_k):
 
   @jax.jit
   def step(state, cache, tokens, position, key):
@@ -312,9 +329,12 @@ def _step_fn(graphdef, policy, temperature, top_k):
   return step
 
 
-@functools.lru_cache(maxsize=16)
 def _prefill_fn(graphdef, policy, fresh):
   """The jit-compiled prefill of one chunk (compiled per chunk length)."""
+  return _reuse(_make_prefill, graphdef, policy, fresh)
+
+
+def _make_prefill(graphdef, policy, fresh):
 
   @jax.jit
   def run(state, cache, tokens, start):

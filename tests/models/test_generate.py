@@ -217,3 +217,14 @@ def test_long_prompt_is_not_fed_step_by_step(monkeypatch):
   out = generate(model, tokens(1, 4096), 3, prefill_chunk=2048)
   assert out.shape == (1, 4099) and len(calls) == 2
   assert generate_lib.prefill_length(model, CachePolicy.window(64), 4096) == 64
+
+
+def test_second_generate_reuses_the_compiled_step(monkeypatch):
+  made = []
+  make = generate_lib._make_step  # pylint: disable=protected-access
+  monkeypatch.setattr(generate_lib, "_make_step",
+                      lambda *a: made.append(1) or make(*a))
+  model = model_of(AttentionSpec())
+  for _ in range(2):
+    generate(model, tokens(1, 3), 3)
+  assert len(made) == 1

