@@ -30,7 +30,6 @@ import platform
 import sys
 import time
 
-import numpy as np
 
 NAME = "smollm2-135m-instruct"
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)),

@@ -104,7 +104,6 @@ def init_cache(model: DecoderLM, batch: int, policy: CachePolicy):
 def decode_step(model: DecoderLM, cache, tokens: Array, position,
                 policy: CachePolicy):
   """One token per row at absolute ``position``: (logits [B, V], cache)."""
-  cfg = model.config
   b = tokens.shape[0]
   pos = jnp.full((b, 1), position, jnp.int32)
   x = _embed(model, tokens[:, None], pos)
@@ -342,3 +341,19 @@ def _make_prefill(graphdef, policy, fresh):
                    fresh=fresh)
 
   return run
+
+
+def complete(model: DecoderLM, tokenizer, text: str, steps: int, *,
+             chat: bool = False, **kwargs) -> str:
+  """Text in, continuation text out: ``text`` encoded by ``tokenizer`` (as a
+  user message under its chat template when ``chat``), ``generate`` for up
+  to ``steps`` tokens (kwargs as generate's), cut at the first
+  ``tokenizer.eos_id``, decoded."""
+  if chat:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+  ids = tokenizer.encode(text)
+  out = generate(model, jnp.asarray([ids], jnp.int32), steps, **kwargs)
+  new = [int(i) for i in out[0, len(ids):]]
+  if tokenizer.eos_id in new:
+    new = new[:new.index(tokenizer.eos_id)]
+  return tokenizer.decode(new)

@@ -100,6 +100,24 @@ class Tokenizer:
                        f"[0, {self.vocab_size})")
     return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
+  def apply_chat_template(self, messages, *,
+                          add_generation_prompt: bool = True) -> str:
+    """The prompt text of ``messages`` ([{"role": ..., "content": ...}])
+    under the file's chat template (rendered by jinja2, sandboxed)."""
+    if self.chat_template is None:
+      raise ValueError("this tokenizer has no chat template")
+    try:
+      from jinja2 import sandbox  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError("chat templates are rendered by jinja2: "
+                        "pip install jinja2") from e
+    env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True,
+                                                lstrip_blocks=True)
+    token = lambda i: None if i is None else self.backend.id_to_token(i)
+    return env.from_string(self.chat_template).render(
+        messages=list(messages), add_generation_prompt=add_generation_prompt,
+        bos_token=token(self.bos_id), eos_token=token(self.eos_id))
+
   def __repr__(self):
     return (f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
             f"eos_id={self.eos_id})")

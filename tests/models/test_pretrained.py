@@ -66,8 +66,23 @@ def test_tokenizer_equals_transformers(tokenizer, hf_tokenizer):
   assert tokenizer.encode("<|im_end|>") == [2]
 
 
-def test_logits_and_greedy_tokens_equal_transformers(path, tokenizer):
-  model = zoo.from_pretrained(NAME)
+@pytest.fixture(scope="module")
+def model():
+  return zoo.from_pretrained(NAME)
+
+
+def test_complete_answers_a_chat_question(model, tokenizer):
+  from extrapolax.models import complete  # pylint: disable=g-import-not-at-top
+  prompt = tokenizer.apply_chat_template(
+      [{"role": "user", "content": "What is the capital of France?"}])
+  assert prompt.endswith("<|im_start|>user\nWhat is the capital of France?"
+                         "<|im_end|>\n<|im_start|>assistant\n")
+  answer = complete(model, tokenizer, "What is the capital of France?", 12,
+                    chat=True)
+  assert "Paris" in answer and "<|im_end|>" not in answer
+
+
+def test_logits_and_greedy_tokens_equal_transformers(path, tokenizer, model):
   assert model.config.max_len == 8192 and model.config.num_layers == 30
   ids = tokenizer.encode(TEXTS[1])[:512]
   assert len(ids) == 512
