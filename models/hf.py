@@ -65,7 +65,8 @@ from flax import nnx
 from .config import AttentionSpec, ModelConfig
 from .transformer import DecoderLM
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "config_from_hf", "load_hf"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "KEEP", "build_model", "config_from_hf",
+           "load_hf", "weight_map"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -347,8 +348,12 @@ def config_from_hf(hf_config: Mapping[str, Any], *,
 # Weights.
 
 
-def _weight_map(config: ModelConfig) -> dict[str, tuple]:
-  """HF name -> (nnx path, HF shape, torch layout -> nnx layout)."""
+def weight_map(config: ModelConfig) -> dict[str, tuple]:
+  """HF name -> (nnx path, HF shape, torch layout -> nnx layout).
+
+  Every tensor ``config`` needs, under its transformers name; the GGUF
+  importer renames llama.cpp's tensors into these names and reuses it.
+  """
   d, n, k, h = (config.d_model, config.num_heads, config.kv_heads,
                 config.per_head_dim)
   f, v = config.mlp_dim, config.vocab_size
@@ -435,7 +440,7 @@ def _read_weights(path: str, config: ModelConfig,
   """nnx path -> array, every tensor checked by name and shape."""
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
 
-  expected = _weight_map(config)
+  expected = weight_map(config)
   where = _tensor_files(path)
   present = set(where)
   missing = set(expected) - present
@@ -509,13 +514,22 @@ def load_hf(path, *, rope_scaling=KEEP, dtype: str = "float32",
   jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
   values = _read_weights(path, config,
                          lambda w: jnp.asarray(w, dtype=jdtype))
+  return build_model(config, values)
 
+
+def build_model(config: ModelConfig, values: Mapping[tuple, jax.Array]
+                ) -> DecoderLM:
+  """A DecoderLM of ``config`` holding ``values`` (nnx path -> array).
+
+  Shared by the importers (``load_hf``, ``gguf.load_gguf``): every state
+  entry of the model must be given, with its exact shape.
+  """
   model = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
   flat = nnx.to_flat_state(nnx.state(model))
   paths = {tuple(p) for p, _ in flat}
   if paths != set(values):
     raise RuntimeError(  # The model grew or lost state this loader misses.
-        f"load_hf does not cover the model's state: unfilled "
+        f"the importer does not cover the model's state: unfilled "
         f"{_list(paths - set(values))}, unknown {_list(set(values) - paths)}")
   for p, variable in flat:
     want = variable.get_value().shape

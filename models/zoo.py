@@ -48,6 +48,7 @@ from flax import nnx
 from extrapolax.attention import rope as rope_lib
 
 from . import checkpoint_files
+from . import pretrained
 from .config import AttentionSpec, ModelConfig
 from .transformer import DecoderLM
 
@@ -195,8 +196,8 @@ class Info:
 
 
 def names() -> tuple[str, ...]:
-  """All preset names, sorted."""
-  return tuple(sorted(_PRESETS))
+  """All preset names and real pretrained models, sorted."""
+  return tuple(sorted([*_PRESETS, *pretrained.MODELS]))
 
 
 def _lookup(name) -> tuple[str, str]:
@@ -211,8 +212,10 @@ def _lookup(name) -> tuple[str, str]:
   return _PRESETS[name]
 
 
-def info(name: str) -> Info:
-  """The preset's info record."""
+def info(name: str):
+  """The preset's Info record (a PretrainedInfo for a real model)."""
+  if isinstance(name, str) and name in pretrained.MODELS:
+    return pretrained.info(name)
   return _info(*_lookup(name))
 
 
@@ -611,8 +614,12 @@ def from_pretrained(path_or_name) -> DecoderLM:
     path_or_name: a directory written by :func:`save_pretrained`, or a name
       looked up as ``<dir>/<name>/`` in :func:`checkpoint_dirs`. A zero-shot
       rope preset (e.g. "rope-yarn-tiny") without a checkpoint of its own
-      runs its ``Info.weights_from`` checkpoint.
+      runs its ``Info.weights_from`` checkpoint. A real pretrained
+      model's name (``pretrained.MODELS``, e.g. "smollm2-135m-instruct")
+      loads its verified GGUF file with ``load_gguf``.
   """
+  if isinstance(path_or_name, str) and path_or_name in pretrained.MODELS:
+    return pretrained.load(path_or_name)   # a real model's GGUF
   directory, zero_shot = _resolve(path_or_name)
   cfg, params = _load(directory)
   if zero_shot is not None:

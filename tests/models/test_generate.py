@@ -1,5 +1,7 @@
 """KV-cache decoding equals the full forward, and streams in bounded memory."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,8 @@ from flax import nnx
 
 from extrapolax.models import AttentionSpec, DecoderLM, ModelConfig
 from extrapolax.models.generate import CachePolicy, generate
+
+generate_lib = importlib.import_module("extrapolax.models.generate")
 
 TINY = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4,
             num_kv_heads=2, mlp_dim=64, max_len=32)
@@ -60,7 +64,11 @@ def test_dynamic_ntk_is_exact_at_every_length():
       rope_scaling={"rope_type": "dynamic", "factor": 2.0},
       rope_max_position_embeddings=8), num_layers=1)
   prompt = tokens(2, 20)
-  got = decoded_logits(model, prompt, CachePolicy.full(21))
+  # Step by step (a prefilled chunk uses one length's frequencies, as the
+  # full forward does).
+  _, got, _ = generate(model, prompt, 1, policy=CachePolicy.full(21),
+                       return_logits=True, use_prefill=False)
+  got = np.asarray(got)
   for p in (3, 7, 8, 12, 19):
     want = np.asarray(model(prompt[:, :p + 1]))[:, -1]
     np.testing.assert_allclose(got[:, p], want, rtol=1e-4, atol=1e-4)
@@ -139,7 +147,84 @@ def test_sampling():
     (dict(temperature=-1.0), "temperature must be >= 0"),
     (dict(temperature=1.0, top_k=0), "top_k must be in"),
     (dict(policy=CachePolicy.full(4)), "do not fit a full cache of 4"),
+    (dict(prefill_chunk=0), "prefill_chunk must be None or an integer"),
 ])
 def test_generate_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     generate(model_of(AttentionSpec()), tokens(1, 3), 4, **kwargs)
+
+
+# Prefill: (case, policy, prompt length); prompts longer than a window or
+# sinks cache included.
+PREFILL = {
+    "rope_full": ("rope", None, 20),
+    "alibi_full": ("alibi", None, 20),
+    "yarn_full": ("yarn", None, 20),
+    "hybrid_window_full": ("hybrid_window", None, 20),
+    "window_model_window_cache": ("window", CachePolicy.window(6), 30),
+    "lambda_model_lm_infinite": ("lambda", CachePolicy.sinks(
+        2, 5, reposition=False), 30),
+    "causal_model_window_cache": ("rope", CachePolicy.window(8), 20),
+    "streaming_llm": ("rope", CachePolicy.sinks(4, 8), 20),
+}
+_PREFILL_SPECS = dict(CASES, window=(AttentionSpec(
+    mask="sliding_window", window=6),), **{"lambda": (AttentionSpec(
+        mask="lambda", num_sinks=2, window=5),)})
+
+
+@pytest.mark.parametrize("name", sorted(PREFILL))
+def test_prefill_equals_token_by_token(name):
+  case, policy, length = PREFILL[name]
+  model = model_of(*_PREFILL_SPECS[case])
+  prompt = tokens(2, length)
+  runs = [generate(model, prompt, 4, policy=policy, return_logits=True,
+                   **kw) for kw in (dict(use_prefill=False), {},
+                                    dict(prefill_chunk=7))]
+  (want_tokens, want_logits, want_cache), *prefilled = runs
+  for got_tokens, got_logits, got_cache in prefilled:
+    np.testing.assert_array_equal(np.asarray(got_tokens),
+                                  np.asarray(want_tokens))
+    np.testing.assert_allclose(np.asarray(got_logits),
+                               np.asarray(want_logits), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(got_cache["slot_pos"]),
+                                  np.asarray(want_cache["slot_pos"]))
+    for got, want in zip(got_cache["layers"], want_cache["layers"]):
+      np.testing.assert_allclose(np.asarray(got["k"]), np.asarray(want["k"]),
+                                 rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_greedy_equals_full_forward_argmax():
+  model = model_of(AttentionSpec())
+  prompt = tokens(2, 12)
+  out = generate(model, prompt, 6)
+  logits = model(out[:, :-1])
+  np.testing.assert_array_equal(np.asarray(jnp.argmax(logits[:, 11:], -1)),
+                                np.asarray(out[:, 12:]))
+
+
+def test_long_prompt_is_not_fed_step_by_step(monkeypatch):
+  # A 4096-token prompt: one prefill forward, then one decode step per new
+  # token (counted calls of the compiled step), not 4096 steps.
+  calls = []
+  make_step = generate_lib._step_fn  # pylint: disable=protected-access
+
+  def counting(*args):
+    step = make_step(*args)
+    return lambda *a: calls.append(1) or step(*a)
+
+  monkeypatch.setattr(generate_lib, "_step_fn", counting)
+  model = model_of(AttentionSpec(), num_layers=1, max_len=4096)
+  out = generate(model, tokens(1, 4096), 3, prefill_chunk=2048)
+  assert out.shape == (1, 4099) and len(calls) == 2
+  assert generate_lib.prefill_length(model, CachePolicy.window(64), 4096) == 64
+
+
+def test_second_generate_reuses_the_compiled_step(monkeypatch):
+  made = []
+  make = generate_lib._make_step  # pylint: disable=protected-access
+  monkeypatch.setattr(generate_lib, "_make_step",
+                      lambda *a: made.append(1) or make(*a))
+  model = model_of(AttentionSpec())
+  for _ in range(2):
+    generate(model, tokens(1, 3), 3)
+  assert len(made) == 1

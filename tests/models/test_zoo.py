@@ -14,9 +14,12 @@ from flax import nnx
 
 from extrapolax.models import DecoderLM, ModelConfig, num_params
 from extrapolax.models import checkpoint_files
-from extrapolax.models import zoo
+from extrapolax.models import pretrained, zoo
 
 TINY = [n for n in zoo.names() if n.endswith("-tiny")]
+# Presets only: names() also lists the real pretrained models (GGUF files,
+# tested in test_pretrained.py).
+PRESETS = [n for n in zoo.names() if n not in pretrained.MODELS]
 ZERO_SHOT = ["rope-linear", "rope-dynamic", "rope-ntk", "rope-yarn",
              "rope-llama3", "rope-lambda"]
 TOKENS = jnp.asarray(np.arange(24)[None] * 37 % 256, jnp.int32)
@@ -65,8 +68,9 @@ def ckpt(saved, tmp_path):
 
 
 def test_names_cover_every_family_in_both_sizes():
-  names = zoo.names()
-  assert names == tuple(sorted(set(names)))
+  assert zoo.names() == tuple(sorted(set(zoo.names())))
+  assert set(pretrained.MODELS) <= set(zoo.names())
+  names = PRESETS
   families = {zoo.info(n).family for n in names}
   assert {"nope", "sinusoidal", "learned", "rope", "alibi", "t5", "kerple",
           "fire", "rope-lambda", "rope-window", "hybrid"} | {
@@ -75,7 +79,7 @@ def test_names_cover_every_family_in_both_sizes():
     assert f"{family}-tiny" in names and f"{family}-small" in names
 
 
-@pytest.mark.parametrize("name", zoo.names())
+@pytest.mark.parametrize("name", PRESETS)
 def test_every_preset_builds_under_eval_shape(name):
   info = zoo.info(name)
   config = zoo.config(name)
