@@ -18,6 +18,8 @@ def test_quickstart_runs():
   assert out.shape == (2, 1024, 8, 64) and np.isfinite(np.asarray(out)).all()
   assert y.shape == (2, 1024, 512) and np.isfinite(np.asarray(y)).all()
   assert namespace["attention_factor"] > 1.0    # YaRN's factor at 4x
+  np.testing.assert_allclose(namespace["chunked"], namespace["dense"],
+                             atol=1e-4)         # use_implementation
   assert namespace["tokens"].shape == (1, 8 + 64)
 
 
