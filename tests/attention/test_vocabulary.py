@@ -105,7 +105,7 @@ def test_user_mask_runs_in_a_model_and_matches_the_dense_oracle():
   config = ModelConfig(d_model=16, num_layers=1, num_heads=2, mlp_dim=32,
                        attention=(spec,))
   model = DecoderLM(config, rngs=nnx.Rngs(0))
-  assert model.blocks[0].attn.mask == EveryOther(3)
+  assert model.blocks[0].attn.mask == masks.from_name("every_other", stride=3)
   q, k, v = _qkv()
   want = core.dot_product_attention(q, k, v, mask=EveryOther(3),
                                     implementation="xla")
@@ -124,7 +124,8 @@ def test_user_position_scheme_by_name():
   config = ModelConfig(d_model=16, num_layers=1, num_heads=2, mlp_dim=32,
                        attention=(spec,))
   model = DecoderLM(config, rngs=nnx.Rngs(0))
-  assert model.blocks[0].attn.position == SteepAlibi(3.0)
+  assert model.blocks[0].attn.position == L.position_from_name(
+      "steep_alibi", factor=3.0)
   layer = L.Attention(16, 2, position="alibi", rngs=nnx.Rngs(0))
   assert layer.position == L.Alibi()
   with pytest.raises(ValueError, match="has no parameter 'slope'"):
