@@ -204,15 +204,23 @@ def merge(out_a, lse_a, out_b, lse_b):
   out [B, T, N, Hv], lse float32 [B, N, T]. Rows where both are empty stay
   zeros with lse -inf, and no NaN reaches the forward or the gradients.
   """
+  # A part that saw a non-finite value row has lse nan (and its rows of out
+  # nan): selected through explicitly, not left to max() and exp().
+  poisoned = jnp.isnan(lse_a) | jnp.isnan(lse_b)
+  lse_a = jnp.where(poisoned, -jnp.inf, lse_a)
+  lse_b = jnp.where(poisoned, -jnp.inf, lse_b)
   m = jax.lax.stop_gradient(jnp.maximum(lse_a, lse_b))
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   w_a, w_b = jnp.exp(lse_a - m), jnp.exp(lse_b - m)
   total = w_a + w_b
   safe = jnp.where(total > 0, total, 1.0)
   lse = jnp.where(total > 0, m + jnp.log(safe), -jnp.inf)
+  lse = jnp.where(poisoned, jnp.nan, lse)
   rows = lambda w: jnp.swapaxes(w / safe, 1, 2)[..., None]  # [B, T, N, 1]
-  out = (out_a.astype(jnp.float32) * rows(w_a)
-         + out_b.astype(jnp.float32) * rows(w_b))
+  out = (jnp.where(rows(w_a) > 0, out_a.astype(jnp.float32), 0.0) * rows(w_a)
+         + jnp.where(rows(w_b) > 0, out_b.astype(jnp.float32), 0.0)
+         * rows(w_b))
+  out = jnp.where(jnp.swapaxes(poisoned, 1, 2)[..., None], jnp.nan, out)
   return out, lse
 
 
@@ -295,15 +303,19 @@ def _ring_backward(st: _Static, residuals, cotangents):
   d_out = d_out.astype(jnp.float32)
   d_lse = jnp.where(jnp.isfinite(lse), d_lse.astype(jnp.float32), 0.0)
   lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+  row_ok = ~jnp.isnan(lse)
   out32 = out.astype(jnp.float32)
 
   def block_cotangents(o_b, lse_b):
     # out = sum_b w_b o_b and lse = logsumexp_b lse_b with w_b = exp(lse_b -
     # lse): d o_b = w_b dO, d lse_b = w_b (dlse + sum_h dO (o_b - out)).
-    w = jnp.where(jnp.isfinite(lse_b), jnp.exp(lse_b - lse_safe), 0.0)
+    # Rows whose merged forward is NaN (they saw a non-finite value row)
+    # pass no gradient: selected away, not multiplied by a zero weight.
+    w = jnp.where(jnp.isfinite(lse_b) & row_ok, jnp.exp(lse_b - lse_safe),
+                  0.0)
     d_o = (jnp.swapaxes(w, 1, 2)[..., None] * d_out).astype(o_b.dtype)
     row = jnp.einsum("btnh,btnh->bnt", d_out, o_b.astype(jnp.float32) - out32)
-    return d_o, w * (d_lse + row)
+    return d_o, jnp.where(row_ok, w * (d_lse + row), 0.0)
 
   # Keys, values and far keys travel as one buffer (one message a step), and
   # so do their float32 gradients, which go home after the last step.

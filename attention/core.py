@@ -31,13 +31,13 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-import numbers
 from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from extrapolax.common.checks import check_int
+from extrapolax.common.checks import check_int, check_number
 from . import masks as masks_lib
 
 Array = jax.Array
@@ -187,6 +187,15 @@ def _check_float(name, x, like_shape=None):
                      f"{tuple(x.shape)}")
 
 
+def _concrete(x) -> Optional[np.ndarray]:
+  """``x`` as a NumPy array, or None while it is traced (under jit)."""
+  try:
+    return np.asarray(x)
+  except (jax.errors.ConcretizationTypeError,
+          jax.errors.TracerArrayConversionError):
+    return None
+
+
 def make_request(query, key, value, *, mask=None, segment_ids=None,
                  alibi_slopes=None, bias=None, scale=None,
                  logits_soft_cap=None, query_positions=None,
@@ -207,6 +216,13 @@ def make_request(query, key, value, *, mask=None, segment_ids=None,
     raise ValueError(f"query batch {b} != key batch {bk}")
   if hk != h:
     raise ValueError(f"query head_dim {h} != key head_dim {hk}")
+  hv = value.shape[3]
+  if t < 1 or s < 1:
+    raise ValueError(f"query length T={t} and key length S={s} must both be "
+                     ">= 1 (empty sequences have no attention to compute)")
+  if h < 1 or hv < 1:
+    raise ValueError(f"head_dim must be >= 1, got query/key head_dim {h} and "
+                     f"value head_dim {hv}")
   if k < 1 or n % k:
     raise ValueError(f"query heads N={n} must be a multiple of key/value "
                      f"heads K={k} (grouped-query attention)")
@@ -254,6 +270,9 @@ def make_request(query, key, value, *, mask=None, segment_ids=None,
       raise ValueError(f"alibi_slopes must have shape ({n},) or ({b}, {n}), "
                        f"got {given}")
     alibi_slopes = alibi_slopes.astype(jnp.float32)
+    concrete = _concrete(alibi_slopes)   # traced slopes are checked by no one
+    if concrete is not None and not np.all(np.isfinite(concrete)):
+      raise ValueError(f"alibi_slopes must be finite, got {concrete.ravel()}")
 
   if bias is not None:
     bias = jnp.asarray(bias)
@@ -268,14 +287,12 @@ def make_request(query, key, value, *, mask=None, segment_ids=None,
 
   if scale is None:
     scale = 1.0 / math.sqrt(h)
-  elif not isinstance(scale, numbers.Real) or isinstance(scale, bool):
-    raise ValueError(f"scale must be a Python number, got {scale!r}")
+  else:
+    scale = check_number("scale", scale)   # a finite Python number
   if logits_soft_cap is not None:
-    if (not isinstance(logits_soft_cap, numbers.Real)
-        or isinstance(logits_soft_cap, bool) or logits_soft_cap <= 0):
-      raise ValueError(f"logits_soft_cap must be a positive number or None, "
-                       f"got {logits_soft_cap!r}")
-    logits_soft_cap = float(logits_soft_cap)
+    # inf would give c * tanh(x / c) = inf * 0 = nan: refused, like nan.
+    logits_soft_cap = check_number("logits_soft_cap", logits_soft_cap,
+                                   positive=True)
 
   if (far_query is None) != (far_key is None) or (
       (far_query is None) != (far_window is None)):
@@ -284,7 +301,8 @@ def make_request(query, key, value, *, mask=None, segment_ids=None,
   if far_query is not None:
     _check_float("far_query", far_query, query.shape)
     _check_float("far_key", far_key, key.shape)
-    far_window = check_int("far_window", far_window, 1)
+    far_window = check_int("far_window", far_window, 1,
+                           masks_lib.MAX_SIZE)
 
   return AttentionRequest(
       query=query, key=key, value=value, mask=mask, q_segment_ids=q_seg,

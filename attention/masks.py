@@ -34,6 +34,10 @@ import jax.numpy as jnp
 from extrapolax.common import checks
 from extrapolax.common import geometry
 from extrapolax.common.checks import check_int
+
+# Mask sizes stay below 2**31: positions and distances are int32 on the
+# device, so a larger window would overflow inside jax instead of failing here.
+MAX_SIZE = 2**31 - 1
 from extrapolax.common.geometry import (EMPTY, PARTIAL, FULL, block_minmax,
                                         default_positions)
 
@@ -95,7 +99,8 @@ class SlidingWindow(Mask):
   window: int
 
   def __post_init__(self):
-    object.__setattr__(self, "window", check_int("window", self.window, 1))
+    object.__setattr__(self, "window",
+                       check_int("window", self.window, 1, MAX_SIZE))
 
   def __call__(self, q_pos, k_pos):
     d = q_pos - k_pos
@@ -115,8 +120,9 @@ class Lambda(Mask):
 
   def __post_init__(self):
     object.__setattr__(self, "num_sinks",
-                       check_int("num_sinks", self.num_sinks, 0))
-    object.__setattr__(self, "window", check_int("window", self.window, 1))
+                       check_int("num_sinks", self.num_sinks, 0, MAX_SIZE))
+    object.__setattr__(self, "window",
+                       check_int("window", self.window, 1, MAX_SIZE))
 
   def __call__(self, q_pos, k_pos):
     d = q_pos - k_pos
@@ -143,7 +149,8 @@ class Chunked(Mask):
   size: int
 
   def __post_init__(self):
-    object.__setattr__(self, "size", check_int("size", self.size, 1))
+    object.__setattr__(self, "size",
+                       check_int("size", self.size, 1, MAX_SIZE))
 
   def __call__(self, q_pos, k_pos):
     return (q_pos // self.size) == (k_pos // self.size)
@@ -163,7 +170,8 @@ class PrefixLM(Mask):
 
   def __post_init__(self):
     object.__setattr__(self, "prefix_len",
-                       check_int("prefix_len", self.prefix_len, 0))
+                       check_int("prefix_len", self.prefix_len, 0,
+                                 MAX_SIZE))
 
   def __call__(self, q_pos, k_pos):
     return (k_pos <= q_pos) | (k_pos < self.prefix_len)

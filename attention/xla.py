@@ -16,6 +16,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from extrapolax.common import nonfinite
 from . import core
 from . import masks as masks_lib
 
@@ -130,8 +131,16 @@ def dense_attention(request: core.AttentionRequest):
   p = jnp.exp(logits - m)
   l = jnp.sum(p, axis=-1, keepdims=True)
   l_safe = jnp.where(l > 0, l, 1.0)
-  out = pv((p / l_safe).astype(request.value.dtype), request.value)
+  # Non-finite value rows are zeroed (0 * nan would reach rows the mask hides
+  # them from); rows that do see one are selected to NaN afterwards.
+  value, bad = nonfinite.clean_values(request.value)        # bad [B, S, K]
+  out = pv((p / l_safe).astype(value.dtype), value)
   lse = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)[..., 0]  # [B,K,G,T]
+  bad_cols = jnp.moveaxis(bad, 1, 2)[:, :, None, None, :]   # [B, K, 1, 1, S]
+  sees_bad = jnp.any(bad_cols if visible is None else visible & bad_cols,
+                     axis=-1)                                # [B, K, 1, T]
+  lse = jnp.where(sees_bad, jnp.nan, lse)
+  out = jnp.where(jnp.moveaxis(sees_bad, 3, 1)[..., None], jnp.nan, out)
   out = out.reshape(b, t, n, hv).astype(request.query.dtype)
   return out, lse.reshape(b, n, t)
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from extrapolax.common import geometry
+from extrapolax.common import nonfinite
 from extrapolax.common.checks import check_int
 from . import core
 from . import masks as masks_lib
@@ -71,7 +72,7 @@ class _Blocked:
   """Inputs padded and split into blocks, plus per-block slicing helpers."""
 
   def __init__(self, st: _Static, q, k, v, q_pos, k_pos, q_seg, kv_seg,
-               slopes, bias, far_q, far_k):
+               slopes, bias, far_q, far_k, *, forward: bool = False):
     bq, bk = st.block_q, st.block_k
     nq, nk = -(-st.q_len // bq), -(-st.kv_len // bk)
     tp, sp = nq * bq, nk * bk
@@ -80,6 +81,14 @@ class _Blocked:
     self.q = _blocks(_pad_axis(xla_lib.split_heads(q, kv_heads), 1, tp), 1, bq)
     self.far_q = None if far_q is None else _blocks(
         _pad_axis(xla_lib.split_heads(far_q, kv_heads), 1, tp), 1, bq)
+    # A value row holding a non-finite entry is zeroed (0 * nan would reach
+    # every row the mask hides it from). In the forward its key (and far
+    # key) row becomes NaN, so its logits are NaN exactly where the mask
+    # lets them through: rows that see it come out NaN (lse nan), the others
+    # as without it. The backward keeps the keys (see _backward).
+    v, bad = nonfinite.clean_values(v)
+    if forward:
+      k, far_k = nonfinite.poison_keys(bad, k, far_k)
     self.k = _blocks(_pad_axis(k, 1, sp), 1, bk)
     self.v = _blocks(_pad_axis(v, 1, sp), 1, bk)
     self.far_k = None if far_k is None else _blocks(_pad_axis(far_k, 1, sp),
@@ -161,7 +170,7 @@ def _masked(logits, visible):
 def _forward(st: _Static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias,
              far_q, far_k):
   bl = _Blocked(st, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias,
-                far_q, far_k)
+                far_q, far_k, forward=True)
   b, _, kv_heads, g, _ = bl.q.shape[1:]
   hv = v.shape[-1]
 
@@ -196,7 +205,8 @@ def _forward(st: _Static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias,
     l_safe = jnp.where(l > 0, l, 1.0)
     out = acc / l_safe[..., None]
     lse = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
-    return out, lse
+    # A row that saw a flagged value row has l = nan: keep the NaN.
+    return out, jnp.where(jnp.isnan(l), jnp.nan, lse)
 
   out, lse = jax.lax.map(q_block, jnp.arange(bl.nq))
   # out [nq, B, K, G, bq, Hv] -> [B, T, N, Hv]; lse [nq, B, K, G, bq] -> [B, N, T]
@@ -229,6 +239,13 @@ def _backward(st: _Static, res, cotangents):
                       3, st.block_q)
     delta = delta - d_lse_b
   lse_safe = jnp.where(jnp.isfinite(lse_b), lse_b, 0.0)
+  # Rows whose forward is NaN (they saw a non-finite value row) pass no
+  # gradient: lse +inf makes their probabilities exactly 0 (the backward's
+  # logits are finite: it keeps the keys) and delta is selected to 0, so
+  # their NaN reaches no other row's inputs.
+  row_bad = jnp.isnan(lse_b)
+  lse_safe = jnp.where(row_bad, jnp.inf, lse_safe)
+  delta = jnp.where(row_bad, 0.0, delta)
 
   def block_grads(i, j, use_mask):
     """Gradients from block (i, j): (q side, k side) tuples."""

@@ -10,9 +10,12 @@ live here instead of as private names of one package that others reach into.
   the block classifier over any mask with ``block_visibility``, the default
   position alignment, and ``AttentionStatics``, the hashable settings every
   attention implementation closes over.
+* :mod:`~extrapolax.common.nonfinite`: how every attention implementation
+  keeps a non-finite value row out of the rows the mask hides it from.
 """
 
 from . import checks
 from . import geometry
+from . import nonfinite
 
-__all__ = ["checks", "geometry"]
+__all__ = ["checks", "geometry", "nonfinite"]

@@ -489,6 +489,7 @@ def _train(config, workdir: str, source) -> TrainResult:
     log = stack.enter_context(runlog.RunLog(
         workdir, config, start, learning_rate_schedule(config, xp=np)))
     pending: list[tuple[int, dict]] = []
+    watch = _DivergenceWatch()
     fixed = run_config.fixed_fields(run_config.config_json(config))
     for index in range(start, config.train_steps):
       step = index + 1
@@ -503,6 +504,7 @@ def _train(config, workdir: str, source) -> TrainResult:
         continue
       fetched, pending = jax.device_get(pending), []
       _check_finite(fetched, config, last_saved=manager.latest_step())
+      watch.update(fetched, config)
       log.write(step, fetched[-1][1], written=_is_log_step(step, config))
       if save:
         checkpoints.save(manager, step, params, opt_state, {
@@ -512,6 +514,36 @@ def _train(config, workdir: str, source) -> TrainResult:
   return TrainResult(model=nnx.merge(graphdef, params),
                      step=max(start, config.train_steps),
                      metrics=runlog.read_metrics(workdir))
+
+
+class _DivergenceWatch:
+  """Warns once when the loss climbs far above where this run started.
+
+  A too-large learning rate can train to a finite but useless loss (lr=10:
+  127 after starting near log(vocab)) and exit 0; this says so in the log.
+  """
+  # "Far above": more than twice the first loss and at least 1 nat higher.
+  FACTOR, MARGIN = 2.0, 1.0
+
+  def __init__(self):
+    self.first = None
+    self.warned = False
+
+  def update(self, fetched, config) -> None:
+    for step, out in fetched:
+      loss = float(out["loss"])
+      if self.first is None:
+        self.first = (step, loss)
+        continue
+      first_step, first = self.first
+      if (not self.warned and loss > self.FACTOR * first
+          and loss > first + self.MARGIN):
+        self.warned = True
+        absl_logging.warning(
+            "the loss is diverging: %.4g at step %d, up from %.4g at step %d "
+            "(learning_rate %g, grad_norm %.4g); the run goes on, but lower "
+            "the learning rate or check grad_clip", loss, step, first,
+            first_step, config.learning_rate, float(out["grad_norm"]))
 
 
 def _check_finite(fetched, config, *, last_saved) -> None:

@@ -227,6 +227,9 @@ class ModelConfig:
     for name in ("vocab_size", "d_model", "num_layers", "num_heads",
                  "mlp_dim", "max_len"):
       _positive_int(name, getattr(self, name))
+    if self.head_dim is not None:
+      _positive_int("head_dim", self.head_dim)
+    checks.check_number("norm_eps", self.norm_eps, positive=True)
     kv = self.kv_heads
     _positive_int("num_kv_heads", kv)
     if self.num_heads % kv:

@@ -39,9 +39,11 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from extrapolax.attention import positional
+from extrapolax.common.checks import check_int, check_number
 
 from .transformer import DecoderLM
 
@@ -226,6 +228,31 @@ def _sample(logits, rng, temperature, top_k):
   return jax.random.categorical(rng, logits).astype(jnp.int32)
 
 
+def _check_generate_args(model: DecoderLM, prompt, steps, temperature):
+  """ValueErrors for what would otherwise decode NaN logits or nothing."""
+  check_int("steps", steps, 0)
+  check_number("temperature", temperature, minimum=0.0)
+  shape, dtype = getattr(prompt, "shape", None), getattr(prompt, "dtype", None)
+  if (shape is None or len(shape) != 2
+      or not jnp.issubdtype(dtype, jnp.integer)):
+    raise ValueError(f"prompt must be an int array [batch, prompt_len], got "
+                     f"{dtype}{list(shape) if shape is not None else ''} "
+                     f"({type(prompt).__name__}); a single prompt is "
+                     "prompt[None]")
+  if shape[1] < 1:
+    raise ValueError("the prompt needs at least one token")
+  ids = np.asarray(prompt)
+  vocab = model.config.vocab_size
+  if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+    bad = ids.min() if ids.min() < 0 else ids.max()
+    raise ValueError(f"prompt token id {int(bad)} is outside the vocabulary "
+                     f"[0, {vocab})")
+  if model.config.absolute == "learned":
+    # The last position fed is P + steps - 2: the learned table's own check
+    # (the error the forward gives).
+    model.position_embed(jnp.asarray([max(shape[1] + steps - 2, 0)]))
+
+
 def generate(model: DecoderLM, prompt: Array, steps: int, *,
              policy: Optional[CachePolicy] = None, temperature: float = 0.0,
              top_k: Optional[int] = None, rng: Optional[Array] = None,
@@ -241,8 +268,7 @@ def generate(model: DecoderLM, prompt: Array, steps: int, *,
   tokens [B, P + steps] (and the logits of every position [B, P + steps - 1,
   V] and the final cache with return_logits).
   """
-  if temperature < 0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  _check_generate_args(model, prompt, steps, temperature)
   if top_k is not None and not 1 <= top_k <= model.config.vocab_size:
     raise ValueError(f"top_k must be in [1, {model.config.vocab_size}], "
                      f"got {top_k}")
@@ -251,10 +277,10 @@ def generate(model: DecoderLM, prompt: Array, steps: int, *,
     raise ValueError(f"prefill_chunk must be None or an integer >= 1, got "
                      f"{prefill_chunk!r}")
   b, p = prompt.shape
-  if p < 1:
-    raise ValueError("the prompt needs at least one token")
+  if steps == 0 and not return_logits:
+    return prompt                  # nothing to decode
   if steps < 1:
-    raise ValueError(f"steps must be >= 1, got {steps}")
+    raise ValueError("return_logits needs steps >= 1, got 0")
   policy = policy or CachePolicy.full(p + steps)
   if policy.kind == "full" and p + steps > policy.capacity:
     raise ValueError(f"{p + steps} tokens do not fit a full cache of "

@@ -505,6 +505,7 @@ def _backward_dkv(static: _Static, x: _Inputs, do, lse, delta):
 
 def _run_forward(static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q,
                  far_k):
+  k, v, far_k = tiles.forward_keys(k, v, far_k)
   x = _Inputs(static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q,
               far_k)
   out, lse, visits = _forward(static, x)
@@ -536,6 +537,7 @@ def _flash_bwd(static, res, cotangents):
 def _gradients(static, args, out_p, lse_p, cotangents):
   q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q, far_k = args
   d_out, d_lse = cotangents
+  v = tiles.backward_values(v)
   x = _Inputs(static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q,
               far_k)
   b, t, n, h = q.shape
@@ -546,6 +548,7 @@ def _gradients(static, args, out_p, lse_p, cotangents):
                      out_p.astype(jnp.float32))
   if d_lse is not None:
     delta = delta - tiles.pad_to(d_lse.astype(jnp.float32), 2, x.tp)
+  lse_p, delta = tiles.backward_stats(lse_p, delta)
   dq_res = _backward_dq(static, x, do, lse_p, delta)
   dkv_res = _backward_dkv(static, x, do, lse_p, delta)
 

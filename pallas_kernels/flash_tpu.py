@@ -470,6 +470,8 @@ def _forward(static: _Static, x: _Inputs):
       out = acc_ref[...] / _lanes(l_safe, x.hvp)
       refs["o"][...] = out.astype(refs["o"].dtype)
       lse = jnp.where(seen, tiles.safe_max(m) + jnp.log(l_safe), -jnp.inf)
+      # A row that saw a flagged value row (tiles.forward_keys): l is nan.
+      lse = jnp.where(jnp.isnan(l), jnp.nan, lse)
       refs["lse"][...] = _as_rows(lse)
 
   outputs = [
@@ -585,6 +587,7 @@ def _unfuse(x, length, heads, width):
 
 def _run_forward(static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q,
                  far_k):
+  k, v, far_k = tiles.forward_keys(k, v, far_k)
   x = _Inputs(static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q,
               far_k)
   out, lse, visits = _forward(static, x)
@@ -612,6 +615,7 @@ def _flash_bwd(static, res, cotangents):
 def _gradients(static, args, out_p, lse_p, cotangents):
   q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q, far_k = args
   d_out, d_lse = cotangents
+  v = tiles.backward_values(v)
   x = _Inputs(static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q,
               far_k)
   t, n, h = q.shape[1:]
@@ -622,6 +626,7 @@ def _gradients(static, args, out_p, lse_p, cotangents):
   delta = jnp.einsum("btnh,btnh->bnt", split(do), split(out_p))
   if d_lse is not None:
     delta = delta - tiles.pad_to(d_lse.astype(jnp.float32), 2, x.tp)
+  lse_p, delta = tiles.backward_stats(lse_p, delta)
   as_rows = lambda a: jnp.broadcast_to(a[:, :, None, :], (
       x.b, n, SUBLANES, x.tp))
   stats = (as_rows(lse_p), as_rows(delta))

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from extrapolax.common import geometry
+from extrapolax.common import nonfinite
 
 Array = jax.Array
 
@@ -197,12 +198,40 @@ def online_softmax_step(m, l, acc, s, v, precision):
 
 
 def finish(m, l, acc):
-  """Normalised output and log-sum-exp; rows with l == 0 give zeros, -inf."""
+  """Normalised output and log-sum-exp; rows with l == 0 give zeros, -inf;
+  rows that saw a flagged value row (l nan) keep lse nan."""
   seen = l > 0
   l_safe = jnp.where(seen, l, 1.0)
   out = acc / l_safe[:, None]
   lse = jnp.where(seen, safe_max(m) + jnp.log(l_safe), -jnp.inf)
-  return out, lse
+  return out, jnp.where(jnp.isnan(l), jnp.nan, lse)
+
+
+def forward_keys(k, v, far_k):
+  """(k, v, far_k) as the forward kernels take them.
+
+  A value row holding a non-finite entry is zeroed (``0 * nan`` would reach
+  every row the mask hides it from) and its key rows are set to NaN, so the
+  logits of that column are NaN exactly where the mask lets them through
+  (``apply_visible`` selects hidden pairs to -inf): rows that see the bad
+  value come out NaN, the others exactly as without it.
+  """
+  v, bad = nonfinite.clean_values(v)
+  k, far_k = nonfinite.poison_keys(bad, k, far_k)
+  return k, v, far_k
+
+
+def backward_stats(lse, delta):
+  """(lse, delta) for the backward kernels: rows whose forward is NaN
+  (they saw a non-finite value row) get lse +inf and delta 0, so their
+  probabilities are exactly 0 and they pass no gradient to any input."""
+  bad = jnp.isnan(lse)
+  return jnp.where(bad, jnp.inf, lse), jnp.where(bad, 0.0, delta)
+
+
+def backward_values(v):
+  """v as the backward kernels take it: non-finite rows zeroed."""
+  return nonfinite.clean_values(v)[0]
 
 
 def tile_probs(s, lse):

@@ -30,9 +30,9 @@ Q, K, V = arr(2, 8, 4, 16), arr(2, 8, 2, 16), arr(2, 8, 2, 16)
     (dict(alibi_slopes=jnp.ones(3)), r"alibi_slopes must have shape \(4,\) or \(2, 4\), got \(3,\)"),
     (dict(bias=arr(2, 4, 8, 9)), r"bias shape \(2, 4, 8, 9\) does not broadcast .*axis S"),
     (dict(bias=arr(1, 1, 2, 4, 8, 8)), "bias must broadcast"),
-    (dict(logits_soft_cap=0.0), "logits_soft_cap must be a positive number.* 0.0"),
+    (dict(logits_soft_cap=0.0), "logits_soft_cap must be a finite number > 0, got 0.0"),
     (dict(logits_soft_cap=-1), "-1"),
-    (dict(scale="big"), "scale must be a Python number, got 'big'"),
+    (dict(scale="big"), "scale must be a real number, got 'big'"),
     (dict(query_positions=np.arange(8)), "both query_positions and key_positions"),
     (dict(query_positions=np.arange(7), key_positions=np.arange(8)), r"got \(7,\)"),
     (dict(far_query=Q), "far_query, far_key and far_window go together"),
@@ -65,3 +65,53 @@ def test_classifier_needs_both_segment_arrays():
   with pytest.raises(ValueError, match="both q_segment_ids and kv_segment_ids"):
     masks.classify_blocks(None, q_len=4, kv_len=4, block_q=2, block_k=2,
                           q_segment_ids=np.zeros((1, 4), np.int32))
+
+
+# Issue 15 item 6: one validation of the scalar arguments for every
+# implementation (xla gave NaN for scale=nan, xla_chunked finite numbers;
+# logits_soft_cap=inf gave all NaN; NaN slopes passed silently).
+IMPLS = ["xla", "xla_chunked"]
+
+
+@pytest.mark.parametrize("implementation", IMPLS)
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(scale=float("nan")), "scale must be a finite number, got nan"),
+    (dict(scale=float("inf")), "scale must be a finite number, got inf"),
+    (dict(logits_soft_cap=float("inf")),
+     "logits_soft_cap must be a finite number, got inf"),
+    (dict(logits_soft_cap=float("nan")),
+     "logits_soft_cap must be a finite number, got nan"),
+    (dict(alibi_slopes=jnp.array([0.5, jnp.nan, 0.1, 0.2])),
+     "alibi_slopes must be finite"),
+    (dict(alibi_slopes=jnp.array([0.5, jnp.inf, 0.1, 0.2])),
+     "alibi_slopes must be finite"),
+])
+def test_scalars_validated_for_every_implementation(kwargs, match,
+                                                    implementation):
+  with pytest.raises(ValueError, match=match):
+    attention.dot_product_attention(Q, K, V, implementation=implementation,
+                                    **kwargs)
+
+
+def test_traced_slopes_still_run_under_jit():
+  import jax  # pylint: disable=g-import-not-at-top
+  slopes = attention.alibi_slopes(4)
+  out = jax.jit(lambda s: attention.dot_product_attention(
+      Q, K, V, alibi_slopes=s, implementation="xla"))(slopes)
+  assert np.all(np.isfinite(np.asarray(out)))
+
+
+# Issue 15 item 7: empty sequences and head_dim 0 gave ZeroDivisionError /
+# IndexError deep inside the implementations.
+@pytest.mark.parametrize("implementation", IMPLS)
+@pytest.mark.parametrize("shapes,match", [
+    (((2, 0, 4, 16), (2, 8, 2, 16), (2, 8, 2, 16)), "T=0 and key length S=8"),
+    (((2, 8, 4, 16), (2, 0, 2, 16), (2, 0, 2, 16)), "T=8 and key length S=0"),
+    (((2, 8, 4, 0), (2, 8, 2, 0), (2, 8, 2, 0)), "head_dim must be >= 1"),
+    (((2, 8, 4, 16), (2, 8, 2, 16), (2, 8, 2, 0)),
+     "value head_dim 0"),
+])
+def test_empty_shapes_refused(shapes, match, implementation):
+  q, k, v = (jnp.zeros(s, jnp.float32) for s in shapes)
+  with pytest.raises(ValueError, match=match):
+    attention.dot_product_attention(q, k, v, implementation=implementation)

@@ -87,6 +87,16 @@ def test_bad_parameters_raise(make, bad):
     make(bad)
 
 
+@pytest.mark.parametrize("make", [
+    SlidingWindow, Chunked, PrefixLM, lambda v: Lambda(v, 4),
+    lambda v: Lambda(2, v)])
+def test_sizes_bounded_by_int32(make):
+  """Issue 15 item 7: SlidingWindow(10**12) built, then overflowed in jax."""
+  with pytest.raises(ValueError, match=f"<= {2**31 - 1}, got {10**12}"):
+    make(10**12)
+  make(2**31 - 1)   # the largest size int32 position maths holds
+
+
 def test_combining_with_a_non_mask_raises():
   with pytest.raises(ValueError, match="Mask"):
     Causal() & 3

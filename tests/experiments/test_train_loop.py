@@ -284,3 +284,30 @@ def test_weight_decay_skips_vectors():
           jax.tree_util.tree_flatten_with_path(mask)[0]}
   assert flat and all(v == (("norm" not in k) and ("scale" not in k))
                       for k, v in flat.items())
+
+
+def _warnings(monkeypatch):
+  said = []
+  monkeypatch.setattr(trainer.absl_logging, "warning",
+                      lambda msg, *args: said.append(msg % args))
+  return said
+
+
+def test_diverging_loss_warns_once(tmp_path, monkeypatch):
+  """Issue 15 item 10: lr=10 trained to loss 127 and exited 0 silently."""
+  said = _warnings(monkeypatch)
+  config = _config(learning_rate=10.0, warmup_steps=0, train_steps=12,
+                   checkpoint_every=12)
+  trainer.train(config, str(tmp_path), source=StreamSource(_stream()))
+  losses = [r["loss"] for r in trainer.read_metrics(str(tmp_path))]
+  assert max(losses[1:]) > 2 * losses[0]
+  diverging = [s for s in said if "the loss is diverging" in s]
+  assert len(diverging) == 1, said
+  assert "learning_rate 10" in diverging[0]
+
+
+def test_healthy_run_does_not_warn(tmp_path, monkeypatch):
+  said = _warnings(monkeypatch)
+  config = _config(learning_rate=1e-2, train_steps=6, checkpoint_every=6)
+  trainer.train(config, str(tmp_path), source=StreamSource(_stream()))
+  assert not [s for s in said if "diverging" in s]

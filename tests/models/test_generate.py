@@ -228,3 +228,36 @@ def test_second_generate_reuses_the_compiled_step(monkeypatch):
   for _ in range(2):
     generate(model, tokens(1, 3), 3)
   assert len(made) == 1
+
+
+# Issue 15 item 8: each of these decoded NaN logits, returned the prompt, or
+# failed with "not enough values to unpack".
+@pytest.mark.parametrize("prompt,steps,kwargs,match", [
+    (jnp.array([[1, 64, 2]]), 2, {},
+     r"token id 64 is outside the vocabulary \[0, 64\)"),
+    (jnp.array([[1, -1, 2]]), 2, {}, "token id -1 is outside"),
+    (tokens(1, 3), -3, {}, "steps must be >= 0, got -3"),
+    (tokens(1, 3), 2.0, {}, "steps must be an integer"),
+    (tokens(1, 3)[0], 2, {}, r"prompt must be an int array \[batch, "
+     r"prompt_len\], got int32\[3\]"),
+    (tokens(1, 3).astype(jnp.float32), 2, {}, "prompt must be an int array"),
+    (tokens(1, 3), 2, dict(temperature=float("nan")),
+     "temperature must be a finite number, got nan"),
+])
+def test_generate_refuses_bad_input(prompt, steps, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    generate(model_of(AttentionSpec()), prompt, steps, **kwargs)
+
+
+def test_generate_learned_positions_past_the_table():
+  model = model_of(AttentionSpec(position="nope"), absolute="learned")
+  with pytest.raises(ValueError, match="past the learned table"):
+    generate(model, tokens(1, 30), 4)     # positions up to 32 >= max_len 32
+  assert generate(model, tokens(1, 30), 3).shape == (1, 33)   # up to 31
+
+
+def test_generate_zero_steps_returns_the_prompt():
+  prompt = tokens(1, 3)
+  np.testing.assert_array_equal(
+      np.asarray(generate(model_of(AttentionSpec()), prompt, 0)),
+      np.asarray(prompt))

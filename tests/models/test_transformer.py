@@ -150,6 +150,12 @@ def test_config_json_round_trip():
     (lambda: ModelConfig(attention=(AttentionSpec(
         rope_scaling={"rope_type": "magic"}),)), "magic"),
     (lambda: ModelConfig.from_dict({"layers": 3}), r"unknown ModelConfig fields \['layers'\]"),
+    # Issue 15 item 7: these built (and head_dim=0 ran).
+    (lambda: ModelConfig(head_dim=0), "head_dim must be >= 1, got 0"),
+    (lambda: ModelConfig(norm_eps=-1e-6), "norm_eps must be a finite number > 0"),
+    (lambda: ModelConfig(norm_eps=0.0), "norm_eps must be a finite number > 0"),
+    (lambda: ModelConfig(norm_eps=float("nan")), "norm_eps must be a finite number, got nan"),
+    (lambda: ModelConfig(norm_eps=float("inf")), "norm_eps must be a finite number, got inf"),
 ])
 def test_bad_config_raises(make, match):
   with pytest.raises(ValueError, match=match):
