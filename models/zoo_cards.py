@@ -7,7 +7,8 @@ training, models/ only reads). Its keys::
   preset, trained (True), recipe (corpus, tokenizer, train_len, steps,
   batch_size, optimizer, seed...), command, tokens_seen, final_loss,
   final_step, eval (documents, mode, max_tokens, tokens_per_batch,
-  implementation), perplexity ({eval_len: value} at 1x..16x train_len),
+  implementation, passkey grid), perplexity ({eval_len: value} at 1x..16x
+  train_len), passkey_accuracy ({length: mean over depths}),
   fingerprint (``fingerprint(model)``), zero_shot ({preset: {perplexity,
   fingerprint}} for the rope scalings and rope-lambda, which run these
   weights), build_seconds, versions.

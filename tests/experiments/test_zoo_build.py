@@ -55,6 +55,7 @@ def test_every_tiny_preset_ships_a_card_from_one_recipe():
     assert 0.5 < card["final_loss"] < 3.0, (name, card["final_loss"])
     assert sorted(card["perplexity"], key=int) == [
         str(m * 64) for m in (1, 2, 4, 8, 16)]
+    assert sorted(card["passkey_accuracy"]) == ["256", "512"]
 
 
 def test_cards_show_the_studys_extrapolation():
