@@ -190,7 +190,7 @@ class Info:
     description: one line.
     card: the model card of its trained weights (``zoo_cards.card``: recipe,
       tokens seen, final loss, held-out perplexity at 1x-16x train_len,
-      logits fingerprint), or ``{"trained": False, "build": command}``.
+      passkey accuracy, logits fingerprint), or ``{"trained": False, "build": command}``.
   """
   name: str
   family: str
