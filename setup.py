@@ -64,6 +64,14 @@ def _packages():
 
 _PACKAGES, _PACKAGE_DIR = _packages()
 
+# The trained tiny presets (models/pretrained/<name>/: config.json,
+# info.json, manifest.json, params/ in orbax's zarr layout, whose .zarray
+# files a plain "*" does not match) and their table ship in the wheel, so
+# zoo.from_pretrained("alibi-tiny") works offline.
+_PACKAGE_DATA = {"extrapolax.models": [
+    "ZOO.md", "pretrained/*/*.json", "pretrained/*/params/*",
+    "pretrained/*/params/*/*", "pretrained/*/params/*/.*"]}
+
 setuptools.setup(
     name="extrapolax",
     version="0.1.0",
@@ -75,6 +83,7 @@ setuptools.setup(
     python_requires=">=3.11",
     packages=_PACKAGES,
     package_dir=_PACKAGE_DIR,
+    package_data=_PACKAGE_DATA,
     install_requires=_CORE,
     extras_require=_EXTRAS,
     license="Apache-2.0",

@@ -34,6 +34,11 @@ Each evaluation's records are appended to results.jsonl (their
 (``eval/<experiment>/<variant>/<metric>...`` scalars in WORKDIR); its
 evaluator writes its report section.
 
+``--config.from_zoo=True`` evaluates the zoo's shipped tiny presets instead
+of training (seconds): each variant must be the preset of its name with the
+zoo's recipe (the default config is; ``zoo_build.study_preset`` says what
+differs otherwise).
+
 Rerunning the command with the same workdir reuses everything done: a
 finished training run is not retrained (an unfinished one resumes from its
 checkpoint), and an evaluation whose settings, model config and checkpoint
@@ -79,6 +84,8 @@ from extrapolax.experiments import report as report_lib
 from extrapolax.experiments import runlog
 from extrapolax.experiments import trainer
 from extrapolax.experiments import workdir_lock
+from extrapolax.experiments import zoo_build
+from extrapolax.models import zoo
 
 __all__ = ["DEFAULT_CONFIG", "Arguments", "Evaluation", "StudyResult",
            "split_names", "parse_flags", "validate_config", "variant_config",
@@ -156,6 +163,8 @@ def validate_config(config) -> None:
                      "the study models text; use None")
   for variant in variants:
     trainer.validate_config(variant_config(config, variant, workdir=""))
+    if config.get("from_zoo"):
+      zoo_build.study_preset(variant_config(config, variant, ""), variant)
   _entries(config)
 
 
@@ -367,7 +376,11 @@ def _run_study(config, workdir: str, started: float) -> StudyResult:
   for variant in split_names(config.variants):
     run_dir = os.path.join(workdir, "runs", variant)
     train = variant_config(config, variant, workdir)
-    step = _latest_checkpoint(run_dir)
+    preset = None
+    if config.get("from_zoo"):   # the shipped weights, no training
+      preset, step = zoo_build.study_preset(train, variant)
+    else:
+      step = _latest_checkpoint(run_dir)
     pending = [e for e in by_variant.get(variant, ())
                if done.get(e.name) != _fingerprint(e, train, step)]
     if step >= train.train_steps and not pending:
@@ -376,7 +389,12 @@ def _run_study(config, workdir: str, started: float) -> StudyResult:
       result.reused.append(variant)
       result.skipped += [e.name for e in by_variant.get(variant, ())]
       continue
-    model, step = _trained_model(train, run_dir, variant, step, result)
+    if preset is not None:
+      logging.info("%s: the zoo's %s (step %d)", variant, preset, step)
+      model = zoo.from_pretrained(preset)
+      result.reused.append(variant)
+    else:
+      model, step = _trained_model(train, run_dir, variant, step, result)
     labels = dict(model=variant, seed=int(train.seed), step=int(step))
     for evaluation in by_variant.get(variant, ()):
       fingerprint = _fingerprint(evaluation, train, step)

@@ -50,6 +50,7 @@ MASK_CHOICES = mask_choices()
 
 # Every field config.model may hold, with its default when absent.
 MODEL_FIELDS: dict[str, Any] = {
+    "preset": None,            # a zoo preset ("alibi-tiny"): its architecture
     "pe": "rope",
     "vocab_size": None,        # None: the tokenizer's (256 for "byte")
     "d_model": 64,
@@ -79,7 +80,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   None-valued fields are typed placeholders, so command-line overrides
   (``--config.model.window=64``) parse to the right type.
   """
-  placeholders = {"vocab_size": int, "num_kv_heads": int, "head_dim": int,
+  placeholders = {"preset": str, "vocab_size": int, "num_kv_heads": int, "head_dim": int,
                   "rope_scaling": object, "window": int,
                   "implementation": str, "logits_soft_cap": float,
                   "length_scaling": int}
@@ -159,6 +160,8 @@ def model_config(config, *, vocab_size: Optional[int] = None) -> ModelConfig:
       train_len < 1):
     raise ValueError(f"config.train_len={train_len!r} must be an integer "
                      ">= 1")
+  if fields["preset"] is not None:
+    return _preset_config(fields, train_len, vocab_size)
   rope_scaling = _rope_scaling(fields["rope_scaling"])
   if rope_scaling is not None and pe != "rope":
     raise ValueError(f"config.model.rope_scaling={rope_scaling!r} needs "
@@ -187,6 +190,53 @@ def model_config(config, *, vocab_size: Optional[int] = None) -> ModelConfig:
         implementation=fields["implementation"])
   except ValueError as e:
     raise ValueError(f"bad config.model: {e}") from e
+
+
+# With a preset, these fields may stay at their defaults or repeat the
+# preset's value; the attention fields are the preset's alone.
+_PRESET_SIZES = ("vocab_size", "d_model", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim", "mlp_dim", "tie_embeddings")
+_PRESET_ATTENTION = ("mask", "window", "num_sinks", "rope_base",
+                     "rope_scaling", "logits_soft_cap", "length_scaling",
+                     "t5_num_buckets", "t5_max_distance")
+
+
+def _preset_config(fields, train_len: int,
+                   vocab_size: Optional[int]) -> ModelConfig:
+  """config.model.preset: the zoo preset's ModelConfig at max_len=train_len
+  (``zoo.config``), with the config's dtype and implementation. A size or
+  attention field set to something else than its default and the preset's
+  value raises (nothing is silently ignored)."""
+  from extrapolax.models import zoo  # pylint: disable=import-outside-toplevel
+  preset = fields["preset"]
+  _choice("model.preset", preset, zoo.names())
+  cfg = zoo.config(preset, max_len=train_len, dtype=fields["dtype"],
+                   implementation=fields["implementation"])
+  spec = cfg.attention[0]
+  own_pe = cfg.absolute if cfg.absolute != "none" else spec.position
+  preset_values = {name: getattr(cfg, name) for name in _PRESET_SIZES}
+  preset_values["num_kv_heads"] = cfg.kv_heads
+  preset_values["head_dim"] = cfg.d_model // cfg.num_heads if (
+      cfg.head_dim is None) else cfg.head_dim
+  preset_values["pe"] = own_pe
+  for name in _PRESET_SIZES + ("pe",):
+    value = fields[name]
+    if value not in (MODEL_FIELDS[name], preset_values[name]):
+      raise ValueError(
+          f"config.model.{name}={value!r} disagrees with "
+          f"config.model.preset={preset!r} ({name}={preset_values[name]!r}); "
+          "leave it at its default or drop the preset")
+  for name in _PRESET_ATTENTION:
+    if fields[name] != MODEL_FIELDS[name]:
+      raise ValueError(
+          f"config.model.{name}={fields[name]!r}: with config.model.preset="
+          f"{preset!r} the preset sets the attention; leave it at "
+          f"{MODEL_FIELDS[name]!r}")
+  vocab = fields["vocab_size"] or vocab_size or cfg.vocab_size
+  if vocab != cfg.vocab_size:
+    raise ValueError(f"config.model.preset={preset!r} has vocab_size "
+                     f"{cfg.vocab_size}; the tokenizer gives {vocab}")
+  return cfg
 
 
 def create_model(config, rngs: nnx.Rngs, *,

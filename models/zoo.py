@@ -9,6 +9,13 @@ Presets are ``<family>-<size>``: a position / scaling / mask family in a
   model = zoo.create("alibi-tiny", seed=0)          # random weights
   zoo.save_pretrained(model, "/tmp/alibi-tiny")
   model = zoo.from_pretrained("/tmp/alibi-tiny")    # or a saved run's name
+  model = zoo.from_pretrained("alibi-tiny")  # trained weights in the package
+  zoo.info("alibi-tiny").card                # recipe, loss, perplexities
+
+The tiny presets ship trained (``zoo_cards``: the package's
+``models/pretrained/<name>/``, built by ``python -m
+extrapolax.experiments.zoo_build --all``); the small ones are built on demand
+with the same command.
 
 Vocabulary: 256 byte ids, no specials. The rope scalings (rope-linear,
 -dynamic, -ntk, -yarn, -llama3) and rope-lambda are zero-shot variants of the
@@ -49,6 +56,7 @@ from extrapolax.attention import rope as rope_lib
 
 from . import checkpoint_files
 from . import pretrained
+from . import zoo_cards
 from .config import AttentionSpec, ModelConfig
 from .transformer import DecoderLM
 
@@ -67,7 +75,7 @@ _OWN_FILES = ("config.json", "info.json", "manifest.json", "params")
 _SIZES: dict[str, dict[str, Any]] = {
     # head_dim 16, grouped-query 4 -> 2; mlp 3 * d_model (SwiGLU).
     "tiny": dict(vocab_size=256, d_model=64, num_layers=2, num_heads=4,
-                 num_kv_heads=2, mlp_dim=192, max_len=128),
+                 num_kv_heads=2, mlp_dim=192, max_len=64),
     # head_dim 32, grouped-query 8 -> 2.
     "small": dict(vocab_size=256, d_model=256, num_layers=6, num_heads=8,
                   num_kv_heads=2, mlp_dim=768, max_len=512),
@@ -181,6 +189,9 @@ class Info:
     weights_from: the preset whose trained weights this one runs (itself,
       except for the zero-shot rope variants, which run the rope model's).
     description: one line.
+    card: the model card of its trained weights (``zoo_cards.card``: recipe,
+      tokens seen, final loss, held-out perplexity at 1x-16x train_len,
+      passkey accuracy, logits fingerprint), or ``{"trained": False, "build": command}``.
   """
   name: str
   family: str
@@ -193,6 +204,7 @@ class Info:
   num_params: int
   weights_from: str
   description: str
+  card: Optional[Mapping[str, Any]] = None
 
 
 def names() -> tuple[str, ...]:
@@ -213,10 +225,13 @@ def _lookup(name) -> tuple[str, str]:
 
 
 def info(name: str):
-  """The preset's Info record (a PretrainedInfo for a real model)."""
+  """The preset's info record, with the card of its trained weights (a
+  PretrainedInfo for a real model)."""
   if isinstance(name, str) and name in pretrained.MODELS:
     return pretrained.info(name)
-  return _info(*_lookup(name))
+  record = _info(*_lookup(name))
+  return dataclasses.replace(record, card=zoo_cards.card(
+      record.name, record.weights_from, checkpoint_dirs()))
 
 
 @functools.cache
@@ -277,11 +292,13 @@ def checkpoint_dirs() -> tuple[str, ...]:
   """Where named checkpoints live, searched in order.
 
   The directories in ``$EXTRAPOLAX_CHECKPOINTS`` (os.pathsep-separated), then
-  ``~/.cache/extrapolax/checkpoints``. A run named N is ``<dir>/N/``.
+  ``~/.cache/extrapolax/checkpoints``, then the trained tiny presets shipped
+  in the package (``zoo_cards.PACKAGED_DIR``). A run named N is ``<dir>/N/``.
   """
   env = os.environ.get(CHECKPOINTS_ENV, "")
   dirs = [os.path.expanduser(d) for d in env.split(os.pathsep) if d]
   dirs.append(os.path.expanduser(DEFAULT_CHECKPOINTS))
+  dirs.append(zoo_cards.PACKAGED_DIR)
   return tuple(dict.fromkeys(dirs))
 
 
@@ -591,9 +608,11 @@ def _resolve(path_or_name) -> tuple[str, Optional[str]]:
     raise ValueError(
         f"no trained weights exist for preset {text!r}: no checkpoint "
         f"{text!r}{saved} in {list(dirs)}. zoo.create({text!r}) builds it "
-        "with random weights; to get trained ones, train it and save it with "
-        f"zoo.save_pretrained(model, os.path.join(dir, {base!r})) in one of "
-        f"those directories (or add one to ${CHECKPOINTS_ENV})")
+        "with random weights; to get trained ones, build them with their "
+        f"recorded recipe: python -m {zoo_cards.BUILD_MODULE} {base} (into "
+        f"{dirs[-2]}), or train and save with zoo.save_pretrained(model, "
+        f"os.path.join(dir, {base!r})) in one of those directories (or add "
+        f"one to ${CHECKPOINTS_ENV})")
   candidates = [e for d in dirs if os.path.isdir(d) for e in os.listdir(d)
                 if not e.startswith(".")] + list(_PRESETS)
   close = difflib.get_close_matches(text, candidates, n=3, cutoff=0.5)

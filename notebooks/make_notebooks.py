@@ -795,12 +795,15 @@ ZOO_AND_HF = header("04_zoo_and_hf.ipynb", "The model zoo and Hugging Face check
         md("""
     ## Trained weights, or random ones
 
-    No trained weights ship with the package: they come from the experiment
-    runner (notebook 02) and are saved with `zoo.save_pretrained`.
-    `zoo.from_pretrained(name)` looks for `<dir>/<name>/` in
-    `zoo.checkpoint_dirs()` (`$EXTRAPOLAX_CHECKPOINTS`, then
-    `~/.cache/extrapolax/checkpoints`) and says what to do when there is
-    none; `zoo.create(name)` builds the preset with random weights.
+    Every tiny preset ships trained in the package (the study's recipe;
+    `models/ZOO.md` lists their numbers), with a card in
+    `zoo.info(name).card`: recipe, tokens seen, final loss and held-out
+    perplexity at 1x-16x the training length. `zoo.from_pretrained(name)`
+    looks for `<dir>/<name>/` in `zoo.checkpoint_dirs()`
+    (`$EXTRAPOLAX_CHECKPOINTS`, `~/.cache/extrapolax/checkpoints`, then the
+    packaged weights) and says what to do when there is none (the small
+    presets: `python -m extrapolax.experiments.zoo_build NAME`);
+    `zoo.create(name)` builds a preset with random weights.
     """),
         code("""
     try:
@@ -811,6 +814,12 @@ ZOO_AND_HF = header("04_zoo_and_hf.ipynb", "The model zoo and Hugging Face check
       model = zoo.create("rope-tiny", seed=0)
     print(f"rope-tiny: {num_params(model):,} parameters, trained on "
           f"{model.config.max_len}-token windows")
+    card = zoo.info("rope-tiny").card
+    if card.get("trained"):
+      print("tokens seen:", card["tokens_seen"], "final loss:",
+            round(card["final_loss"], 3))
+      print("held-out perplexity by length:",
+            {k: round(v, 2) for k, v in card["perplexity"].items()})
     """),
         md("""
     Save it under a checkpoint folder and load it back by name. A zero-shot

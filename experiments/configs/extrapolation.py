@@ -19,6 +19,8 @@ Variants (``:key=value,...``)::
 
   --config=experiments/configs/extrapolation.py:quick   # seconds (tests)
   --config=experiments/configs/extrapolation.py:steps=2000,train_len=128
+  --config=experiments/configs/extrapolation.py:from_zoo  # zoo weights,
+                                                   # no training (seconds)
 
 Any field can be overridden too: ``--config.variants=rope,alibi``,
 ``--config.train.model.d_model=128``,
@@ -31,6 +33,8 @@ comma-separated strings (a tuple also works in a config file).
 Fields:
   train: the training config every variant shares (the tiny config's
     fields); each variant sets train.model.pe to its name.
+  from_zoo: evaluate the zoo's shipped weights instead of training
+    (``extrapolax.models.zoo``; the default training recipe only).
   variants: the models, one per position encoding (nope, sinusoidal,
     learned, rope, alibi, t5, kerple, fire).
   evals: the evaluations, by name; each entry's type is an evaluator
@@ -70,14 +74,18 @@ def _perplexity() -> dict:
 
 
 def get_config(arg=None):
-  """The study config; ``arg``: quick, steps, train_len, seed."""
-  arg = configs.parse_arg(arg, quick=False, steps=1000, train_len=64, seed=0)
+  """The study config; ``arg``: quick, steps, train_len, seed, from_zoo."""
+  arg = configs.parse_arg(arg, quick=False, steps=1000, train_len=64, seed=0,
+                          from_zoo=False)
   config = ml_collections.ConfigDict()
   config.train = tiny.get_config(
       f"steps={arg.steps},train_len={arg.train_len},seed={arg.seed}")
   config.train.log_every = 100
   config.train.checkpoint_every = 100
   config.variants = "nope,sinusoidal,learned,rope,alibi,t5"
+  # True: evaluate the zoo's shipped tiny presets (the same models, trained
+  # with this recipe) instead of training them.
+  config.from_zoo = arg.from_zoo
   config.evals = ml_collections.ConfigDict()
   config.evals.length = dict(type="length", models="", **_perplexity())
   config.evals.rope_scaling = dict(

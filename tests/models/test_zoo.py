@@ -15,6 +15,7 @@ from flax import nnx
 from extrapolax.models import DecoderLM, ModelConfig, num_params
 from extrapolax.models import checkpoint_files
 from extrapolax.models import pretrained, zoo
+from extrapolax.models import zoo_cards
 
 TINY = [n for n in zoo.names() if n.endswith("-tiny")]
 # Presets only: names() also lists the real pretrained models (GGUF files,
@@ -88,7 +89,7 @@ def test_every_preset_builds_under_eval_shape(name):
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
   assert sum(x.size for x in leaves) == info.num_params
   assert info.name == name == f"{info.family}-{info.size}"
-  assert info.train_len == config.max_len == {"tiny": 128,
+  assert info.train_len == config.max_len == {"tiny": 64,
                                               "small": 512}[info.size]
   assert config.vocab_size == 256 and info.description
   assert ModelConfig.from_json(config.to_json()) == config
@@ -101,7 +102,7 @@ def test_tiny_info_param_count_is_the_real_models(name):
 
 @pytest.mark.parametrize("family", ZERO_SHOT)
 def test_zero_shot_variants_run_the_rope_weights(family):
-  for size, train_len in (("tiny", 128), ("small", 512)):
+  for size, train_len in (("tiny", 64), ("small", 512)):
     info = zoo.info(f"{family}-{size}")
     assert info.weights_from == f"rope-{size}"
     shapes = lambda n: jax.tree_util.tree_map(
@@ -199,7 +200,8 @@ def test_load_by_name_through_the_environment(saved, monkeypatch, tmp_path):
   monkeypatch.setenv(zoo.CHECKPOINTS_ENV, f"{first}{os.pathsep}{second}")
   assert zoo.checkpoint_dirs() == (
       str(first), str(second),
-      str(tmp_path / "home" / ".cache" / "extrapolax" / "checkpoints"))
+      str(tmp_path / "home" / ".cache" / "extrapolax" / "checkpoints"),
+      zoo_cards.PACKAGED_DIR)
   shutil.copytree(saved[1], second / "my-t5-run")
   _assert_same_model(saved[0], zoo.from_pretrained("my-t5-run"))
   with pytest.raises(ValueError, match=r"did you mean 'my-t5-run'"):
@@ -225,12 +227,17 @@ def test_zero_shot_preset_loads_the_saved_rope_weights(monkeypatch, tmp_path):
 
 
 def test_preset_without_saved_weights_says_how_to_get_some():
+  # The tiny presets ship trained; the small ones are built on demand.
   with pytest.raises(ValueError, match=r"no trained weights exist for preset "
-                     r"'alibi-tiny'.*zoo.create\('alibi-tiny'\) builds it "
-                     "with random weights"):
-    zoo.from_pretrained("alibi-tiny")
-  with pytest.raises(ValueError, match=r"'rope-yarn-tiny'.* nor 'rope-tiny'"):
-    zoo.from_pretrained("rope-yarn-tiny")
+                     r"'alibi-small'.*zoo.create\('alibi-small'\) builds it "
+                     r"with random weights.*python -m extrapolax.experiments"
+                     r".zoo_build alibi-small"):
+    zoo.from_pretrained("alibi-small")
+  with pytest.raises(ValueError, match=r"'rope-yarn-small'.* nor 'rope-small'"):
+    zoo.from_pretrained("rope-yarn-small")
+  assert zoo.info("alibi-small").card == {
+      "trained": False, "preset": "alibi-small",
+      "build": "python -m extrapolax.experiments.zoo_build alibi-small"}
   with pytest.raises(ValueError, match=r"neither a checkpoint directory nor "
                      r"a saved checkpoint name.*did you mean 'rope-tiny'"):
     zoo.from_pretrained("rope-tinyy")
