@@ -114,10 +114,63 @@ def latest_complete(workdir: str, *, remove_incomplete: bool = False
   return latest
 
 
+class CheckpointWriteError(ValueError):
+  """A checkpoint could not be written (disk full, permissions, ...)."""
+
+
+_SPACE = ("No space left", "ENOSPC", "Disk quota", "Read-only file system",
+          "Permission denied")
+
+
+def _os_failure(error: BaseException) -> Optional[str]:
+  """The OS reason behind an orbax / tensorstore save failure, or None."""
+  seen = error
+  while seen is not None:
+    if isinstance(seen, OSError):
+      return seen.strerror or str(seen)
+    text = str(seen)
+    for phrase in _SPACE:
+      if phrase in text:
+        return phrase if phrase != "ENOSPC" else "No space left on device"
+    seen = seen.__cause__ or seen.__context__
+  return None
+
+
 def save(manager, step, params, opt_state, data_state, *, workdir: str,
          config: Mapping[str, Any], keep: int) -> None:
   """Saves step with orbax, then its manifest (``config``: the run's fixed
-  fields), then removes complete steps beyond the newest ``keep``."""
+  fields), then removes complete steps beyond the newest ``keep``.
+
+  Raises:
+    CheckpointWriteError: the OS refused the write (a full disk, ...): one
+      line naming the folder; the half-written step and orbax's temporary
+      folders are removed, so a rerun after freeing space resumes from the
+      newest complete step.
+  """
+  try:
+    _save(manager, step, params, opt_state, data_state, workdir=workdir,
+          config=config, keep=keep)
+  except Exception as e:  # pylint: disable=broad-except
+    reason = _os_failure(e)
+    if reason is None:
+      raise
+    directory = step_dir(workdir, step)
+    root = os.path.join(workdir, "checkpoints")
+    if jax.process_index() == 0:
+      shutil.rmtree(directory, ignore_errors=True)
+      for name in (os.listdir(root) if os.path.isdir(root) else ()):
+        if ".orbax-checkpoint-tmp" in name:
+          shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    done = steps(workdir)[0]
+    raise CheckpointWriteError(
+        f"could not write checkpoint step {step} to {directory}: {reason}; "
+        "the partial step was removed; free space (or fix the folder) and "
+        "rerun the same command to resume from "
+        + (f"step {done[-1]}" if done else "the start")) from None
+
+
+def _save(manager, step, params, opt_state, data_state, *, workdir: str,
+          config: Mapping[str, Any], keep: int) -> None:
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   with quiet_orbax():
     manager.save(step, args=ocp.args.Composite(

@@ -258,3 +258,39 @@ def test_resume_drops_repeated_and_torn_metrics_lines(run, workdir):
   resumed = trainer.train(_config(), workdir, source=StreamSource(_stream()))
   assert resumed.metrics[:3] == run[1].metrics[:3]
   assert [r["step"] for r in resumed.metrics] == [1, 2, 3, 4, 5, 6]
+
+
+def test_full_disk_is_one_error_and_the_rerun_resumes(tmp_path, monkeypatch):
+  """Issue 15 item 9: the OS refusing a checkpoint write (ENOSPC) ends the
+  run with one error naming the folder; the partial step and orbax's
+  temporary folders are gone; after "freeing space" the same command
+  resumes and finishes with the same final parameters."""
+  import errno  # pylint: disable=import-outside-toplevel
+  config = _config(train_steps=6, checkpoint_every=3)
+  describe = checkpoint_files.describe_files
+  calls = []
+
+  def full_disk(directory):
+    calls.append(directory)
+    if directory.endswith(os.path.join("checkpoints", "6")):
+      os.makedirs(os.path.join(os.path.dirname(directory),
+                               "6.orbax-checkpoint-tmp-1"), exist_ok=True)
+      raise OSError(errno.ENOSPC, "No space left on device", directory)
+    return describe(directory)
+
+  monkeypatch.setattr(checkpoint_files, "describe_files", full_disk)
+  with pytest.raises(checkpoints.CheckpointWriteError) as info:
+    trainer.train(config, str(tmp_path), source=StreamSource(_stream()))
+  message = str(info.value)
+  assert "\n" not in message and "No space left on device" in message
+  assert os.path.join(str(tmp_path), "checkpoints", "6") in message
+  assert "resume from step 3" in message
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+  monkeypatch.setattr(checkpoint_files, "describe_files", describe)
+  resumed = trainer.train(config, str(tmp_path),
+                          source=StreamSource(_stream()))
+  whole = trainer.train(config, str(tmp_path / "whole"),
+                        source=StreamSource(_stream()))
+  assert resumed.step == 6
+  for a, b in zip(_params(resumed.model), _params(whole.model)):
+    np.testing.assert_array_equal(a, b)
