@@ -162,7 +162,7 @@ def export_run(workdir: str, path: str, *, preset: Optional[str] = None,
                        "backend": jax.default_backend()}}
   card.update(evaluate(model, name, documents, max_tokens=max_tokens))
   if preset is not None:
-    zero_shot = [n for n in zoo.names()
+    zero_shot = [n for n in zoo.presets()
                  if n != preset and zoo.info(n).weights_from == preset]
     card["zero_shot"] = {}
     for other in zero_shot:
@@ -200,9 +200,9 @@ def study_preset(train, variant: str) -> tuple[str, int]:
   ``train`` (the variant's training config); else ValueError naming the
   difference."""
   preset = f"{variant}-tiny"
-  if preset not in zoo.names():
+  if preset not in zoo.presets():
     raise ValueError(f"config.from_zoo: variant {variant!r} has no zoo "
-                     f"preset {preset!r}; presets: {zoo.names()}")
+                     f"preset {preset!r}; presets: {zoo.presets()}")
   card = zoo.info(preset).card
   if not card.get("trained"):
     raise ValueError(f"config.from_zoo: {preset} has no trained weights; "
@@ -246,7 +246,7 @@ def table(dirs: Sequence[str]) -> str:
       + " | ".join(f"passkey {n}" for n in PASSKEY["lengths"]) + " |",
       "|" + "---|" * (7 + len(MULTIPLES) + len(PASSKEY["lengths"]))]
   recipe_line = None
-  for name in zoo.names():
+  for name in zoo.presets():
     info = zoo.info(name)
     card = zoo_cards.card(name, info.weights_from, dirs)
     head = (f"| {name} | {info.position} | {info.scaling} | {info.mask} | "
@@ -287,7 +287,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parser.parse_args(argv)
   names = list(args.names)
   if args.all:
-    names += [n for n in zoo.names() if zoo.info(n).size == "tiny"]
+    names += [n for n in zoo.presets() if zoo.info(n).size == "tiny"]
   if not names and not args.table:
     parser.error("name presets, or give --all or --table")
   if args.steps is not None and args.steps < 1:

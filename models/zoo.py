@@ -60,7 +60,8 @@ from . import zoo_cards
 from .config import AttentionSpec, ModelConfig
 from .transformer import DecoderLM
 
-__all__ = ["Info", "names", "info", "config", "create", "save_pretrained",
+__all__ = ["Info", "names", "presets", "info", "config", "create",
+           "save_pretrained",
            "from_pretrained", "checkpoint_dirs"]
 
 SCALE_FACTOR = 4.0      # rope scalings stretch the training length 4x
@@ -210,6 +211,11 @@ class Info:
 def names() -> tuple[str, ...]:
   """All preset names and real pretrained models, sorted."""
   return tuple(sorted([*_PRESETS, *pretrained.MODELS]))
+
+
+def presets() -> tuple[str, ...]:
+  """The preset names only (names() also lists real pretrained models)."""
+  return tuple(sorted(_PRESETS))
 
 
 def _lookup(name) -> tuple[str, str]:

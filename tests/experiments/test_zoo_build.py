@@ -22,7 +22,7 @@ from extrapolax.models import zoo
 from extrapolax.models import zoo_cards
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-TINY = [n for n in zoo.names() if zoo.info(n).size == "tiny"]
+TINY = [n for n in zoo.presets() if zoo.info(n).size == "tiny"]
 BASES = zoo_build.base_presets(TINY)
 TINY_BYTES = 15 * 2**20
 
