@@ -42,7 +42,8 @@ def _validate(settings: dict, study) -> dict:
   unknown = sorted(set(settings) - set(HELP))
   if unknown:
     raise ValueError(f"unknown settings {unknown}; allowed: {sorted(HELP)}")
-  not_rope = [m for m in models if m != "rope"]
+  pretrained = study.get("model_source") is not None   # its RoPE layers
+  not_rope = [m for m in models if m != "rope" and not pretrained]
   if not_rope:
     raise ValueError(f"models={tuple(models)!r}: {not_rope} have no RoPE "
                      "layer to scale; use 'rope' or 'none'")
