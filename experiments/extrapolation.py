@@ -160,8 +160,9 @@ def _validate_source(config, variants: tuple) -> None:
   from extrapolax.experiments.data import corpora  # pylint: disable=g-import-not-at-top
   from extrapolax.models import pretrained  # pylint: disable=g-import-not-at-top
   source = model_source(config)
-  if not isinstance(source, str) or not (
-      source in pretrained.MODELS or os.path.exists(os.path.expanduser(source))):
+  known = isinstance(source, str) and (
+      source in pretrained.MODELS or os.path.exists(os.path.expanduser(source)))
+  if not known:
     raise ValueError(f"config.model_source={source!r} is neither a "
                      f"pretrained zoo name {tuple(pretrained.MODELS)} nor an "
                      "existing GGUF file or model folder")
