@@ -93,6 +93,8 @@ def get_config(arg=None):
       masks=("sliding_window,lambda,lambda+ceiling,"
              "causal+self_extend(8, 1024)"),
       window=window, num_sinks=4, **_perplexity(multiples, max_tokens))
+  for name in ("rope_scaling", "mask"):   # every arm's loss per position
+    config.evals[name].position_buckets = 32
   if arg.quick or arg.smoke:
     config.train.data.corpora = "python_stdlib"
     config.train.data.min_doc_tokens = 2 * arg.train_len + 1

@@ -200,7 +200,9 @@ def test_study_main_on_a_tiny_gguf(tiny_gguf, tmp_path):
   scalings = {records_lib.variant_label(r) for r in ppl
               if r["experiment"] == "rope_scaling"}
   assert len(scalings) == 6
-  assert any(r["metric"] == "position_nll" for r in records)
+  positions = {r["experiment"] for r in records
+               if r["metric"] == "position_nll"}
+  assert positions == {"length", "mask", "rope_scaling"}   # every arm's
   # The causal mask entry and the unscaled model are the length column.
   causal = [r["value"] for r in ppl if r["experiment"] == "mask"
             and r["mask"] == "causal"]
@@ -209,6 +211,7 @@ def test_study_main_on_a_tiny_gguf(tiny_gguf, tmp_path):
   np.testing.assert_allclose(causal, base, rtol=1e-5)
   report = open(result.report, encoding="utf-8").read()
   assert "perplexity" in report.lower() and "self_extend" in report
+  assert os.path.isfile(tmp_path / "mask_position_nll_nonoverlap.png")
   # The documents were tokenized by the model's tokenizer and cached.
   assert [n for n in os.listdir(tmp_path / "data")
           if n.startswith("long_documents_")]
@@ -230,6 +233,7 @@ def test_study_main_on_a_tiny_gguf(tiny_gguf, tmp_path):
     ("variants", "a,b", "variants"),
     ("train.data.corpora", "no_such_corpus", "corpora"),
     ("train.data.min_doc_tokens", 0, "min_doc_tokens"),
+    ("evals.mask.position_buckets", -1, "position_buckets"),
 ])
 def test_bad_source_config(tiny_gguf, field, value, match):
   config = _smoke(tiny_gguf)
