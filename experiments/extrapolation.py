@@ -51,6 +51,18 @@ training field makes the trainer refuse the workdir.
 ``python -m extrapolax.experiments.report --workdir=WORKDIR`` re-reports
 without JAX.
 
+A study of a loaded model instead: ``config.model_source`` names a
+pretrained model (a zoo name such as "smollm2-135m-instruct", a GGUF file,
+a Hugging Face folder or a zoo checkpoint folder); nothing is trained.
+``config.variants`` is then one name, the model's label in the records, and
+the evaluations' variants (scalings, masks, Self-Extend) are the study's
+arms. ``config.train`` holds only ``train_len`` (the model's trained
+context, the unit of ``multiples``), ``seed`` and ``data``: ``corpora``
+(comma-separated corpus names), ``min_doc_tokens`` (held-out documents are
+joined to at least this many tokens of the model's own tokenizer),
+``max_eval_tokens`` (per corpus), ``eval_fraction`` and ``split_seed``
+(``data.long_documents``). See experiments/configs/pretrained.py.
+
 ``--config=PATH[:ARGS]`` picks another config file (a name such as
 ``extrapolation.py:quick`` is found in the installed configs folder) and
 ``--config.FIELD=VALUE`` overrides a field, as for
@@ -89,6 +101,7 @@ from extrapolax.models import zoo
 
 __all__ = ["DEFAULT_CONFIG", "Arguments", "Evaluation", "StudyResult",
            "split_names", "parse_flags", "validate_config", "variant_config",
+           "model_source", "load_source",
            "evaluations", "run_study", "summary_tables", "main", "run"]
 
 DEFAULT_CONFIG = os.path.join(configs.CONFIG_DIR, "extrapolation.py")
@@ -145,9 +158,46 @@ def _entries(config) -> list[_Entry]:
   return out
 
 
+def model_source(config) -> Optional[str]:
+  """The pretrained model a study evaluates (None: it trains its variants)."""
+  return config.get("model_source")
+
+
+def _validate_source(config, variants: tuple) -> None:
+  from extrapolax.experiments.data import corpora  # pylint: disable=g-import-not-at-top
+  from extrapolax.models import pretrained  # pylint: disable=g-import-not-at-top
+  source = model_source(config)
+  known = isinstance(source, str) and (
+      source in pretrained.MODELS or os.path.exists(os.path.expanduser(source)))
+  if not known:
+    raise ValueError(f"config.model_source={source!r} is neither a "
+                     f"pretrained zoo name {tuple(pretrained.MODELS)} nor an "
+                     "existing GGUF file or model folder")
+  if len(variants) != 1:
+    raise ValueError(f"config.variants={config.variants!r} must be one name "
+                     "(the loaded model's label) when model_source is set")
+  checks.check_int("config.train.train_len", config.train.get("train_len"),
+                   minimum=1)
+  data = config.train.data
+  names = split_names(data.corpora)
+  bad = [n for n in names if n not in corpora.CORPUS_NAMES
+         and not os.path.exists(os.path.expanduser(n))]
+  if not names or bad:
+    raise ValueError(f"config.train.data.corpora={data.corpora!r}: name "
+                     f"corpora of {corpora.CORPUS_NAMES} or existing paths")
+  checks.check_int("config.train.data.min_doc_tokens", data.min_doc_tokens,
+                   minimum=1)
+  checks.check_optional_int("config.train.data.max_eval_tokens",
+                            data.get("max_eval_tokens"), minimum=1)
+
+
 def validate_config(config) -> None:
   """Raises ValueError naming the first bad field of a study config."""
   variants = split_names(config.variants)
+  if model_source(config) is not None:
+    _validate_source(config, variants)
+    _entries(config)
+    return
   choices = modeling.pe_choices()
   if not variants:
     raise ValueError("config.variants is empty; name at least one position "
@@ -305,10 +355,63 @@ def _latest_checkpoint(run_dir: str) -> int:
 
 
 def _eval_documents(config, workdir: str) -> list:
-  """The held-out documents (``data.eval_documents`` of the first run)."""
+  """The held-out documents (``data.eval_documents`` of the first run; with
+  a model_source, its tokenizer's long documents, cached in WORKDIR/data)."""
   from extrapolax.experiments import data  # pylint: disable=g-import-not-at-top
+  if model_source(config) is not None:
+    return _source_documents(config, workdir)
   train = variant_config(config, split_names(config.variants)[0], workdir)
   return data.eval_documents(train, workdir)
+
+
+def _source_fields(config) -> ml_collections.ConfigDict:
+  """What decides a model_source study's records besides the evaluation:
+  the source and config.train (its fingerprint's "train")."""
+  fields = ml_collections.ConfigDict()
+  fields.model_source = model_source(config)
+  fields.train = config.train.copy_and_resolve_references()
+  return fields
+
+
+def _source_documents(config, workdir: str) -> list:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from extrapolax.experiments.data import long_documents  # pylint: disable=g-import-not-at-top
+  from extrapolax.models import load_tokenizer  # pylint: disable=g-import-not-at-top
+  data = config.train.data
+  key = hashlib.sha256(_source_fields(config).to_json_best_effort(
+      sort_keys=True).encode()).hexdigest()[:16]
+  path = os.path.join(workdir, "data", f"long_documents_{key}.npz")
+  if os.path.isfile(path):
+    with np.load(path) as stored:
+      return [stored[k] for k in sorted(stored.files, key=int)]
+  clock = time.perf_counter()
+  docs = long_documents.long_documents(
+      split_names(data.corpora), load_tokenizer(model_source(config)),
+      min_tokens=int(data.min_doc_tokens),
+      max_tokens=data.get("max_eval_tokens"),
+      eval_fraction=float(data.get("eval_fraction", 0.1)),
+      split_seed=int(data.get("split_seed", 0)),
+      cache_dir=data.get("cache_dir"))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  np.savez(path + ".tmp.npz", **{str(i): d for i, d in enumerate(docs)})
+  os.replace(path + ".tmp.npz", path)
+  logging.info("%d held-out documents, %d tokens (%.1fs)", len(docs),
+               sum(len(d) for d in docs), time.perf_counter() - clock)
+  return docs
+
+
+def load_source(source: str):
+  """The DecoderLM a model_source names: a GGUF file, a Hugging Face folder
+  (config.json), else a zoo name or checkpoint folder."""
+  from extrapolax import models  # pylint: disable=g-import-not-at-top
+  from extrapolax.models import zoo  # pylint: disable=g-import-not-at-top
+  path = os.path.expanduser(source)
+  if os.path.isfile(path):
+    return models.load_gguf(path)
+  if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(
+      os.path.join(path, "manifest.json")):
+    return models.load_hf(path)
+  return zoo.from_pretrained(source)
 
 
 # ----------------------------------------------------------------------------
@@ -370,32 +473,44 @@ def _run_study(config, workdir: str, started: float) -> StudyResult:
   _drop_unfinished(results_path, committed)
   result = StudyResult([], "", [], [], [], [], 0.0, _types(config))
   documents = None
+  source = model_source(config)
   by_variant: dict[str, list[Evaluation]] = {}
   for evaluation in evaluations(config):
     by_variant.setdefault(evaluation.variant, []).append(evaluation)
   for variant in split_names(config.variants):
     run_dir = os.path.join(workdir, "runs", variant)
-    train = variant_config(config, variant, workdir)
     preset = None
-    if config.get("from_zoo"):   # the shipped weights, no training
-      preset, step = zoo_build.study_preset(train, variant)
+    if source is not None:   # a loaded model: nothing to train
+      train, step, finished = _source_fields(config), 0, True
     else:
-      step = _latest_checkpoint(run_dir)
+      train = variant_config(config, variant, workdir)
+      if config.get("from_zoo"):   # the shipped weights, no training
+        preset, step = zoo_build.study_preset(train, variant)
+      else:
+        step = _latest_checkpoint(run_dir)
+      finished = step >= train.train_steps
     pending = [e for e in by_variant.get(variant, ())
                if done.get(e.name) != _fingerprint(e, train, step)]
-    if step >= train.train_steps and not pending:
+    if finished and not pending:
       logging.info("%s: trained (step %d) and evaluated; reusing", variant,
                    step)
       result.reused.append(variant)
       result.skipped += [e.name for e in by_variant.get(variant, ())]
       continue
-    if preset is not None:
+    if source is not None:
+      clock = time.perf_counter()
+      model = load_source(source)
+      result.reused.append(variant)
+      logging.info("%s: loaded %s (%.1fs)", variant, source,
+                   time.perf_counter() - clock)
+    elif preset is not None:
       logging.info("%s: the zoo's %s (step %d)", variant, preset, step)
       model = zoo.from_pretrained(preset)
       result.reused.append(variant)
     else:
       model, step = _trained_model(train, run_dir, variant, step, result)
-    labels = dict(model=variant, seed=int(train.seed), step=int(step))
+    labels = dict(model=variant, seed=int(config.train.get("seed", 0)),
+                  step=int(step))
     for evaluation in by_variant.get(variant, ()):
       fingerprint = _fingerprint(evaluation, train, step)
       if done.get(evaluation.name) == fingerprint:

@@ -27,7 +27,7 @@ from extrapolax.experiments import records as records_lib
 from extrapolax.experiments import report
 
 __all__ = ["EVALUATOR", "HELP", "perplexity_settings", "on_mesh",
-           "perplexity_section", "check_choices", "check_positive"]
+           "perplexity_section", "position_section", "check_choices", "check_positive"]
 
 HELP = {
     "models": "the variants it runs on: comma-separated, '' every variant, "
@@ -40,6 +40,9 @@ HELP = {
     "implementation": "attention implementation (None: the model's, auto)",
     "context_devices": "> 1: split each window over this many devices "
                        "(context-parallel); lengths must divide by it",
+    "position_buckets": "loss per position over the longest length, in "
+                        "this many buckets (0: none; None: the evaluator's "
+                        "default, 32 for length, 0 for the sweeps)",
 }
 
 
@@ -84,6 +87,9 @@ def perplexity_settings(settings: dict, study) -> dict:
                      f"{_device_count()} devices are available")
   if context > 1:   # only then (so default fingerprints stay as they were)
     out["context_devices"] = context
+  buckets = settings.get("position_buckets")
+  if buckets is not None:   # likewise
+    out["position_buckets"] = checks.check_int("position_buckets", buckets)
   return out
 
 
@@ -180,6 +186,11 @@ def _position_section(records, out_dir: Optional[str]) -> str:
       lines += ["", f"![{title}]({name})"]
     parts.append("\n".join(lines))
   return "\n\n".join(parts)
+
+
+def position_section(records, out_dir: Optional[str]) -> str:
+  """The loss-per-position plots of ``records`` (their position_nll)."""
+  return _position_section(records, out_dir)
 
 
 def _report(records, out_dir: Optional[str], all_records) -> str:

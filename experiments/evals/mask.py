@@ -58,8 +58,10 @@ def _run(model, documents, settings: dict, labels: dict) -> list:
 
 
 def _report(records, out_dir, all_records) -> str:
-  return length.perplexity_section(records, out_dir, all_records,
-                                   what="Inference masks", base_columns=True)
+  parts = [length.perplexity_section(records, out_dir, all_records,
+                                     what="Inference masks", base_columns=True),
+           length.position_section(records, out_dir)]
+  return "\n\n".join(p for p in parts if p)
 
 
 EVALUATOR = evals.register(evals.Evaluator(

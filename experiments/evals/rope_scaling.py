@@ -42,7 +42,8 @@ def _validate(settings: dict, study) -> dict:
   unknown = sorted(set(settings) - set(HELP))
   if unknown:
     raise ValueError(f"unknown settings {unknown}; allowed: {sorted(HELP)}")
-  not_rope = [m for m in models if m != "rope"]
+  pretrained = study.get("model_source") is not None   # its RoPE layers
+  not_rope = [m for m in models if m != "rope" and not pretrained]
   if not_rope:
     raise ValueError(f"models={tuple(models)!r}: {not_rope} have no RoPE "
                      "layer to scale; use 'rope' or 'none'")
@@ -64,9 +65,11 @@ def _run(model, documents, settings: dict, labels: dict) -> list:
 
 
 def _report(records, out_dir, all_records) -> str:
-  return length.perplexity_section(records, out_dir, all_records,
-                                   what="Zero-shot RoPE scaling",
-                                   base_columns=True)
+  parts = [length.perplexity_section(records, out_dir, all_records,
+                                     what="Zero-shot RoPE scaling",
+                                     base_columns=True),
+           length.position_section(records, out_dir)]
+  return "\n\n".join(p for p in parts if p)
 
 
 EVALUATOR = evals.register(evals.Evaluator(

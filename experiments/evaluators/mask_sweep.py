@@ -11,6 +11,8 @@ optionally followed by ``+ceiling``:
 * ``"lambda+ceiling"`` (or its older name ``"lambda_ceiling"``): Lambda plus
   LM-Infinite's distance ceiling on the RoPE layers: sink keys past the band
   are scored at distance ``window`` (RoPE models only).
+* ``"causal+self_extend(8, 1024)"``: any mask plus Self-Extend (group 8,
+  neighbour window 1024) on the RoPE layers (RoPE models only).
 * ``"prefix_lm(prefix_len=8)"``, ``"my_mask(stride=2)"``, ...: any other
   registered mask; parameters named ``window`` / ``num_sinks`` that the text
   leaves out come from the sweep's shared settings.
@@ -23,6 +25,7 @@ its records' ``mask`` field says which mask ran
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping, Optional, Sequence
 
 from extrapolax.attention import masks as masks_lib
@@ -37,24 +40,37 @@ __all__ = ["MASKS", "CEILING", "perplexity_with_masks", "mask_variant",
 MASKS = ("causal", "sliding_window", "lambda", "lambda_ceiling")
 CEILING = "+ceiling"
 _ALIASES = {"lambda_ceiling": "lambda" + CEILING}
+_SELF_EXTEND = re.compile(r"\+self_extend\(\s*(\d+)\s*,\s*(\d+)\s*\)$")
 
 
-def _split(entry: str) -> tuple[str, bool]:
-  """A sweep entry -> (mask text, with the distance ceiling)."""
+def _split(entry: str) -> tuple[str, bool, Optional[tuple[int, int]]]:
+  """A sweep entry -> (mask text, with the distance ceiling, Self-Extend's
+  (group, window) or None)."""
   if not isinstance(entry, str):
     raise ValueError(f"a mask sweep entry must be text such as 'lambda' or "
                      f"'sliding_window(window=64)', got {entry!r}")
   entry = _ALIASES.get(entry.strip(), entry.strip())
+  self_extend = None
+  match = _SELF_EXTEND.search(entry)
+  if match:
+    self_extend = (int(match.group(1)), int(match.group(2)))
+    if min(self_extend) < 1:
+      raise ValueError(f"self_extend{self_extend} needs group and window "
+                       ">= 1")
+    entry = entry[:match.start()]
+  elif "+self_extend" in entry:
+    raise ValueError(f"{entry!r}: write Self-Extend as "
+                     "'+self_extend(GROUP, WINDOW)'")
   ceiling = entry.endswith(CEILING)
-  return (entry[:-len(CEILING)] if ceiling else entry), ceiling
+  return (entry[:-len(CEILING)] if ceiling else entry), ceiling, self_extend
 
 
 def check_entries(entries: Sequence[str], *, window: int = 1,
                   num_sinks: int = 0) -> None:
   """Raises ValueError naming the first entry that names no valid mask."""
   for entry in entries:
-    text, ceiling = _split(entry)
     try:
+      text, ceiling, _ = _split(entry)
       name, params = masks_lib.parse(text)
       accepted = masks_lib.parameters(name)
       for key, value in (("window", window), ("num_sinks", num_sinks)):
@@ -69,9 +85,10 @@ def check_entries(entries: Sequence[str], *, window: int = 1,
 
 def mask_variant(model, mask: str, *, window: int, num_sinks: int):
   """``model`` with the sweep entry ``mask`` at inference, same weights."""
-  text, ceiling = _split(mask)
+  text, ceiling, self_extend = _split(mask)
   return variants.with_mask(model, text, window=window, num_sinks=num_sinks,
-                            distance_ceiling=window if ceiling else None)
+                            distance_ceiling=window if ceiling else None,
+                            self_extend=self_extend)
 
 
 def perplexity_with_masks(

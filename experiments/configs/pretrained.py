@@ -1,0 +1,113 @@
+r"""The long-context study on a real pretrained model (no training).
+
+SmolLM2-135M-Instruct (trained context 8192; zoo name
+"smollm2-135m-instruct", its verified GGUF) evaluated zero-shot past its
+context on held-out real text tokenized with its own tokenizer (Python
+source, KJV books, Shakespeare plays: held-out documents joined to at least
+4x the context), at 1/4x, 1/2x, 1x, 2x and 4x the context:
+
+* ``length``: the model as it is (plain RoPE), perplexity vs length and its
+  loss per position over the longest window.
+* ``rope_scaling``: linear (PI), NTK, dynamic NTK, YaRN and llama3 scaling,
+  factor matched to each length (eval_len / 8192; 1 at or below the context,
+  where each equals the plain model).
+* ``mask``: a plain sliding window (8192 keys), StreamingLLM (4 sinks + an
+  8192-key window), LM-Infinite (the Lambda mask, 4 sinks + 8192-key band,
+  with the distance ceiling at 8192), and Self-Extend (group 8, neighbour
+  window 1024, plain causal mask; Self-Extend's settings for 4x extension of
+  Llama-2: (32768 - 1024) / 8 + 1024 < 8192 keeps every grouped distance
+  inside the trained range).
+
+Command (from the repository root)::
+
+  python -m extrapolax.experiments.extrapolation \
+      --config=experiments/configs/pretrained.py:quick --workdir=DIR
+
+Arguments (``:key=value,...``):
+
+  quick: 2048, 8192 and 16384 tokens (1/4x, 1x, 2x); the scalings and masks
+    only at 2x (at or below 1x a matched scaling is the plain model and a
+    8192-key window covers every key); scored tokens per length: one 8192
+    window's worth (4 windows at 2048, 1 at 8192, 1 at 16384: the 16384
+    window scores all its 16384 tokens); Python source only; YaRN and
+    dynamic NTK (static NTK at the matched factor equals dynamic in a full
+    forward), LM-Infinite, StreamingLLM, the sliding window and Self-Extend.
+    Measured: 2083 s (34.7 min) wall, 5.0 GB max RSS, on the shared 2-core
+    CPU at load average 7-10 from other jobs (a 8192-token forward 125 s
+    there, about 60 s idle: some 17 minutes idle, an estimate); numbers in
+    the README section "The long-context study on SmolLM2".
+  smoke: seconds, for tests: a tiny model (``model=PATH`` of a GGUF), 64-
+    token context, lengths 16..128.
+  model: the model (a zoo name, GGUF file, HF folder or zoo checkpoint).
+  train_len: the model's trained context (the unit of the lengths).
+
+Full (no ``quick``): every arm at every length, 32768 scored tokens per
+length, all three corpora; on this CPU that is many hours (a 16384-token
+forward took several minutes here), so run it on a GPU.
+
+Memory: evaluation runs xla_chunked attention (memory linear in length) by
+default on the CPU, one window per call at >= 8192 tokens.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from extrapolax.experiments import configs
+
+
+def _perplexity(multiples, max_tokens) -> dict:
+  return dict(multiples=multiples, modes="nonoverlap",
+              stride=config_dict.placeholder(int), max_tokens=max_tokens,
+              tokens_per_batch=8192,
+              implementation=config_dict.placeholder(str),
+              context_devices=1)
+
+
+def get_config(arg=None):
+  """The study config; ``arg``: quick, smoke, model, train_len."""
+  arg = configs.parse_arg(arg, quick=False, smoke=False,
+                          model="smollm2-135m-instruct", train_len=8192)
+  config = ml_collections.ConfigDict()
+  config.model_source = arg.model
+  config.variants = "smollm2" if arg.model == "smollm2-135m-instruct" else (
+      "model")
+  config.train = ml_collections.ConfigDict()
+  config.train.train_len = arg.train_len
+  config.train.seed = 0
+  config.train.data = dict(
+      corpora="python_stdlib,kjv,shakespeare",
+      min_doc_tokens=4 * arg.train_len + 1,   # a 4x window and its target
+      max_eval_tokens=16 * arg.train_len, eval_fraction=0.1, split_seed=0,
+      cache_dir=config_dict.placeholder(str))
+  multiples = (0.25, 0.5, 1, 2, 4)
+  max_tokens = 4 * arg.train_len
+  window = arg.train_len
+  config.evals = ml_collections.ConfigDict()
+  config.evals.length = dict(type="length", models="",
+                             **_perplexity(multiples, max_tokens))
+  config.evals.rope_scaling = dict(
+      type="rope_scaling", models="", methods="linear,ntk,dynamic,yarn,llama3",
+      factors="matched", **_perplexity(multiples, max_tokens))
+  config.evals.mask = dict(
+      type="mask", models="",
+      masks=("sliding_window,lambda,lambda+ceiling,"
+             "causal+self_extend(8, 1024)"),
+      window=window, num_sinks=4, **_perplexity(multiples, max_tokens))
+  for name in ("rope_scaling", "mask"):   # every arm's loss per position
+    config.evals[name].position_buckets = 32
+  if arg.quick or arg.smoke:
+    config.train.data.corpora = "python_stdlib"
+    config.train.data.min_doc_tokens = 2 * arg.train_len + 1
+    config.train.data.max_eval_tokens = 4 * arg.train_len
+    for name in ("length", "rope_scaling", "mask"):
+      config.evals[name].max_tokens = arg.train_len
+    config.evals.length.multiples = (0.25, 1, 2)
+    config.evals.rope_scaling.multiples = (2,)
+    config.evals.rope_scaling.methods = "dynamic,yarn"
+    config.evals.mask.multiples = (2,)
+  if arg.smoke:
+    config.train.data.corpora = "pydoc_topics"
+    config.evals.rope_scaling.methods = "none,linear,ntk,dynamic,yarn,llama3"
+    config.evals.mask.masks = ("causal,sliding_window,lambda,lambda+ceiling,"
+                               "causal+self_extend(2, 8)")
+  return config

@@ -1,0 +1,246 @@
+"""The study main on a loaded model (config.model_source): a tiny random
+Llama GGUF with a byte-level BPE tokenizer, written here with
+gguf.GGUFWriter, run end to end by experiments/configs/pretrained.py:smoke;
+and each variant the study builds changes only what it should."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("tokenizers")
+
+from extrapolax.experiments import extrapolation  # pylint: disable=g-import-not-at-top
+from extrapolax.experiments import records as records_lib  # pylint: disable=g-import-not-at-top
+from extrapolax.experiments.configs import pretrained as pretrained_config  # pylint: disable=g-import-not-at-top
+from extrapolax.experiments.data import long_documents  # pylint: disable=g-import-not-at-top
+from extrapolax.experiments.evaluators import mask_sweep  # pylint: disable=g-import-not-at-top
+from extrapolax.experiments.evaluators import variants  # pylint: disable=g-import-not-at-top
+from extrapolax.models import load_gguf, load_tokenizer  # pylint: disable=g-import-not-at-top
+
+CONTEXT = 64
+D, LAYERS, HEADS, KV_HEADS, FFN = 32, 2, 4, 2, 64
+
+
+def _byte_tokens() -> list[str]:
+  """GPT-2's byte -> printable character map, in byte order."""
+  keep = (list(range(ord("!"), ord("~") + 1))
+          + list(range(ord("\xa1"), ord("\xac") + 1))
+          + list(range(ord("\xae"), ord("\xff") + 1)))
+  chars, extra = {}, 0
+  for b in range(256):
+    if b in keep:
+      chars[b] = chr(b)
+    else:
+      chars[b] = chr(256 + extra)
+      extra += 1
+  return [chars[b] for b in range(256)]
+
+
+def write_tiny_gguf(path, seed=0):
+  """A random 2-layer Llama (context 64) with a 259-token byte-level BPE
+  (256 bytes, <s>, </s>, and one merge of bytes 0 and 1) at path."""
+  rng = np.random.RandomState(seed)
+  chars = _byte_tokens()
+  tokens = chars + ["<s>", "</s>", chars[0] + chars[1]]
+  writer = gguf.GGUFWriter(os.fspath(path), "llama")
+  writer.add_name("tiny-llama")
+  writer.add_block_count(LAYERS)
+  writer.add_context_length(CONTEXT)
+  writer.add_embedding_length(D)
+  writer.add_feed_forward_length(FFN)
+  writer.add_head_count(HEADS)
+  writer.add_head_count_kv(KV_HEADS)
+  writer.add_rope_dimension_count(D // HEADS)
+  writer.add_rope_freq_base(10000.0)
+  writer.add_layer_norm_rms_eps(1e-5)
+  writer.add_vocab_size(len(tokens))
+  writer.add_tokenizer_model("gpt2")
+  writer.add_tokenizer_pre("default")
+  writer.add_token_list(tokens)
+  writer.add_token_types([1] * 256 + [3, 3, 1])
+  writer.add_token_merges([f"{chars[0]} {chars[1]}"])
+  writer.add_bos_token_id(256)
+  writer.add_eos_token_id(257)
+  head = D // HEADS
+  w = lambda *shape: (0.3 * rng.randn(*shape)).astype(np.float32)
+  writer.add_tensor("token_embd.weight", w(len(tokens), D))
+  writer.add_tensor("output_norm.weight", 1 + w(D))
+  writer.add_tensor("output.weight", w(len(tokens), D))
+  for i in range(LAYERS):
+    for name, shape in (("attn_norm", (D,)), ("ffn_norm", (D,)),
+                        ("attn_q", (HEADS * head, D)),
+                        ("attn_k", (KV_HEADS * head, D)),
+                        ("attn_v", (KV_HEADS * head, D)),
+                        ("attn_output", (D, HEADS * head)),
+                        ("ffn_gate", (FFN, D)), ("ffn_up", (FFN, D)),
+                        ("ffn_down", (D, FFN))):
+      value = 1 + w(*shape) if name.endswith("norm") else w(*shape)
+      writer.add_tensor(f"blk.{i}.{name}.weight", value)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return os.fspath(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+  return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_gguf):
+  return load_gguf(tiny_gguf)
+
+
+def _logits(model, tokens):
+  return np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(tokens)))
+
+
+def _tokens(length=3 * CONTEXT, seed=1):
+  return np.random.RandomState(seed).randint(0, 256, (1, length))
+
+
+def test_tokenizer_from_the_tiny_gguf(tiny_gguf):
+  tokenizer = load_tokenizer(tiny_gguf)
+  ids = tokenizer.encode("def f(x):\n  return x")
+  assert ids == list(b"def f(x):\n  return x")
+  assert tokenizer.decode(ids) == "def f(x):\n  return x"
+
+
+def test_join_documents():
+  texts = ["a" * 5, "", "b" * 3, "c" * 10, "d" * 2]
+  docs = long_documents.join_documents(texts, lambda t: list(t.encode()),
+                                       min_tokens=8)
+  assert [len(d) for d in docs] == [5 + 2 + 3, 10]   # "\n\n" joins
+  assert bytes(docs[0].tolist()) == b"aaaaa\n\nbbb"
+  assert len(long_documents.join_documents(
+      texts, lambda t: list(t.encode()), min_tokens=8, max_tokens=1)) == 1
+  with pytest.raises(ValueError, match="min_tokens"):
+    long_documents.join_documents(texts, list, min_tokens=0)
+
+
+@pytest.mark.parametrize("method", variants.ROPE_SCALINGS)
+def test_factor_one_scalings_equal_none(tiny, method):
+  tokens = _tokens(CONTEXT)
+  want = _logits(tiny, tokens)
+  build = lambda factor: variants.with_rope_scaling(
+      tiny, variants.rope_scaling_dict(method, factor, CONTEXT),
+      train_len=CONTEXT)
+  np.testing.assert_allclose(_logits(build(1.0), tokens), want, rtol=1e-5,
+                             atol=1e-5)
+  if method == "dynamic":   # the same inside the context, scaled past it
+    np.testing.assert_allclose(_logits(build(4.0), tokens), want, rtol=1e-5,
+                               atol=1e-5)
+    longer = _tokens(3 * CONTEXT)
+    assert np.abs(_logits(build(1.0), longer)
+                  - _logits(tiny, longer)).max() > 1e-3
+  else:
+    assert np.abs(_logits(build(4.0), tokens) - want).max() > 1e-3
+
+
+def test_masks_and_self_extend_change_only_what_they_should(tiny):
+  tokens = _tokens()
+  n = tokens.shape[1]
+  want = _logits(tiny, tokens)
+  same = lambda entry, window: _logits(mask_sweep.mask_variant(
+      tiny, entry, window=window, num_sinks=4), tokens)
+  # A window / band covering every key is plain causal.
+  for entry in ("causal", "sliding_window", "lambda", "lambda+ceiling",
+                "causal+self_extend(1, 8)", "causal+self_extend(4, 256)"):
+    np.testing.assert_allclose(same(entry, n), want, rtol=1e-5, atol=1e-5,
+                               err_msg=entry)
+  # Shorter windows change only positions past the window.
+  for entry in ("sliding_window", "lambda", "lambda+ceiling",
+                "causal+self_extend(4, 16)"):
+    got = same(entry, 16)
+    np.testing.assert_allclose(got[:, :16], want[:, :16], rtol=1e-5,
+                               atol=1e-5, err_msg=entry)
+    assert np.abs(got[:, 16:] - want[:, 16:]).max() > 1e-3, entry
+  # The ceiling only changes sink keys farther than the band (16): from
+  # query 17 on.
+  lam, ceil = same("lambda", 16), same("lambda+ceiling", 16)
+  np.testing.assert_allclose(ceil[:, :17], lam[:, :17], rtol=1e-5, atol=1e-5)
+  assert np.abs(ceil[:, 17:] - lam[:, 17:]).max() > 1e-4
+
+
+@pytest.mark.parametrize("entry", ["causal+self_extend(0, 8)",
+                                   "causal+self_extend(2)"])
+def test_bad_self_extend_entries(entry):
+  with pytest.raises(ValueError, match="self_extend"):
+    mask_sweep.check_entries([entry], window=8)
+
+
+def _smoke(tiny_gguf):
+  return pretrained_config.get_config(
+      f"smoke,model={tiny_gguf},train_len={CONTEXT}")
+
+
+def test_study_main_on_a_tiny_gguf(tiny_gguf, tmp_path):
+  config = _smoke(tiny_gguf)
+  result = extrapolation.run_study(config, tmp_path)
+  assert result.trained == [] and not os.path.exists(tmp_path / "runs")
+  assert sorted(result.evaluated) == ["length/model", "mask/model",
+                                      "rope_scaling/model"]
+  records = records_lib.read(os.fspath(tmp_path / "results.jsonl"))
+  for r in records:
+    records_lib.make_record(**r)   # valid fields
+    assert r["model"] == "model" and r["step"] == 0
+  ppl = [r for r in records if r["metric"] == "perplexity"]
+  assert all(np.isfinite(r["value"]) and r["n_tokens"] > 0 for r in ppl)
+  length = {r["eval_len"] for r in ppl if r["experiment"] == "length"}
+  assert length == {16, 64, 128}
+  masks = {r["mask"] for r in ppl if r["experiment"] == "mask"}
+  assert len(masks) == 5 and any("self_extend(2, 8)" in m for m in masks)
+  scalings = {records_lib.variant_label(r) for r in ppl
+              if r["experiment"] == "rope_scaling"}
+  assert len(scalings) == 6
+  positions = {r["experiment"] for r in records
+               if r["metric"] == "position_nll"}
+  assert positions == {"length", "mask", "rope_scaling"}   # every arm's
+  # The causal mask entry and the unscaled model are the length column.
+  causal = [r["value"] for r in ppl if r["experiment"] == "mask"
+            and r["mask"] == "causal"]
+  base = [r["value"] for r in ppl if r["experiment"] == "length"
+          and r["eval_len"] == 128]
+  np.testing.assert_allclose(causal, base, rtol=1e-5)
+  report = open(result.report, encoding="utf-8").read()
+  assert "perplexity" in report.lower() and "self_extend" in report
+  assert os.path.isfile(tmp_path / "mask_position_nll_nonoverlap.png")
+  # The documents were tokenized by the model's tokenizer and cached.
+  assert [n for n in os.listdir(tmp_path / "data")
+          if n.startswith("long_documents_")]
+  # A rerun reuses every finished evaluation.
+  again = extrapolation.run_study(config, tmp_path)
+  assert again.evaluated == [] and len(again.skipped) == 3
+  assert len(records_lib.read(os.fspath(tmp_path / "results.jsonl"))) == len(
+      records)
+  # Changing a setting reruns only that evaluation.
+  config.evals.mask.num_sinks = 2
+  third = extrapolation.run_study(config, tmp_path)
+  assert third.evaluated == ["mask/model"]
+  saved = json.load(open(tmp_path / "config.json", encoding="utf-8"))
+  assert saved["model_source"] == tiny_gguf
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("model_source", "/no/such/model.gguf", "model_source"),
+    ("variants", "a,b", "variants"),
+    ("train.data.corpora", "no_such_corpus", "corpora"),
+    ("train.data.min_doc_tokens", 0, "min_doc_tokens"),
+    ("evals.mask.position_buckets", -1, "position_buckets"),
+])
+def test_bad_source_config(tiny_gguf, field, value, match):
+  config = _smoke(tiny_gguf)
+  target = config
+  *parents, last = field.split(".")
+  for p in parents:
+    target = target[p]
+  target[last] = value
+  with pytest.raises(ValueError, match=match):
+    extrapolation.validate_config(config)
