@@ -31,11 +31,7 @@ HELP = {
 
 def _validate(settings: dict, study) -> dict:
   del study
-  settings = dict(settings)
-  settings.pop("models", None)
-  unknown = sorted(set(settings) - set(HELP))
-  if unknown:
-    raise ValueError(f"unknown settings {unknown}; allowed: {sorted(HELP)}")
+  settings = length.known_settings(settings, HELP)
   if not settings.get("task"):
     raise ValueError(f"task={settings.get('task')!r}: name a task, e.g. "
                      "'copy'")

@@ -106,22 +106,37 @@ def on_mesh(settings: dict) -> dict:
   return settings
 
 
-def _validate(settings: dict, study) -> dict:
+def known_settings(settings: dict, allowed) -> dict:
+  """A copy of an entry's settings without ``models``; a name not in
+  ``allowed`` raises, listing the allowed ones."""
   settings = dict(settings)
   settings.pop("models", None)
-  unknown = sorted(set(settings) - set(HELP))
+  unknown = sorted(set(settings) - set(allowed))
   if unknown:
-    raise ValueError(f"unknown settings {unknown}; allowed: {sorted(HELP)}")
+    raise ValueError(f"unknown settings {unknown}; allowed: {sorted(allowed)}")
+  return settings
+
+
+def sweep_runner(function: str, experiment: str):
+  """The ``run`` of a perplexity sweep: ``evaluators.<function>`` on the
+  documents, the settings' mesh applied."""
+
+  def run(model, documents, settings: dict, labels: dict) -> list:
+    from extrapolax.experiments import evaluators  # pylint: disable=import-outside-toplevel
+    labels = dict(labels)
+    name = labels.pop("experiment", experiment)
+    return getattr(evaluators, function)(
+        model, documents, labels=labels, experiment=name, **on_mesh(settings))
+
+  return run
+
+
+def _validate(settings: dict, study) -> dict:
+  settings = known_settings(settings, HELP)
   return perplexity_settings(settings, study)
 
 
-def _run(model, documents, settings: dict, labels: dict) -> list:
-  from extrapolax.experiments import evaluators  # pylint: disable=import-outside-toplevel
-  labels = dict(labels)
-  experiment = labels.pop("experiment", "length")
-  return evaluators.perplexity_vs_length(
-      model, documents, labels=labels, experiment=experiment,
-      **on_mesh(settings))
+_run = sweep_runner("perplexity_vs_length", "length")
 
 
 def _with_base_columns(group, all_records):

@@ -11,6 +11,7 @@ and plot with the model's causal (``length``) column beside.
 
 from __future__ import annotations
 
+from extrapolax.common import checks
 from extrapolax.experiments import evals
 from extrapolax.experiments.evals import length
 
@@ -27,19 +28,12 @@ HELP = dict(length.HELP,
 
 def _validate(settings: dict, study) -> dict:
   from extrapolax.experiments.evaluators import mask_sweep  # pylint: disable=import-outside-toplevel
-  settings = dict(settings)
-  settings.pop("models", None)
-  unknown = sorted(set(settings) - set(HELP))
-  if unknown:
-    raise ValueError(f"unknown settings {unknown}; allowed: {sorted(HELP)}")
+  settings = length.known_settings(settings, HELP)
   masks = evals.split_names(settings.pop("masks", "sliding_window,lambda"))
   window = settings.pop("window", None)
   if window is not None:
     length.check_positive("window", (window,), integer=True)
-  num_sinks = settings.pop("num_sinks", 4)
-  if isinstance(num_sinks, bool) or not isinstance(num_sinks, int) or (
-      num_sinks < 0):
-    raise ValueError(f"num_sinks={num_sinks!r} must be an integer >= 0")
+  num_sinks = checks.check_int("num_sinks", settings.pop("num_sinks", 4), 0)
   if not masks:
     raise ValueError("masks is empty")
   mask_sweep.check_entries(masks, window=window or int(study.train.train_len),
@@ -48,13 +42,7 @@ def _validate(settings: dict, study) -> dict:
               window=window, num_sinks=num_sinks)
 
 
-def _run(model, documents, settings: dict, labels: dict) -> list:
-  from extrapolax.experiments import evaluators  # pylint: disable=import-outside-toplevel
-  labels = dict(labels)
-  experiment = labels.pop("experiment", "mask")
-  return evaluators.perplexity_with_masks(
-      model, documents, labels=labels, experiment=experiment,
-      **length.on_mesh(settings))
+_run = length.sweep_runner("perplexity_with_masks", "mask")
 
 
 def _report(records, out_dir, all_records) -> str:

@@ -32,11 +32,7 @@ HELP = {
 
 
 def _validate(settings: dict, study) -> Optional[dict]:
-  settings = dict(settings)
-  settings.pop("models", None)
-  unknown = sorted(set(settings) - set(HELP))
-  if unknown:
-    raise ValueError(f"unknown settings {unknown}; allowed: {sorted(HELP)}")
+  settings = length.known_settings(settings, HELP)
   lengths = evals.split_numbers(settings.get("lengths", ()))
   if not lengths:
     return None

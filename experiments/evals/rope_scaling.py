@@ -37,11 +37,8 @@ def _factors(value) -> tuple:
 
 def _validate(settings: dict, study) -> dict:
   from extrapolax.experiments.evaluators import variants  # pylint: disable=import-outside-toplevel
-  settings = dict(settings)
-  models = settings.pop("models", ())
-  unknown = sorted(set(settings) - set(HELP))
-  if unknown:
-    raise ValueError(f"unknown settings {unknown}; allowed: {sorted(HELP)}")
+  models = settings.get("models", ())
+  settings = length.known_settings(settings, HELP)
   pretrained = study.get("model_source") is not None   # its RoPE layers
   not_rope = [m for m in models if m != "rope" and not pretrained]
   if not_rope:
@@ -55,13 +52,7 @@ def _validate(settings: dict, study) -> dict:
               factors=factors)
 
 
-def _run(model, documents, settings: dict, labels: dict) -> list:
-  from extrapolax.experiments import evaluators  # pylint: disable=import-outside-toplevel
-  labels = dict(labels)
-  experiment = labels.pop("experiment", "rope_scaling")
-  return evaluators.rope_scaling_sweep(
-      model, documents, labels=labels, experiment=experiment,
-      **length.on_mesh(settings))
+_run = length.sweep_runner("rope_scaling_sweep", "rope_scaling")
 
 
 def _report(records, out_dir, all_records) -> str:
