@@ -106,13 +106,8 @@ def position_parameters(name: str) -> tuple[str, ...]:
 def position_from_name(name: str, **params) -> PositionScheme:
   """The named scheme with ``params``; an unknown parameter raises."""
   cls = position_class(name)
-  allowed = position_parameters(name)
-  unknown = sorted(set(params) - set(allowed))
-  if unknown:
-    takes = (f"its parameters are {allowed}" if allowed
-             else "it takes no parameters")
-    raise ValueError(f"position {name!r} has no parameter {unknown[0]!r} "
-                     f"({unknown[0]}={params[unknown[0]]!r}); {takes}")
+  checks.check_parameters(f"position {name!r}", params,
+                          position_parameters(name))
   return cls(**params)
 
 

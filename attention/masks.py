@@ -303,13 +303,8 @@ def describe_names() -> dict[str, str]:
 def from_name(name: str, **params) -> Mask:
   """The named mask with ``params``; unknown or missing parameters raise."""
   entry = _entry(name)
-  allowed = dict(entry.params)
-  unknown = sorted(set(params) - set(allowed))
-  if unknown:
-    takes = (f"its parameters are {tuple(allowed)}" if allowed
-             else "it takes no parameters")
-    raise ValueError(f"mask {name!r} has no parameter {unknown[0]!r} "
-                     f"({unknown[0]}={params[unknown[0]]!r}); {takes}")
+  checks.check_parameters(f"mask {name!r}", params,
+                          [p for p, _ in entry.params])
   missing = [p for p, d in entry.params if d is _REQUIRED and p not in params]
   if missing:
     raise ValueError(f"mask {name!r} needs {', '.join(missing)}, got "

@@ -12,7 +12,8 @@ import numbers
 from typing import Any, Iterable, Optional, Sequence
 
 __all__ = ["check_int", "check_optional_int", "check_number", "check_choice",
-           "check_choices", "check_numbers", "check_setting", "close_matches"]
+           "check_choices", "check_numbers", "check_setting", "check_parameters",
+           "close_matches"]
 
 
 def check_int(name: str, value, minimum: int = 0,
@@ -118,3 +119,14 @@ def check_setting(label: str, value, *, integer: bool = False,
                       f" and <= {maximum}" if maximum is not None else ""])
     raise ValueError(f"{label}={value!r} must be {kind}{bounds}")
   return value
+
+
+def check_parameters(what: str, params, allowed: Sequence[str]) -> None:
+  """Every key of ``params`` one of ``allowed`` (``what``: "mask 'x'")."""
+  unknown = sorted(set(params) - set(allowed))
+  if unknown:
+    takes = (f"its parameters are {tuple(allowed)}" if allowed
+             else "it takes no parameters")
+    raise ValueError(f"{what} has no parameter {unknown[0]!r} "
+                     f"({unknown[0]}={params[unknown[0]]!r}); {takes}"
+                     f"{close_matches(unknown[0], allowed)}")
