@@ -95,10 +95,11 @@ def parse_known(flag_values, argv: Sequence[str],
   try:
     return flag_values(argv, known_only=True)
   except (AttributeError, KeyError) as e:
-    raise ValueError(_one_line(e, argv, default_config)) from None
+    raise ValueError(one_line(e, argv, default_config)) from None
 
 
-def _one_line(error, argv, default_config) -> str:
+def one_line(error, argv, default_config) -> str:
+  """A --config.* typo as one line (close matches when the config loads)."""
   spec = config_spec(argv, default_config)
   if spec:
     try:

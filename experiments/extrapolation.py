@@ -592,10 +592,13 @@ def parse_flags(argv: Sequence[str]) -> Arguments:
   """
   argv = configs.resolve_config_flag(argv)
   flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file(
-      "config", DEFAULT_CONFIG, "Study config file, optionally with ':ARGS' "
-      f"(default {DEFAULT_CONFIG}).", flag_values=flag_values,
-      lock_config=True, sys_argv=argv)
+  try:   # with sys_argv, the overrides are looked up here already
+    config_flags.DEFINE_config_file(
+        "config", DEFAULT_CONFIG, "Study config file, optionally with "
+        f"':ARGS' (default {DEFAULT_CONFIG}).", flag_values=flag_values,
+        lock_config=True, sys_argv=argv)
+  except (AttributeError, KeyError) as e:
+    raise ValueError(cli.one_line(e, argv, DEFAULT_CONFIG)) from None
   flags.DEFINE_string("workdir", None, "Study folder (runs/, results.jsonl, "
                       "report.md).", flag_values=flag_values)
   flags.DEFINE_bool("config_help", False, "List the --config.* fields with "

@@ -188,6 +188,12 @@ def test_help_and_one_line_errors(module, tmp_path):
   assert f"did you mean --config.{field}.d_model" in first
   assert "Traceback" not in done.stderr
 
+  if study:   # the default config (no --config) loads its overrides early
+    done = _python_m(module, f"--config.{field}.d_modle=128",
+                     f"--workdir={tmp_path / 'w'}", cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"did you mean --config.{field}.d_model" in done.stderr
+
   (tmp_path / "afile").write_text("x")
   done = _python_m(module, f"--config={config}",
                    f"--workdir={tmp_path / 'afile'}", cwd=tmp_path)
