@@ -26,7 +26,9 @@ Required fields (DESIGN.md), ``None`` where a field does not apply:
 Optional fields: ``variant`` (the report's column label), ``experiment``
 (which sweep made it: one report table per experiment), ``depth`` (passkey),
 ``position`` / ``position_end`` (loss-per-position buckets), ``train_min_len``
-(the shortest training length of a task), ``n_trials``.
+(the shortest training length of a task), ``n_trials``, ``decode``
+(passkey: teacher_forced or greedy) and ``answers`` (a greedy passkey cell's
+decoded continuations, one string per trial).
 
 NaN and infinite values are written as JSON's ``NaN`` / ``Infinity`` (what
 Python's json module reads back).
@@ -48,7 +50,8 @@ FIELDS = ("model", "pe", "scaling", "scale", "mask", "train_len", "eval_len",
           "mode", "stride", "task", "metric", "value", "n_tokens", "seed",
           "step")
 OPTIONAL_FIELDS = ("variant", "experiment", "depth", "position",
-                   "position_end", "train_min_len", "n_trials")
+                   "position_end", "train_min_len", "n_trials", "decode",
+                   "answers")
 MODES = ("nonoverlap", "sliding")
 
 
@@ -128,7 +131,7 @@ def make_record(**fields) -> dict[str, Any]:
     raise ValueError(f"record field 'stride' is set exactly when mode is "
                      f"'sliding'; got mode={record['mode']!r}, "
                      f"stride={record['stride']!r}")
-  for name in ("variant", "experiment"):
+  for name in ("variant", "experiment", "decode"):
     if name in f:
       record[name] = _text(name, f[name], optional=True)
   if "depth" in f:
@@ -139,6 +142,13 @@ def make_record(**fields) -> dict[str, Any]:
   for name in ("position", "position_end", "train_min_len", "n_trials"):
     if name in f:
       record[name] = _integer(name, f[name], 0, optional=True)
+  if "answers" in f:
+    answers = f["answers"]
+    if not isinstance(answers, (list, tuple)) or not all(
+        isinstance(a, str) for a in answers):
+      raise ValueError(f"record field 'answers' must be a list of strings, "
+                       f"got {answers!r}")
+    record["answers"] = list(answers)
   return record
 
 

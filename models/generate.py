@@ -149,10 +149,7 @@ def _embed(model: DecoderLM, tokens: Array, pos: Array) -> Array:
 
 
 def _head(model: DecoderLM, x: Array) -> Array:
-  x = model.final_norm(x)
-  logits = (model.embed.attend(x) if model.config.tie_embeddings
-            else model.lm_head(x))
-  return logits.astype(jnp.float32)
+  return model.head(model.final_norm(x))
 
 
 def prefill(model: DecoderLM, cache, tokens: Array, start, policy: CachePolicy,

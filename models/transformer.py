@@ -122,6 +122,14 @@ class DecoderLM(nnx.Module):
   def __call__(self, tokens: Array, *, positions: Optional[Array] = None,
                segment_ids: Optional[Array] = None) -> Array:
     """tokens int [B, T] -> logits float32 [B, T, vocab]."""
+    return self.head(self.hidden(tokens, positions=positions,
+                                 segment_ids=segment_ids))
+
+  def hidden(self, tokens: Array, *, positions: Optional[Array] = None,
+             segment_ids: Optional[Array] = None) -> Array:
+    """tokens int [B, T] -> the final-normed hidden states [B, T, d_model]
+    (``head`` of them is the logits; a long window's loss can run the head
+    over a few positions at a time)."""
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"tokens must be an int array [batch, seq], got "
                        f"{tokens.dtype}{list(tokens.shape)}")
@@ -138,7 +146,10 @@ class DecoderLM(nnx.Module):
     x = constrain_activations(x)
     for block in self.blocks:
       x = constrain_activations(block(x, positions, segment_ids))
-    x = self.final_norm(x)
+    return self.final_norm(x)
+
+  def head(self, x: Array) -> Array:
+    """Final-normed hidden states [..., d_model] -> logits float32."""
     if self.config.tie_embeddings:
       logits = self.embed.attend(x)
     else:

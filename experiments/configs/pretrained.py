@@ -95,6 +95,17 @@ def get_config(arg=None):
       window=window, num_sinks=4, **_perplexity(multiples, max_tokens))
   for name in ("rope_scaling", "mask"):   # every arm's loss per position
     config.evals[name].position_buckets = 32
+  # Retrieval on the instruct model: the chat-framed passkey at every length
+  # and 5 depths, the model as it is and with Self-Extend / LM-Infinite.
+  passkey = dict(type="passkey", models="",
+                 lengths=tuple(int(m * arg.train_len) for m in multiples),
+                 depths=(0.0, 0.25, 0.5, 0.75, 1.0), trials=2, chat=True,
+                 tokenizer="model",
+                 masks="causal,causal+self_extend(8, 1024),lambda+ceiling",
+                 window=window, num_sinks=4,
+                 implementation=config_dict.placeholder(str))
+  config.evals.passkey = dict(passkey, decode="teacher_forced")
+  config.evals.passkey_greedy = dict(passkey, decode="greedy", trials=1)
   if arg.quick or arg.smoke:
     config.train.data.corpora = "python_stdlib"
     config.train.data.min_doc_tokens = 2 * arg.train_len + 1
@@ -105,9 +116,20 @@ def get_config(arg=None):
     config.evals.rope_scaling.multiples = (2,)
     config.evals.rope_scaling.methods = "dynamic,yarn"
     config.evals.mask.multiples = (2,)
+    config.evals.passkey.lengths = (arg.train_len // 2, arg.train_len,
+                                    2 * arg.train_len)
+    config.evals.passkey.depths = (0.0, 0.5, 1.0)
+    config.evals.passkey.trials = 1
+    config.evals.passkey.masks = "causal,causal+self_extend(8, 1024)"
+    config.evals.passkey_greedy.lengths = (arg.train_len // 2,)
+    config.evals.passkey_greedy.depths = (0.5,)
+    config.evals.passkey_greedy.masks = "causal"
   if arg.smoke:
     config.train.data.corpora = "pydoc_topics"
     config.evals.rope_scaling.methods = "none,linear,ntk,dynamic,yarn,llama3"
     config.evals.mask.masks = ("causal,sliding_window,lambda,lambda+ceiling,"
                                "causal+self_extend(2, 8)")
+    for name in ("passkey", "passkey_greedy"):
+      config.evals[name].masks = "causal,causal+self_extend(2, 8)"
+      config.evals[name].lengths = (384, 512)   # the prompt text is ~300
   return config

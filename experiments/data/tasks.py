@@ -289,8 +289,28 @@ PASSKEY_FILLER = ("The grass is green. The sky is blue. The sun is yellow. "
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
 
 
+PASSKEY_ASSISTANT = "The pass key is"
+_SLOT = "\x00passkey-content\x00"
+
+
+def _chat_frame(tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  """The chat template's token ids before and after one user message (the
+  generation prompt included), and the assistant's opening words."""
+  text = tokenizer.apply_chat_template([{"role": "user", "content": _SLOT}],
+                                       add_generation_prompt=True)
+  if text.count(_SLOT) != 1:
+    raise ValueError("the chat template does not place the user message "
+                     "once; cannot frame a passkey prompt with it")
+  before, after = text.split(_SLOT)
+  # The template writes the BOS token itself when the model wants one.
+  encode = lambda t: np.asarray(tokenizer.encode(t, add_bos=False) if t
+                                else [], np.int32)
+  return encode(before), encode(after + PASSKEY_ASSISTANT)
+
+
 def passkey_prompt(num_tokens: int, depth: float, key: str,
-                   tokenizer) -> tuple[np.ndarray, np.ndarray]:
+                   tokenizer, *, chat: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray]:
   """A passkey prompt of exactly ``num_tokens`` tokens and the answer.
 
   The text is the instruction line, filler (PASSKEY_FILLER repeated with
@@ -302,11 +322,19 @@ def passkey_prompt(num_tokens: int, depth: float, key: str,
   concatenated, so the count is exact for any tokenizer (for bytes the ids
   are those of the joined text).
 
+  ``chat``: for an instruct model, the same text as one user message under
+  the tokenizer's chat template (``tokenizer.apply_chat_template``), the
+  question ending "What is the pass key?", and the assistant's turn opened
+  with "The pass key is" (the template's own tokens count towards
+  ``num_tokens``).
+
   Args:
     num_tokens: prompt length in tokens.
     depth: in [0, 1].
     key: the pass key (e.g. a 5-digit number as a string).
-    tokenizer: anything with ``encode``.
+    tokenizer: anything with ``encode`` (and ``apply_chat_template`` for
+      ``chat``).
+    chat: frame the prompt with the chat template.
 
   Returns:
     (prompt_ids int32 [num_tokens], key_ids int32): key_ids encode " KEY",
@@ -317,11 +345,24 @@ def passkey_prompt(num_tokens: int, depth: float, key: str,
   key = str(key)
   if not key or "\n" in key:
     raise ValueError(f"key must be a non-empty single line, got {key!r}")
-  encode = lambda text: np.asarray(tokenizer.encode(text), np.int32)
+  add_bos = bool(getattr(tokenizer, "add_bos", False))
+  if add_bos:   # pieces without BOS; the prompt's own BOS once, below
+    encode = lambda text: np.asarray(tokenizer.encode(text, add_bos=False),
+                                     np.int32)
+  else:
+    encode = lambda text: np.asarray(tokenizer.encode(text), np.int32)
   head = encode(PASSKEY_INSTRUCTION + "\n")
   needle = encode(f"\nThe pass key is {key}. Remember it. {key} is the pass "
                   "key.\n")
-  tail = encode("\n" + PASSKEY_QUESTION)
+  if chat:
+    opening, closing = _chat_frame(tokenizer)
+    question = PASSKEY_QUESTION[:-len(PASSKEY_ASSISTANT)].rstrip()
+    head = np.concatenate([opening, head])
+    tail = np.concatenate([encode("\n" + question), closing])
+  else:
+    if add_bos:
+      head = np.concatenate([[tokenizer.bos_id], head]).astype(np.int32)
+    tail = encode("\n" + PASSKEY_QUESTION)
   budget = num_tokens - len(head) - len(needle) - len(tail)
   if budget < 0:
     raise ValueError(f"num_tokens={num_tokens} is too small: the prompt "

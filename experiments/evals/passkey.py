@@ -2,7 +2,14 @@
 
 Settings: ``lengths`` (prompt lengths in tokens; () for none: the
 evaluation is skipped; a prompt needs >= 247 tokens), ``depths``
-(fractions in [0, 1]), ``trials`` (keys per cell), ``implementation``.
+(fractions in [0, 1]), ``trials`` (keys per cell), ``implementation``,
+``decode`` (teacher_forced: one forward, the same accuracy as greedy; greedy:
+KV-cache generation, the answers recorded), ``tokenizer`` ("byte"; "model":
+the study's ``model_source`` tokenizer, the default in such a study; or any
+``models.load_tokenizer`` name or path), ``chat`` (frame each prompt with
+the tokenizer's chat template, for instruct models), ``masks`` (inference
+variants as in the ``mask`` evaluator, e.g. "causal,causal+self_extend(8,
+1024)"; "" for the model as it is) with ``window`` / ``num_sinks``.
 Records: ``evaluators.passkey_retrieval`` (no documents needed). Report: the
 mean over depths, a table per variant by depth and a heatmap per variant;
 the study main prints the mean over depths.
@@ -10,11 +17,13 @@ the study main prints the mean over depths.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
 from matplotlib.figure import Figure
 
+from extrapolax.common import checks
 from extrapolax.experiments import evals
 from extrapolax.experiments import records as records_lib
 from extrapolax.experiments import report
@@ -22,16 +31,43 @@ from extrapolax.experiments.evals import length
 
 __all__ = ["EVALUATOR", "HELP"]
 
+DECODES = ("teacher_forced", "greedy")
+
 HELP = {
     "models": length.HELP["models"],
     "lengths": "prompt lengths in tokens (() for none; >= 247 tokens each)",
     "depths": "where the key sits, fractions in [0, 1]",
     "trials": "keys per (length, depth)",
     "implementation": length.HELP["implementation"],
+    "decode": "teacher_forced (one forward; the accuracy greedy decoding "
+              "gets) or greedy (KV-cache generation; records the answers)",
+    "tokenizer": "byte, model (the study's model_source tokenizer; the "
+                 "default there) or a load_tokenizer name / path",
+    "chat": "frame the prompt with the tokenizer's chat template",
+    "masks": "inference variants (mask sweep entries, comma-separated, e.g. "
+             "causal+self_extend(8, 1024)); empty: the model as it is",
+    "window": "the window / Lambda band of the masks (None: train_len)",
+    "num_sinks": "Lambda's global (sink) tokens in the masks",
 }
 
 
+def _tokenizer_setting(settings: dict, study) -> str:
+  source = study.get("model_source")
+  name = settings.get("tokenizer") or ("model" if source else "byte")
+  if not isinstance(name, str):
+    raise ValueError(f"tokenizer={name!r} must be 'byte', 'model' or a "
+                     "tokenizer name / path")
+  if name == "model":
+    if not source:
+      raise ValueError("tokenizer='model' needs config.model_source (the "
+                       "loaded model's tokenizer); use 'byte' for a trained "
+                       "byte model")
+    return str(source)
+  return name
+
+
 def _validate(settings: dict, study) -> Optional[dict]:
+  from extrapolax.experiments.evaluators import mask_sweep  # pylint: disable=import-outside-toplevel
   settings = length.known_settings(settings, HELP)
   lengths = evals.split_numbers(settings.get("lengths", ()))
   if not lengths:
@@ -46,19 +82,58 @@ def _validate(settings: dict, study) -> Optional[dict]:
     raise ValueError(f"depths={depths!r} must be fractions in [0, 1]")
   trials = settings.get("trials", 4)
   length.check_positive("trials", (trials,), integer=True)
+  decode = checks.check_choice("decode",
+                               settings.get("decode", "teacher_forced"),
+                               DECODES)
+  chat = settings.get("chat", False)
+  if not isinstance(chat, bool):
+    raise ValueError(f"chat={chat!r} must be True or False")
+  masks = evals.split_names(settings.get("masks", "") or "")
+  window = settings.get("window")
+  if window is not None:
+    length.check_positive("window", (window,), integer=True)
+  num_sinks = checks.check_int("num_sinks", settings.get("num_sinks", 4), 0)
+  train_len = int(study.train.train_len)
+  mask_sweep.check_entries(masks, window=window or train_len,
+                           num_sinks=num_sinks)
   return dict(lengths=tuple(int(l) for l in lengths),
               depths=tuple(float(d) for d in depths), trials=trials,
-              train_len=int(study.train.train_len),
-              implementation=settings.get("implementation"))
+              train_len=train_len,
+              implementation=settings.get("implementation"), decode=decode,
+              tokenizer=_tokenizer_setting(settings, study), chat=chat,
+              masks=tuple(masks), window=window, num_sinks=num_sinks)
+
+
+def _load_tokenizer(name: str):
+  if name == "byte":
+    from extrapolax.experiments import data  # pylint: disable=import-outside-toplevel
+    return data.get_tokenizer("byte")
+  from extrapolax.models import load_tokenizer  # pylint: disable=import-outside-toplevel
+  return load_tokenizer(name)
 
 
 def _run(model, documents, settings: dict, labels: dict) -> list:
   del documents
   from extrapolax.experiments import evaluators  # pylint: disable=import-outside-toplevel
+  from extrapolax.experiments.data import tasks  # pylint: disable=import-outside-toplevel
+  from extrapolax.experiments.evaluators import mask_sweep  # pylint: disable=import-outside-toplevel
+  settings = dict(settings)
   labels = dict(labels)
   experiment = labels.pop("experiment", "passkey")
-  return evaluators.passkey_retrieval(model, labels=labels,
-                                      experiment=experiment, **settings)
+  tokenizer = _load_tokenizer(settings.pop("tokenizer"))
+  chat = settings.pop("chat")
+  masks, num_sinks = settings.pop("masks"), settings.pop("num_sinks")
+  window = settings.pop("window") or settings["train_len"]
+  prompt_fn = functools.partial(tasks.passkey_prompt, chat=chat)
+  runs = [model] if not masks else [
+      mask_sweep.mask_variant(model, m, window=window, num_sinks=num_sinks)
+      for m in masks]
+  out = []
+  for runner in runs:
+    out += evaluators.passkey_retrieval(
+        runner, labels=labels, experiment=experiment, tokenizer=tokenizer,
+        prompt_fn=prompt_fn, **settings)
+  return out
 
 
 def _mean_over_depths(group) -> dict:

@@ -16,8 +16,10 @@ Two ways to decide it, with the same answer:
   decoding reproduces the key exactly iff each of its steps, fed the key's
   prefix, picks the next key token, which is this condition, so the
   accuracy equals greedy exact match at a fraction of the cost.
-* ``decode="greedy"``: generate ``len(key_ids)`` tokens by rerunning the full
-  forward on a fixed buffer (one jitted ``fori_loop`` per length).
+* ``decode="greedy"``: generate ``len(key_ids)`` tokens with the KV cache
+  (``models.generate``: one prefill forward over the prompt, then one cached
+  step per key token); records carry the decoded ``answer`` text of each
+  trial.
 
 Both use the memory-linear ``xla_chunked`` attention by default and batch the
 prompts of one length (right-padded if the prompt builder returns slightly
@@ -42,8 +44,8 @@ from . import algorithmic
 from . import perplexity
 from . import variants
 
-__all__ = ["greedy_continuations", "passkey_retrieval", "DEFAULT_DEPTHS",
-           "DECODES"]
+__all__ = ["greedy_continuations", "greedy_by_prefill", "passkey_retrieval",
+           "DEFAULT_DEPTHS", "DECODES"]
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DECODES = ("teacher_forced", "greedy")
@@ -96,6 +98,26 @@ def greedy_continuations(model, prompts: Sequence[np.ndarray], steps: int,
       prompt_len[row] = len(p)
     got = np.asarray(run(state, buffer, prompt_len))
     out[lo:lo + len(chunk)] = got[:len(chunk)]
+  return out
+
+
+def greedy_by_prefill(model, prompts: Sequence[np.ndarray], steps: int, *,
+                      batch_size: int = 8) -> np.ndarray:
+  """Greedy ``steps`` tokens after each of ``prompts`` (equal lengths),
+  by ``models.generate`` (prefill, then the KV cache): int32 [n, steps]."""
+  from extrapolax.models.generate import generate  # pylint: disable=import-outside-toplevel
+  lengths = {len(p) for p in prompts}
+  if len(lengths) != 1:
+    raise ValueError(f"prompts of one call must have one length, got "
+                     f"{sorted(lengths)}")
+  batch_size = perplexity.balanced_batch(len(prompts), batch_size)
+  out = np.zeros((len(prompts), steps), np.int32)
+  for lo in range(0, len(prompts), batch_size):
+    chunk = list(prompts[lo:lo + batch_size])
+    rows = len(chunk)
+    chunk += [chunk[-1]] * (batch_size - rows)    # one shape per call
+    got = generate(model, jnp.asarray(np.stack(chunk), jnp.int32), steps)
+    out[lo:lo + rows] = np.asarray(got)[:rows, -steps:]
   return out
 
 
@@ -172,12 +194,19 @@ def passkey_retrieval(
         cells.append(depth)
     steps = max(len(a) for a in answers)
     batch_size = max(1, tokens_per_batch // (int(length) + steps))
+    said = None
     if decode == "greedy":
       with use_implementation(implementation):
-        generated = greedy_continuations(runner, prompts, steps,
-                                         batch_size=batch_size)
+        if len({len(p) for p in prompts}) == 1:
+          generated = greedy_by_prefill(runner, prompts, steps,
+                                        batch_size=batch_size)
+        else:
+          generated = greedy_continuations(runner, prompts, steps,
+                                           batch_size=batch_size)
       passed = np.array([np.array_equal(g[:len(a)], a)
                          for g, a in zip(generated, answers)])
+      if hasattr(tokenizer, "decode"):
+        said = [_text(tokenizer, g) for g in generated]
     else:
       if logits_fn is None:
         logits_fn = algorithmic.model_logits_fn(
@@ -191,11 +220,24 @@ def passkey_retrieval(
     for depth in depths:
       hits = [p for p, c in zip(passed, cells) if c == depth]
       graded = sum(len(a) for a, c in zip(answers, cells) if c == depth)
+      extra = {}
+      if said is not None:
+        extra["answers"] = [t for t, c in zip(said, cells) if c == depth]
       out.append(records_lib.make_record(
           **shared, eval_len=int(length), mode=None, stride=None,
           task="passkey", metric="passkey_accuracy",
           value=float(np.mean(hits)), n_tokens=int(graded),
-          depth=float(depth), n_trials=len(hits), experiment=experiment))
+          depth=float(depth), n_trials=len(hits), experiment=experiment,
+          decode=decode, **extra))
     logging.info("passkey %s L=%d: %.2f (%.1fs)", shared["model"], length,
                  passed.mean(), time.perf_counter() - started)
   return out
+
+
+def _text(tokenizer, ids) -> str:
+  """What a greedy trial said, as text (bytes a tokenizer cannot decode
+  alone are replaced)."""
+  try:
+    return str(tokenizer.decode([int(i) for i in ids]))
+  except (ValueError, UnicodeDecodeError):
+    return repr([int(i) for i in ids])

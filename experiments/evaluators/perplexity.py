@@ -159,11 +159,36 @@ def logits_nll_fn(logits_fn: Callable[[Any], Any]) -> NllFn:
   """An NLL function from any ``tokens [B, L] -> logits [B, L, V]``."""
 
   def nll(inputs, targets):
-    logp = jax.nn.log_softmax(jnp.asarray(logits_fn(inputs), jnp.float32))
-    return -jnp.take_along_axis(logp, jnp.asarray(targets)[..., None],
-                                axis=-1)[..., 0]
+    return _token_nll(jnp.asarray(logits_fn(inputs)), jnp.asarray(targets))
 
   return nll
+
+
+# The LM head runs over at most this many logits at a time (a 32k window of a
+# 49k vocabulary would be 6 GB of float32 logits at once).
+HEAD_CHUNK_LOGITS = 1 << 26
+
+
+def _token_nll(logits, targets):
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def _head_nll(model, hidden, targets):
+  """NLL of ``targets`` [B, L] from the final hidden states [B, L, D], the
+  head run over position chunks so the logits held at once stay below
+  HEAD_CHUNK_LOGITS (the same values as the whole head at once)."""
+  b, length, d = hidden.shape
+  vocab = model.config.vocab_size
+  chunk = max(1, HEAD_CHUNK_LOGITS // max(1, b * vocab))
+  if chunk >= length:
+    return _token_nll(model.head(hidden), targets)
+  while length % chunk:     # a divisor of the length: one shape per call
+    chunk -= 1
+  xs = hidden.reshape(b, length // chunk, chunk, d).swapaxes(0, 1)
+  ts = targets.reshape(b, length // chunk, chunk).swapaxes(0, 1)
+  out = jax.lax.map(lambda a: _token_nll(model.head(a[0]), a[1]), (xs, ts))
+  return out.swapaxes(0, 1).reshape(b, length)
 
 
 def model_nll_fn(model, mesh: Optional[jax.sharding.Mesh] = None,
@@ -180,9 +205,10 @@ def model_nll_fn(model, mesh: Optional[jax.sharding.Mesh] = None,
   graphdef, state = nnx.split(model)
 
   def nll(state, inputs, targets):
-    logits = nnx.merge(graphdef, state)(inputs)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    m = nnx.merge(graphdef, state)
+    if not hasattr(m, "hidden"):     # any tokens -> logits module
+      return _token_nll(m(inputs), targets)
+    return _head_nll(m, m.hidden(inputs), targets)
 
   if mesh is None:
     jitted = jax.jit(nll)

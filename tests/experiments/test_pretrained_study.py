@@ -6,6 +6,7 @@ and each variant the study builds changes only what it should."""
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,12 +19,23 @@ from extrapolax.experiments import extrapolation  # pylint: disable=g-import-not
 from extrapolax.experiments import records as records_lib  # pylint: disable=g-import-not-at-top
 from extrapolax.experiments.configs import pretrained as pretrained_config  # pylint: disable=g-import-not-at-top
 from extrapolax.experiments.data import long_documents  # pylint: disable=g-import-not-at-top
+from extrapolax.experiments.data import tasks  # pylint: disable=g-import-not-at-top
+from extrapolax.experiments.evaluators import passkey as passkey_lib  # pylint: disable=g-import-not-at-top
 from extrapolax.experiments.evaluators import mask_sweep  # pylint: disable=g-import-not-at-top
 from extrapolax.experiments.evaluators import variants  # pylint: disable=g-import-not-at-top
 from extrapolax.models import load_gguf, load_tokenizer  # pylint: disable=g-import-not-at-top
 
 CONTEXT = 64
 D, LAYERS, HEADS, KV_HEADS, FFN = 32, 2, 4, 2, 64
+
+
+# ChatML, as SmolLM2's (a shorter system line).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != "
+    "'system' %}<|im_start|>system\nBe brief.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}")
 
 
 def _byte_tokens() -> list[str]:
@@ -66,6 +78,7 @@ def write_tiny_gguf(path, seed=0):
   writer.add_token_merges([f"{chars[0]} {chars[1]}"])
   writer.add_bos_token_id(256)
   writer.add_eos_token_id(257)
+  writer.add_chat_template(CHAT_TEMPLATE)
   head = D // HEADS
   w = lambda *shape: (0.3 * rng.randn(*shape)).astype(np.float32)
   writer.add_tensor("token_embd.weight", w(len(tokens), D))
@@ -186,6 +199,7 @@ def test_study_main_on_a_tiny_gguf(tiny_gguf, tmp_path):
   result = extrapolation.run_study(config, tmp_path)
   assert result.trained == [] and not os.path.exists(tmp_path / "runs")
   assert sorted(result.evaluated) == ["length/model", "mask/model",
+                                      "passkey/model", "passkey_greedy/model",
                                       "rope_scaling/model"]
   records = records_lib.read(os.fspath(tmp_path / "results.jsonl"))
   for r in records:
@@ -209,15 +223,28 @@ def test_study_main_on_a_tiny_gguf(tiny_gguf, tmp_path):
   base = [r["value"] for r in ppl if r["experiment"] == "length"
           and r["eval_len"] == 128]
   np.testing.assert_allclose(causal, base, rtol=1e-5)
+  # The chat-framed passkey grid: both variants, every length and depth
+  # (teacher-forced); greedy at one depth, with the answers it decoded.
+  keys = [r for r in records if r["metric"] == "passkey_accuracy"]
+  forced = {(r["mask"], r["eval_len"], r["depth"]): r["value"] for r in keys
+            if r["experiment"] == "passkey"}
+  greedy = {(r["mask"], r["eval_len"], r["depth"]): r for r in keys
+            if r["experiment"] == "passkey_greedy"}
+  assert {k[1] for k in forced} == {384, 512} and len(forced) == 2 * 2 * 3
+  assert len({k[0] for k in forced}) == 2
+  assert greedy.keys() <= forced.keys() and len(greedy) == 2 * 2
+  for k, r in greedy.items():
+    assert r["decode"] == "greedy" and len(r["answers"]) == r["n_trials"]
   report = open(result.report, encoding="utf-8").read()
   assert "perplexity" in report.lower() and "self_extend" in report
+  assert "Passkey" in report or "passkey" in report
   assert os.path.isfile(tmp_path / "mask_position_nll_nonoverlap.png")
   # The documents were tokenized by the model's tokenizer and cached.
   assert [n for n in os.listdir(tmp_path / "data")
           if n.startswith("long_documents_")]
   # A rerun reuses every finished evaluation.
   again = extrapolation.run_study(config, tmp_path)
-  assert again.evaluated == [] and len(again.skipped) == 3
+  assert again.evaluated == [] and len(again.skipped) == 5
   assert len(records_lib.read(os.fspath(tmp_path / "results.jsonl"))) == len(
       records)
   # Changing a setting reruns only that evaluation.
@@ -244,3 +271,62 @@ def test_bad_source_config(tiny_gguf, field, value, match):
   target[last] = value
   with pytest.raises(ValueError, match=match):
     extrapolation.validate_config(config)
+
+
+def test_chat_passkey_prompt_on_the_tiny_tokenizer(tiny_gguf):
+  tokenizer = load_tokenizer(tiny_gguf)
+  prompt, key = tasks.passkey_prompt(400, 0.5, "31415", tokenizer, chat=True)
+  assert len(prompt) == 400 and bytes(key.tolist()) == b" 31415"
+  text = tokenizer.decode(prompt)
+  assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n"
+                         "<|im_start|>user\nThere is an important info")
+  assert text.endswith("What is the pass key?<|im_end|>\n"
+                       "<|im_start|>assistant\nThe pass key is")
+  assert text.count("The pass key is 31415. Remember it.") == 1
+  plain, _ = tasks.passkey_prompt(400, 0.5, "31415", tokenizer)
+  assert tokenizer.decode(plain).endswith("What is the pass key? The pass "
+                                          "key is")
+  with pytest.raises(ValueError, match="too small"):
+    tasks.passkey_prompt(200, 0.5, "31415", tokenizer, chat=True)
+
+
+def test_passkey_greedy_by_prefill_equals_teacher_forced(tiny):
+  """The KV-cache greedy path and one teacher-forced forward agree on every
+  trial, for the model and its Self-Extend variant."""
+  for model in (tiny, mask_sweep.mask_variant(
+      tiny, "causal+self_extend(2, 8)", window=CONTEXT, num_sinks=0)):
+    prompts = [np.random.RandomState(i).randint(0, 256, 150).astype(np.int32)
+               for i in range(3)]
+    got = passkey_lib.greedy_by_prefill(model, prompts, 4, batch_size=2)
+    want = passkey_lib.greedy_continuations(model, prompts, 4, batch_size=2)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_passkey_settings_errors(tiny_gguf):
+  config = _smoke(tiny_gguf)
+  for field, value, match in (("decode", "beam", "decode"),
+                              ("trials", 0, "trials"),
+                              ("masks", "no_such_mask", "no_such_mask")):
+    bad = _smoke(tiny_gguf)
+    bad.evals.passkey[field] = value
+    with pytest.raises(ValueError, match=match):
+      extrapolation.validate_config(bad)
+  config.model_source = None
+  from extrapolax.experiments.evals import passkey as passkey_eval  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="model_source"):
+    passkey_eval._tokenizer_setting(dict(tokenizer="model"), config)  # pylint: disable=protected-access
+
+
+def test_head_in_chunks_equals_the_whole_head(tiny, monkeypatch):
+  from extrapolax.experiments.evaluators import perplexity  # pylint: disable=g-import-not-at-top
+  tokens = _tokens(2 * CONTEXT + 1)
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  whole = np.asarray(perplexity.model_nll_fn(tiny)(inputs, targets))
+  monkeypatch.setattr(perplexity, "HEAD_CHUNK_LOGITS",
+                      tiny.config.vocab_size * 24)   # 24 -> chunks of 16
+  chunked = np.asarray(perplexity.model_nll_fn(tiny)(inputs, targets))
+  np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
+  logp = np.asarray(jax.nn.log_softmax(_logits(tiny, inputs)))
+  np.testing.assert_allclose(
+      whole, -np.take_along_axis(logp, targets[..., None], -1)[..., 0],
+      rtol=1e-5, atol=1e-5)
