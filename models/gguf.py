@@ -45,7 +45,8 @@ from .config import ModelConfig
 from .transformer import DecoderLM
 
 __all__ = ["ARCHITECTURES", "TENSOR_TYPES", "KEEP", "config_from_gguf",
-           "load_gguf", "read_metadata"]
+           "load_gguf", "read_metadata", "write_random_llama",
+           "CHATML_TEMPLATE"]
 
 KEEP = hf.KEEP
 # general.architecture -> the transformers model_type it reads as.
@@ -306,3 +307,94 @@ def load_gguf(path, *, rope_scaling=KEEP, dtype: str = "float32",
       w = _unpermute(w, config.kv_heads)
     values[ours] = jnp.asarray(layout(w), dtype=jdtype)
   return hf.build_model(config, values)
+
+
+# ----------------------------------------------------------------------------
+# A random tiny Llama GGUF: for tests, notebooks and smoke runs of the
+# real-model study (no download).
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != "
+    "'system' %}<|im_start|>system\nBe brief.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}")
+
+
+def _byte_symbols() -> list[str]:
+  """GPT-2's printable stand-in for each byte, in byte order (what a
+  byte-level BPE vocabulary spells bytes with)."""
+  printable = (set(range(ord("!"), ord("~") + 1))
+               | set(range(ord("\xa1"), ord("\xac") + 1))
+               | set(range(ord("\xae"), ord("\xff") + 1)))
+  out, extra = [], 0
+  for b in range(256):
+    if b in printable:
+      out.append(chr(b))
+    else:
+      out.append(chr(256 + extra))
+      extra += 1
+  return out
+
+
+def write_random_llama(path, *, context: int = 64, d_model: int = 32,
+                       layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                       ffn: int = 64, seed: int = 0,
+                       chat_template: Optional[str] = CHATML_TEMPLATE) -> str:
+  """Writes a random Llama GGUF at ``path`` and returns the path.
+
+  Its tokenizer is a 259-token byte-level BPE (the 256 bytes, ``<s>``,
+  ``</s>`` and one merge of bytes 0 and 1), so text round-trips; with a
+  ChatML ``chat_template`` by default. Weights are N(0, 0.3^2) (norm
+  scales around 1). ``load_gguf`` / ``load_tokenizer`` read it like a
+  released file.
+  """
+  gguf = _gguf()
+  if d_model % heads or heads % kv_heads:
+    raise ValueError(f"d_model={d_model} must divide by heads={heads} and "
+                     f"heads by kv_heads={kv_heads}")
+  rng = np.random.RandomState(seed)
+  symbols = _byte_symbols()
+  tokens = symbols + ["<s>", "</s>", symbols[0] + symbols[1]]
+  head = d_model // heads
+  writer = gguf.GGUFWriter(os.fspath(path), "llama")
+  writer.add_name("random-llama")
+  writer.add_block_count(layers)
+  writer.add_context_length(context)
+  writer.add_embedding_length(d_model)
+  writer.add_feed_forward_length(ffn)
+  writer.add_head_count(heads)
+  writer.add_head_count_kv(kv_heads)
+  writer.add_rope_dimension_count(head)
+  writer.add_rope_freq_base(10000.0)
+  writer.add_layer_norm_rms_eps(1e-5)
+  writer.add_vocab_size(len(tokens))
+  writer.add_tokenizer_model("gpt2")
+  writer.add_tokenizer_pre("default")
+  writer.add_token_list(tokens)
+  writer.add_token_types([1] * 256 + [3, 3, 1])
+  writer.add_token_merges([f"{symbols[0]} {symbols[1]}"])
+  writer.add_bos_token_id(256)
+  writer.add_eos_token_id(257)
+  if chat_template is not None:
+    writer.add_chat_template(chat_template)
+  w = lambda *shape: (0.3 * rng.randn(*shape)).astype(np.float32)
+  writer.add_tensor("token_embd.weight", w(len(tokens), d_model))
+  writer.add_tensor("output_norm.weight", 1 + w(d_model))
+  writer.add_tensor("output.weight", w(len(tokens), d_model))
+  for i in range(layers):
+    for name, shape in (("attn_norm", (d_model,)), ("ffn_norm", (d_model,)),
+                        ("attn_q", (heads * head, d_model)),
+                        ("attn_k", (kv_heads * head, d_model)),
+                        ("attn_v", (kv_heads * head, d_model)),
+                        ("attn_output", (d_model, heads * head)),
+                        ("ffn_gate", (ffn, d_model)),
+                        ("ffn_up", (ffn, d_model)),
+                        ("ffn_down", (d_model, ffn))):
+      value = 1 + w(*shape) if name.endswith("norm") else w(*shape)
+      writer.add_tensor(f"blk.{i}.{name}.weight", value)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return os.fspath(path)

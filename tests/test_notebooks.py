@@ -25,7 +25,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb"))
 EXPECTED = ["01_quickstart.ipynb", "02_extrapolation.ipynb",
-            "03_kernels.ipynb", "04_zoo_and_hf.ipynb"]
+            "03_kernels.ipynb", "04_zoo_and_hf.ipynb",
+            "05_pretrained.ipynb"]
 CELL_TIMEOUT_S = 300
 COLAB_URL = ("https://colab.research.google.com/github/extrapolax/extrapolax/"
              "blob/main/notebooks/")
@@ -39,7 +40,7 @@ def _code(notebook):
   return [c for c in notebook.cells if c.cell_type == "code"]
 
 
-def test_the_four_notebooks_exist():
+def test_the_five_notebooks_exist():
   assert NOTEBOOKS == EXPECTED
 
 

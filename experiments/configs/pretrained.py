@@ -116,8 +116,8 @@ def get_config(arg=None):
     config.evals.rope_scaling.multiples = (2,)
     config.evals.rope_scaling.methods = "dynamic,yarn"
     config.evals.mask.multiples = (2,)
-    config.evals.passkey.lengths = (arg.train_len // 2, arg.train_len,
-                                    2 * arg.train_len)
+    config.evals.mask.masks = "lambda,lambda+ceiling,causal+self_extend(8, 1024)"
+    config.evals.passkey.lengths = (arg.train_len // 2, 2 * arg.train_len)
     config.evals.passkey.depths = (0.0, 0.5, 1.0)
     config.evals.passkey.trials = 1
     config.evals.passkey.masks = "causal,causal+self_extend(8, 1024)"

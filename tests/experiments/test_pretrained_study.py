@@ -1,6 +1,6 @@
 """The study main on a loaded model (config.model_source): a tiny random
-Llama GGUF with a byte-level BPE tokenizer, written here with
-gguf.GGUFWriter, run end to end by experiments/configs/pretrained.py:smoke;
+Llama GGUF with a byte-level BPE tokenizer and a ChatML template
+(models.gguf.write_random_llama), run end to end by experiments/configs/pretrained.py:smoke;
 and each variant the study builds changes only what it should."""
 
 import json
@@ -23,82 +23,18 @@ from extrapolax.experiments.data import tasks  # pylint: disable=g-import-not-at
 from extrapolax.experiments.evaluators import passkey as passkey_lib  # pylint: disable=g-import-not-at-top
 from extrapolax.experiments.evaluators import mask_sweep  # pylint: disable=g-import-not-at-top
 from extrapolax.experiments.evaluators import variants  # pylint: disable=g-import-not-at-top
+from extrapolax.models import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
 from extrapolax.models import load_gguf, load_tokenizer  # pylint: disable=g-import-not-at-top
 
 CONTEXT = 64
 D, LAYERS, HEADS, KV_HEADS, FFN = 32, 2, 4, 2, 64
 
 
-# ChatML, as SmolLM2's (a shorter system line).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and message['role'] != "
-    "'system' %}<|im_start|>system\nBe brief.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% endif %}")
-
-
-def _byte_tokens() -> list[str]:
-  """GPT-2's byte -> printable character map, in byte order."""
-  keep = (list(range(ord("!"), ord("~") + 1))
-          + list(range(ord("\xa1"), ord("\xac") + 1))
-          + list(range(ord("\xae"), ord("\xff") + 1)))
-  chars, extra = {}, 0
-  for b in range(256):
-    if b in keep:
-      chars[b] = chr(b)
-    else:
-      chars[b] = chr(256 + extra)
-      extra += 1
-  return [chars[b] for b in range(256)]
-
-
 def write_tiny_gguf(path, seed=0):
-  """A random 2-layer Llama (context 64) with a 259-token byte-level BPE
-  (256 bytes, <s>, </s>, and one merge of bytes 0 and 1) at path."""
-  rng = np.random.RandomState(seed)
-  chars = _byte_tokens()
-  tokens = chars + ["<s>", "</s>", chars[0] + chars[1]]
-  writer = gguf.GGUFWriter(os.fspath(path), "llama")
-  writer.add_name("tiny-llama")
-  writer.add_block_count(LAYERS)
-  writer.add_context_length(CONTEXT)
-  writer.add_embedding_length(D)
-  writer.add_feed_forward_length(FFN)
-  writer.add_head_count(HEADS)
-  writer.add_head_count_kv(KV_HEADS)
-  writer.add_rope_dimension_count(D // HEADS)
-  writer.add_rope_freq_base(10000.0)
-  writer.add_layer_norm_rms_eps(1e-5)
-  writer.add_vocab_size(len(tokens))
-  writer.add_tokenizer_model("gpt2")
-  writer.add_tokenizer_pre("default")
-  writer.add_token_list(tokens)
-  writer.add_token_types([1] * 256 + [3, 3, 1])
-  writer.add_token_merges([f"{chars[0]} {chars[1]}"])
-  writer.add_bos_token_id(256)
-  writer.add_eos_token_id(257)
-  writer.add_chat_template(CHAT_TEMPLATE)
-  head = D // HEADS
-  w = lambda *shape: (0.3 * rng.randn(*shape)).astype(np.float32)
-  writer.add_tensor("token_embd.weight", w(len(tokens), D))
-  writer.add_tensor("output_norm.weight", 1 + w(D))
-  writer.add_tensor("output.weight", w(len(tokens), D))
-  for i in range(LAYERS):
-    for name, shape in (("attn_norm", (D,)), ("ffn_norm", (D,)),
-                        ("attn_q", (HEADS * head, D)),
-                        ("attn_k", (KV_HEADS * head, D)),
-                        ("attn_v", (KV_HEADS * head, D)),
-                        ("attn_output", (D, HEADS * head)),
-                        ("ffn_gate", (FFN, D)), ("ffn_up", (FFN, D)),
-                        ("ffn_down", (D, FFN))):
-      value = 1 + w(*shape) if name.endswith("norm") else w(*shape)
-      writer.add_tensor(f"blk.{i}.{name}.weight", value)
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-  return os.fspath(path)
+  """The library's random tiny Llama GGUF (context 64, ChatML template)."""
+  return gguf_lib.write_random_llama(path, context=CONTEXT, d_model=D,
+                                     layers=LAYERS, heads=HEADS,
+                                     kv_heads=KV_HEADS, ffn=FFN, seed=seed)
 
 
 @pytest.fixture(scope="module")
