@@ -205,6 +205,18 @@ def _heatmap(group, out_dir, name) -> str:
   return report.save_figure(fig, out_dir, name)
 
 
+def _answers_table(group) -> str:
+  """Greedy records' answers: variant, length, depth, accuracy, answers."""
+  rows = [[records_lib.variant_label(r), str(r["eval_len"]),
+           f"{r['depth']:g}", report.fmt(r["value"], 2),
+           " / ".join(repr(a.strip())[:40] for a in r["answers"][:4])]
+          for r in group if r.get("answers")]
+  if not rows:
+    return ""
+  return report.markdown(["variant", "length", "depth", "accuracy",
+                          "answers"], rows)
+
+
 def _report(records, out_dir, all_records) -> str:
   del all_records
   parts = []
@@ -217,6 +229,10 @@ def _report(records, out_dir, all_records) -> str:
     for variant in report.variants(group):
       lines += ["", f"{variant}, by depth:", "", _depth_table(
           [r for r in group if records_lib.variant_label(r) == variant])]
+    said = _answers_table(group)
+    if said:
+      lines += ["", "What greedy decoding said (each trial's continuation, "
+                "the key's length in tokens):", "", said]
     if out_dir is not None:
       name = _heatmap(group, out_dir, f"{report.slug(key)}.png")
       lines += ["", f"![{title}]({name})"]

@@ -173,7 +173,8 @@ def test_study_main_on_a_tiny_gguf(tiny_gguf, tmp_path):
     assert r["decode"] == "greedy" and len(r["answers"]) == r["n_trials"]
   report = open(result.report, encoding="utf-8").read()
   assert "perplexity" in report.lower() and "self_extend" in report
-  assert "Passkey" in report or "passkey" in report
+  assert "passkey_greedy" in report and "What greedy decoding said" in report
+  assert os.path.isfile(tmp_path / "passkey_passkey_accuracy_passkey.png")
   assert os.path.isfile(tmp_path / "mask_position_nll_nonoverlap.png")
   # The documents were tokenized by the model's tokenizer and cached.
   assert [n for n in os.listdir(tmp_path / "data")
