@@ -126,8 +126,8 @@ def as_mask(mask, what: str = "mask") -> Optional[Mask]:
     return mask
   raise ValueError(
       f"{what} must be an extrapolax.attention.masks.Mask (Causal, "
-      f"SlidingWindow, Lambda, Chunked, PrefixLM or a combination) or None, "
-      f"got {mask!r}")
+      f"SlidingWindow, Lambda, Chunked, PrefixLM, Dilated, Strided, "
+      f"GlobalTokens, PerHead or a combination) or None, got {mask!r}")
 
 
 @dataclasses.dataclass(frozen=True)
