@@ -143,19 +143,19 @@ class _Rows:
   batched: bool
   heads: int = 1
 
-  def base(self, b, h, row):
+  def base(self, b, row, h=0):
     lead = (b if self.batched else 0) * self.heads + (
         h if self.heads > 1 else 0)
     return (lead * self.rows + row) * self.width
 
-  def count(self, sched, b, h, row):
-    return sched[self.base(b, h, row)]
+  def count(self, sched, b, row, h=0):
+    return sched[self.base(b, row, h)]
 
-  def entry(self, sched, b, h, row, slot):
-    return sched[self.base(b, h, row) + 1 + slot]
+  def entry(self, sched, b, row, slot, h=0):
+    return sched[self.base(b, row, h) + 1 + slot]
 
-  def block(self, sched, b, h, row, slot):
-    return tiles.entry_block(self.entry(sched, b, h, row, slot))
+  def block(self, sched, b, row, slot, h=0):
+    return tiles.entry_block(self.entry(sched, b, row, slot, h))
 
 
 def _carry_empty_rows(sched):
@@ -285,7 +285,7 @@ class _Pass:
   def blocks(self, *args):
     """(query block, key block) at a grid point of an index map."""
     b, h, r, t = self.ids(*args)
-    other = self.rows.block(args[4], b, h, r, t)
+    other = self.rows.block(args[4], b, r, t, h)
     return (other, r) if self.transpose else (r, other)
 
   def heads(self, side, width):
@@ -388,8 +388,8 @@ class _Pass:
     def kernel(sched, *refs):
       refs = dict(zip(names, refs))
       b, h, r, t = self.ids(*(pl.program_id(a) for a in range(4)))
-      count, entry = self.rows.count(sched, b, h, r), self.rows.entry(
-          sched, b, h, r, t)
+      count, entry = self.rows.count(sched, b, r, h), self.rows.entry(
+          sched, b, r, t, h)
       other = tiles.entry_block(entry)
       refs["blocks"] = (other, r) if self.transpose else (r, other)
       refs["head"] = h
