@@ -500,7 +500,12 @@ def _causal_chunked(chunk: int) -> Mask:
 
 
 register("causal", Causal)
-register("sliding_window", SlidingWindow,
+def _sliding_window(window: int) -> Mask:
+  """Causal window of ``window`` keys: visible iff ``0 <= i - j < window``."""
+  return SlidingWindow(window)
+
+
+register("sliding_window", _sliding_window,
          label=lambda window: f"sliding_window({window})")
 register("lambda", Lambda,
          label=lambda num_sinks, window: f"lambda(sinks={num_sinks}, "
