@@ -27,8 +27,8 @@ from . import masks
 from .core import (AttentionRequest, Implementation, current_implementation,
                    dot_product_attention, implementations,
                    register_implementation, use_implementation)
-from .masks import (Causal, Chunked, Lambda, PrefixLM, SlidingWindow,
-                    classify_blocks)
+from .masks import (Causal, Chunked, Dilated, GlobalTokens, Lambda, PerHead,
+                    PrefixLM, SlidingWindow, Strided, classify_blocks)
 from .xla import Xla
 from .xla_chunked import XlaChunked
 from .cudnn import Cudnn

@@ -33,7 +33,8 @@ Limits: the layout is contiguous, so a causal ring is unbalanced (device
 ``i`` computes ``i + 1`` of its C pairs and the step time is the busiest
 device's; no zigzag / striped layout). Self-attention only (T == S, T a
 multiple of C); no dense bias over keys (a per-query bias ``[.., T, 1]`` is
-fine).
+fine). A per-head mask (``masks.PerHead``) keeps the heads whole on every
+device (no split over the head axis).
 
 Every device's local call is ``dot_product_attention`` with explicit global
 positions, so masks, ALiBi and the far query see the same geometry as one
@@ -524,7 +525,11 @@ class ContextParallel(core.Implementation):
         prod *= sizes[a]
     batch = _spec_entry(batch)
     hs = sizes.get(self.head_axis, 1)
-    head = self.head_axis if hs > 1 and n % hs == 0 and k % hs == 0 else None
+    # A per-head mask names global head indices: heads stay whole on each
+    # device (the mask is static, so a device cannot pick its slice).
+    per_head = request.mask is not None and request.mask.per_head
+    head = self.head_axis if (hs > 1 and n % hs == 0 and k % hs == 0
+                              and not per_head) else None
     ctx = self.axis_name
     by_batch = lambda x: batch if x.shape[0] == b else None
 

@@ -227,6 +227,9 @@ def make_request(query, key, value, *, mask=None, segment_ids=None,
     raise ValueError(f"query heads N={n} must be a multiple of key/value "
                      f"heads K={k} (grouped-query attention)")
   mask = masks_lib.as_mask(mask)
+  if mask is not None and mask.per_head:
+    # Bound to this call's heads: query head h is the mask's head h.
+    mask = mask.for_heads(n, k)
 
   q_seg = kv_seg = None
   if segment_ids is not None:
@@ -391,7 +394,9 @@ def dot_product_attention(
     key: [B, S, K, H], N % K == 0 (grouped-query attention).
     value: [B, S, K, Hv].
     mask: a ``masks.Mask`` (Causal(), SlidingWindow(w), Lambda(sinks, w),
-      Chunked(n), PrefixLM(p) or combinations with & and |), or None.
+      Chunked(n), PrefixLM(p), Dilated, Strided, GlobalTokens, PerHead, or
+      combinations with & and |), or None. A per-head mask's head h is
+      query head h (its number of masks must divide N).
     segment_ids: int [B, T] (needs T == S) or a pair (q [B, T], kv [B, S]);
       a query sees only keys with its own id.
     alibi_slopes: float [N] or [B, N]; adds ``-slope * |i - j|``.

@@ -30,6 +30,8 @@ def _unsupported(request: core.AttentionRequest):
   if request.mask is not None and not isinstance(
       request.mask, (masks_lib.Causal, masks_lib.SlidingWindow)):
     return f"cannot express mask {request.mask}"
+  if isinstance(request.mask, masks_lib.SlidingWindow) and request.mask.right:
+    return f"runs causal windows only, got {request.mask}"
   if request.mask is not None and t != s:
     return "aligns causal masks top-left; needs T == S with a mask"
   for name in ("q_segment_ids", "alibi_slopes", "logits_soft_cap",
@@ -52,7 +54,7 @@ class Cudnn(core.Implementation):
     mask = request.mask
     window = None
     if isinstance(mask, masks_lib.SlidingWindow):
-      window = (mask.window - 1, 0)
+      window = (mask.left, 0)
     out, lse = jax.nn.dot_product_attention(
         request.query, request.key, request.value, bias=request.bias,
         scale=request.scale, is_causal=mask is not None,

@@ -15,6 +15,13 @@ Each mask offers three views of the same set:
   *all* pairs are. "some" may over-approximate and "all" may under-approximate;
   both are exact for the primitive masks on rectangles.
 
+A mask may differ by query head (``PerHead``; LongLoRA's shifted groups,
+MoA's window per head): ``mask.per_head`` is then True, the predicate and
+``block_visibility`` take a ``head`` index array that broadcasts with the
+positions, and ``head=None`` in ``block_visibility`` means "some head" (the
+union: what a classifier shared by all heads needs). ``dot_product_attention``
+binds such a mask to its call's heads (``mask.for_heads(N, K)``).
+
 Masks combine with ``&`` and ``|``; they are frozen dataclasses, so equal masks
 compare equal and hash alike (they are static arguments under ``jax.jit``).
 Segment ids are not part of a mask: ``dot_product_attention`` applies them.
@@ -25,6 +32,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import re
 from typing import Any, Callable, Optional
 
@@ -43,14 +51,25 @@ from extrapolax.common.geometry import (EMPTY, PARTIAL, FULL, block_minmax,
 
 __all__ = [
     "Mask", "Causal", "SlidingWindow", "Lambda", "Chunked", "PrefixLM",
-    "And", "Or", "EMPTY", "PARTIAL", "FULL", "classify_blocks",
+    "And", "Or", "Dilated", "Strided", "GlobalTokens", "PerHead",
+    "shifted_sparse", "window_per_head", "dilated_heads", "EMPTY", "PARTIAL", "FULL", "classify_blocks",
     "block_minmax", "default_positions", "as_mask",
     "register", "names", "parameters", "from_name", "parse", "label",
 ]
 
 
 class Mask:
-  """Base class. Subclasses are frozen dataclasses."""
+  """Base class. Subclasses are frozen dataclasses.
+
+  A head-independent mask implements ``__call__(q_pos, k_pos)`` and
+  ``block_visibility(q_lo, q_hi, k_lo, k_hi)``; a per-head one (``PerHead``)
+  also takes ``head=``. Callers go through ``geometry.mask_predicate``, which
+  passes ``head`` only to masks whose ``per_head`` is True.
+  """
+
+  # True when the mask differs by query head (PerHead, or a combination
+  # holding one).
+  per_head = False
 
   def __call__(self, q_pos, k_pos):
     """bool array: may query position ``q_pos`` see key position ``k_pos``."""
@@ -60,10 +79,39 @@ class Mask:
     """(some_visible, all_visible) for position rectangles (bounds inclusive)."""
     raise NotImplementedError
 
-  def materialize(self, q_len: int, kv_len: int) -> jax.Array:
-    """Dense ``bool[q_len, kv_len]`` with the bottom-right alignment."""
+  @property
+  def head_count(self) -> Optional[int]:
+    """Head groups the mask tells apart (None: the same for every head)."""
+    return None
+
+  @property
+  def head_layout(self) -> Optional[tuple[int, int]]:
+    """(query heads N, key/value heads K) once bound by ``for_heads``."""
+    return None
+
+  def for_heads(self, num_heads: int, num_kv_heads: int) -> "Mask":
+    """The mask bound to a call with N query and K key/value heads."""
+    del num_heads, num_kv_heads
+    return self
+
+  def materialize(self, q_len: int, kv_len: int,
+                  num_heads: Optional[int] = None) -> jax.Array:
+    """Dense ``bool[q_len, kv_len]`` with the bottom-right alignment.
+
+    A per-head mask gives ``bool[num_heads, q_len, kv_len]`` (``num_heads``
+    defaults to ``head_count``).
+    """
     q_pos, k_pos = default_positions(q_len, kv_len)
-    return jnp.asarray(self(q_pos[:, None], k_pos[None, :]))
+    if not self.per_head:
+      if num_heads is not None:
+        raise ValueError(f"num_heads={num_heads} is for per-head masks; "
+                         f"{self!r} is the same for every head")
+      return jnp.asarray(self(q_pos[:, None], k_pos[None, :]))
+    n = self.head_count if num_heads is None else num_heads
+    bound = self.for_heads(n, 1)
+    head = jnp.arange(n, dtype=jnp.int32)[:, None, None]
+    return jnp.broadcast_to(bound(q_pos[None, :, None], k_pos[None, None, :],
+                                  head=head), (n, q_len, kv_len))
 
   def __and__(self, other: "Mask") -> "Mask":
     return And(self, as_mask(other, "right operand of &"))
@@ -78,8 +126,8 @@ def as_mask(mask, what: str = "mask") -> Optional[Mask]:
     return mask
   raise ValueError(
       f"{what} must be an extrapolax.attention.masks.Mask (Causal, "
-      f"SlidingWindow, Lambda, Chunked, PrefixLM or a combination) or None, "
-      f"got {mask!r}")
+      f"SlidingWindow, Lambda, Chunked, PrefixLM, Dilated, Strided, "
+      f"GlobalTokens, PerHead or a combination) or None, got {mask!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,23 +141,54 @@ class Causal(Mask):
     return k_lo <= q_hi, k_hi <= q_lo
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False, repr=False)
 class SlidingWindow(Mask):
-  """Causal window of ``window`` keys: visible iff ``0 <= i - j < window``."""
-  window: int
+  """A window of keys around each query.
 
-  def __post_init__(self):
-    object.__setattr__(self, "window",
-                       check_int("window", self.window, 1, MAX_SIZE))
+  ``SlidingWindow(window)``: causal, ``window`` keys, the query's own
+  included: visible iff ``0 <= i - j < window`` (Mistral, Longformer's
+  decoder form). ``SlidingWindow(left=l, right=r)``: two-sided, visible iff
+  ``-r <= i - j <= l``: ``l`` keys before the query, itself, ``r`` after
+  (``l + r + 1`` keys). That is ``jax.nn.dot_product_attention``'s
+  ``local_window_size=(l, r)``; jax's single int ``w`` means ``(w, w)``,
+  which is ``SlidingWindow(left=w, right=w)``, not ``SlidingWindow(w)``
+  (``SlidingWindow(w) == SlidingWindow(left=w - 1, right=0)``).
+  """
+  left: int
+  right: int
+
+  def __init__(self, window: Optional[int] = None, *, left=None, right=None):
+    if window is not None:
+      if left is not None or right is not None:
+        raise ValueError(
+            f"SlidingWindow takes window (causal, window keys) or left and "
+            f"right (two-sided), not both; got window={window!r}, "
+            f"left={left!r}, right={right!r}")
+      left, right = check_int("window", window, 1, MAX_SIZE) - 1, 0
+    elif left is None or right is None:
+      raise ValueError(f"SlidingWindow needs window=W or both left= and "
+                       f"right=; got left={left!r}, right={right!r}")
+    object.__setattr__(self, "left", check_int("left", left, 0, MAX_SIZE))
+    object.__setattr__(self, "right", check_int("right", right, 0, MAX_SIZE))
+
+  @property
+  def window(self) -> int:
+    """Keys a query sees away from the edges: ``left + right + 1``."""
+    return self.left + self.right + 1
+
+  def __repr__(self):
+    if self.right == 0:
+      return f"SlidingWindow({self.window})"
+    return f"SlidingWindow(left={self.left}, right={self.right})"
 
   def __call__(self, q_pos, k_pos):
     d = q_pos - k_pos
-    return (d >= 0) & (d < self.window)
+    return (d >= -self.right) & (d <= self.left)
 
   def block_visibility(self, q_lo, q_hi, k_lo, k_hi):
     d_min, d_max = q_lo - k_hi, q_hi - k_lo
-    some = (d_max >= 0) & (d_min < self.window)
-    return some, (d_min >= 0) & (d_max < self.window)
+    some = (d_max >= -self.right) & (d_min <= self.left)
+    return some, (d_min >= -self.right) & (d_max <= self.left)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,24 +221,29 @@ class Lambda(Mask):
 
 @dataclasses.dataclass(frozen=True)
 class Chunked(Mask):
-  """Block-diagonal chunks: visible iff ``i // size == j // size``.
+  """Block-diagonal chunks: visible iff ``(i - offset) // size == (j - offset) // size``.
 
   Not causal by itself (Llama 4's chunked attention is ``Causal() & Chunked(n)``).
+  ``offset`` shifts the chunk boundaries (LongLoRA's shifted groups).
   """
   size: int
+  offset: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "size",
                        check_int("size", self.size, 1, MAX_SIZE))
+    object.__setattr__(self, "offset",
+                       check_int("offset", self.offset, 0, self.size - 1))
 
   def __call__(self, q_pos, k_pos):
-    return (q_pos // self.size) == (k_pos // self.size)
+    c, o = self.size, self.offset
+    return ((q_pos - o) // c) == ((k_pos - o) // c)
 
   def block_visibility(self, q_lo, q_hi, k_lo, k_hi):
-    c = self.size
-    some = (q_lo // c <= k_hi // c) & (k_lo // c <= q_hi // c)
-    all_ = ((q_lo // c) == (q_hi // c)) & ((k_lo // c) == (k_hi // c)) & (
-        (q_lo // c) == (k_lo // c))
+    c, o = self.size, self.offset
+    ql, qh, kl, kh = ((x - o) // c for x in (q_lo, q_hi, k_lo, k_hi))
+    some = (ql <= kh) & (kl <= qh)
+    all_ = (ql == qh) & (kl == kh) & (ql == kl)
     return some, all_
 
 
@@ -181,33 +265,67 @@ class PrefixLM(Mask):
             (k_hi <= q_lo) | (k_hi < self.prefix_len))
 
 
+class _Combined(Mask):
+  """What And and Or share: head handling of their two operands."""
+  left: Mask
+  right: Mask
+
+  @property
+  def per_head(self):
+    return self.left.per_head or self.right.per_head
+
+  @property
+  def head_count(self):
+    counts = [m.head_count for m in (self.left, self.right)
+              if m.head_count is not None]
+    return None if not counts else math.lcm(*counts)
+
+  @property
+  def head_layout(self):
+    return self.left.head_layout or self.right.head_layout
+
+  def for_heads(self, num_heads, num_kv_heads):
+    return type(self)(self.left.for_heads(num_heads, num_kv_heads),
+                      self.right.for_heads(num_heads, num_kv_heads))
+
+  def _both(self, q_pos, k_pos, head):
+    return (geometry.mask_predicate(self.left, q_pos, k_pos, head),
+            geometry.mask_predicate(self.right, q_pos, k_pos, head))
+
+  def _both_blocks(self, bounds, head):
+    return (geometry.mask_blocks(self.left, *bounds, head=head),
+            geometry.mask_blocks(self.right, *bounds, head=head))
+
+
 @dataclasses.dataclass(frozen=True)
-class And(Mask):
+class And(_Combined):
   """Intersection of two masks."""
   left: Mask
   right: Mask
 
-  def __call__(self, q_pos, k_pos):
-    return self.left(q_pos, k_pos) & self.right(q_pos, k_pos)
+  def __call__(self, q_pos, k_pos, head=None):
+    a, b = self._both(q_pos, k_pos, head)
+    return a & b
 
-  def block_visibility(self, q_lo, q_hi, k_lo, k_hi):
-    s1, a1 = self.left.block_visibility(q_lo, q_hi, k_lo, k_hi)
-    s2, a2 = self.right.block_visibility(q_lo, q_hi, k_lo, k_hi)
+  def block_visibility(self, q_lo, q_hi, k_lo, k_hi, head=None):
+    # With head=None each side is its union over heads: "some" stays an
+    # over-approximation, "all" exact.
+    (s1, a1), (s2, a2) = self._both_blocks((q_lo, q_hi, k_lo, k_hi), head)
     return s1 & s2, a1 & a2
 
 
 @dataclasses.dataclass(frozen=True)
-class Or(Mask):
+class Or(_Combined):
   """Union of two masks."""
   left: Mask
   right: Mask
 
-  def __call__(self, q_pos, k_pos):
-    return self.left(q_pos, k_pos) | self.right(q_pos, k_pos)
+  def __call__(self, q_pos, k_pos, head=None):
+    a, b = self._both(q_pos, k_pos, head)
+    return a | b
 
-  def block_visibility(self, q_lo, q_hi, k_lo, k_hi):
-    s1, a1 = self.left.block_visibility(q_lo, q_hi, k_lo, k_hi)
-    s2, a2 = self.right.block_visibility(q_lo, q_hi, k_lo, k_hi)
+  def block_visibility(self, q_lo, q_hi, k_lo, k_hi, head=None):
+    (s1, a1), (s2, a2) = self._both_blocks((q_lo, q_hi, k_lo, k_hi), head)
     return s1 | s2, a1 | a2
 
 
@@ -321,6 +439,18 @@ def _literal(text: str, where: str):
                      "quoted string") from e
 
 
+def _top_level_split(text: str) -> list[str]:
+  """Splits at commas outside brackets: ``"windows=(8, 16), x=1"`` -> 2."""
+  parts, depth, start = [], 0, 0
+  for i, ch in enumerate(text):
+    depth += ch in "([{"
+    depth -= ch in ")]}"
+    if ch == "," and depth == 0:
+      parts.append(text[start:i])
+      start = i + 1
+  return parts + [text[start:]]
+
+
 def parse(text: str) -> tuple[str, dict[str, Any]]:
   """``"name"`` or ``"name(v, k=v, ...)"`` -> (name, params).
 
@@ -339,8 +469,9 @@ def parse(text: str) -> tuple[str, dict[str, Any]]:
   order = [p for p, _ in _entry(name).params]
   params: dict[str, Any] = {}
   keywords = False
-  for i, part in enumerate(p for p in (args or "").split(",") if p.strip()):
-    if "=" in part:
+  for i, part in enumerate(p for p in _top_level_split(args or "")
+                           if p.strip()):
+    if re.match(r"\s*[A-Za-z_]\w*\s*=", part):
       key, value = part.split("=", 1)
       params[key.strip()] = _literal(value, f"mask {text!r}")
       keywords = True
@@ -369,7 +500,12 @@ def _causal_chunked(chunk: int) -> Mask:
 
 
 register("causal", Causal)
-register("sliding_window", SlidingWindow,
+def _sliding_window(window: int) -> Mask:
+  """Causal window of ``window`` keys: visible iff ``0 <= i - j < window``."""
+  return SlidingWindow(window)
+
+
+register("sliding_window", _sliding_window,
          label=lambda window: f"sliding_window({window})")
 register("lambda", Lambda,
          label=lambda num_sinks, window: f"lambda(sinks={num_sinks}, "
@@ -386,3 +522,9 @@ def classify_blocks(mask: Optional[Mask], **kwargs) -> jax.Array:
   q_len, kv_len, block_q, block_k, and optional positions and segment ids).
   """
   return geometry.classify_blocks(as_mask(mask), **kwargs)
+
+
+# The papers' sparse patterns (defined in sparse_masks.py to keep files
+# short; registered there, exported here).
+from .sparse_masks import (Dilated, Strided, GlobalTokens, PerHead,  # noqa: E402
+                           shifted_sparse, window_per_head, dilated_heads)

@@ -16,6 +16,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from extrapolax.common import geometry
 from extrapolax.common import nonfinite
 from . import core
 from . import masks as masks_lib
@@ -88,17 +89,23 @@ def block_logits(q: Array, k: Array, q_pos: Array, k_pos: Array, *,
 def block_visible(mask: Optional[masks_lib.Mask], q_pos: Array, k_pos: Array,
                   q_seg: Optional[Array], kv_seg: Optional[Array],
                   k_valid: Optional[Array] = None) -> Optional[Array]:
-  """bool [B?, 1, 1, Tb, Sb] visibility of one block, or None if all visible."""
+  """bool [B?, K|1, G|1, Tb, Sb] visibility of one block, or None if all
+  visible. A per-head mask (bound to the call's heads) gives K and G axes."""
+  rows = lambda x: x[:, None, None, :, None]
+  cols = lambda x: x[:, None, None, None, :]
   visible = None
   if mask is not None:
-    visible = mask(q_pos[:, :, None], k_pos[:, None, :])
+    heads = geometry.head_grid(mask)
+    visible = geometry.mask_predicate(
+        mask, rows(q_pos), cols(k_pos),
+        None if heads is None else heads[None, :, :, None, None])
   if q_seg is not None:
-    same = q_seg[:, :, None] == kv_seg[:, None, :]
+    same = rows(q_seg) == cols(kv_seg)
     visible = same if visible is None else visible & same
   if k_valid is not None:
-    visible = k_valid[None, None, :] if visible is None else (
-        visible & k_valid[None, None, :])
-  return None if visible is None else visible[:, None, None]
+    valid = k_valid[None, None, None, None, :]
+    visible = valid if visible is None else visible & valid
+  return visible
 
 
 def slopes_by_group(slopes: Optional[Array], num_kv_heads: int):

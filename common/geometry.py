@@ -29,7 +29,8 @@ PARTIAL = 1   # some pairs are visible: compute with the mask
 FULL = 2      # every pair is visible: compute without masking
 
 __all__ = ["EMPTY", "PARTIAL", "FULL", "BlockMask", "AttentionStatics",
-           "default_positions", "block_minmax", "classify_blocks"]
+           "default_positions", "block_minmax", "classify_blocks",
+           "mask_predicate", "mask_blocks", "head_grid"]
 
 
 class BlockMask(Protocol):
@@ -38,6 +39,32 @@ class BlockMask(Protocol):
   def __call__(self, q_pos, k_pos): ...
 
   def block_visibility(self, q_lo, q_hi, k_lo, k_hi): ...
+
+
+def mask_predicate(mask, q_pos, k_pos, head=None):
+  """``mask(q_pos, k_pos)``, passing ``head`` (an int array broadcasting with
+  the positions, the query head) to a mask whose ``per_head`` is True."""
+  if getattr(mask, "per_head", False):
+    return mask(q_pos, k_pos, head=head)
+  return mask(q_pos, k_pos)
+
+
+def mask_blocks(mask, q_lo, q_hi, k_lo, k_hi, head=None):
+  """``mask.block_visibility``, with ``head`` for per-head masks (None: the
+  union over heads, which is what a label shared by all heads needs)."""
+  if getattr(mask, "per_head", False):
+    return mask.block_visibility(q_lo, q_hi, k_lo, k_hi, head=head)
+  return mask.block_visibility(q_lo, q_hi, k_lo, k_hi)
+
+
+def head_grid(mask):
+  """int32 [K, G] query head indices of a bound per-head mask (the
+  grouped-query layout, head n = k * G + g), or None."""
+  layout = getattr(mask, "head_layout", None)
+  if layout is None:
+    return None
+  n, k = layout
+  return jnp.arange(n, dtype=jnp.int32).reshape(k, n // k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +135,8 @@ def classify_blocks(mask: Optional[BlockMask], *, q_len: int, kv_len: int,
                     q_positions: Optional[jax.Array] = None,
                     k_positions: Optional[jax.Array] = None,
                     q_segment_ids: Optional[jax.Array] = None,
-                    kv_segment_ids: Optional[jax.Array] = None) -> jax.Array:
+                    kv_segment_ids: Optional[jax.Array] = None,
+                    heads: Optional[int] = None) -> jax.Array:
   """Labels every (query block, key block) pair EMPTY, PARTIAL or FULL.
 
   Pure jnp and traceable: positions and segment ids may change every batch.
@@ -123,10 +151,14 @@ def classify_blocks(mask: Optional[BlockMask], *, q_len: int, kv_len: int,
       absolute positions; default: the bottom-right alignment.
     q_segment_ids, kv_segment_ids: optional int [B, T] / [B, S]; a query only
       sees keys of its own segment. Give both or neither.
+    heads: None, or N: label every query head of a per-head mask apart
+      (query head h is ``head=h`` of the mask's predicate).
 
   Returns:
     int32 [B, ceil(T / block_q), ceil(S / block_k)] with B = 1 when nothing
-    carries a batch axis.
+    carries a batch axis; with ``heads``, [B, N, nq, nk]. Without ``heads``
+    a per-head mask is labelled by its union over heads (EMPTY only when no
+    head sees anything, FULL only when every head sees everything).
   """
   if mask is not None and not hasattr(mask, "block_visibility"):
     raise ValueError(f"mask must have block_visibility (an "
@@ -147,22 +179,35 @@ def classify_blocks(mask: Optional[BlockMask], *, q_len: int, kv_len: int,
         f"{q_pos.shape} and {k_pos.shape}")
   q_lo, q_hi = block_minmax(q_pos, block_q)        # [Bq, nq]
   k_lo, k_hi = block_minmax(k_pos, block_k)        # [Bk, nk]
-  q_lo, q_hi = q_lo[:, :, None], q_hi[:, :, None]
-  k_lo, k_hi = k_lo[:, None, :], k_hi[:, None, :]
+  # [B?, 1?, nq, 1] and [B?, 1?, 1, nk]: a head axis only with ``heads``.
+  lead = (slice(None),) if heads is None else (slice(None), None)
+  as_rows = lambda x: x[lead + (slice(None), None)]
+  as_cols = lambda x: x[lead + (None, slice(None))]
+  q_lo, q_hi, k_lo, k_hi = (as_rows(q_lo), as_rows(q_hi), as_cols(k_lo),
+                            as_cols(k_hi))
+  head = None
+  if heads is not None:
+    heads = check_int("heads", heads, 1)
+    head = jnp.arange(heads, dtype=jnp.int32)[None, :, None, None]
   if mask is None:
     some = jnp.ones(jnp.broadcast_shapes(q_lo.shape, k_lo.shape), bool)
     all_ = some
   else:
-    some, all_ = mask.block_visibility(q_lo, q_hi, k_lo, k_hi)
+    some, all_ = mask_blocks(mask, q_lo, q_hi, k_lo, k_hi, head=head)
+  if heads is not None:
+    shape = jnp.broadcast_shapes(q_lo.shape, k_lo.shape)
+    shape = shape[:1] + (heads,) + shape[2:]
+    some, all_ = (jnp.broadcast_to(some, shape),
+                  jnp.broadcast_to(all_, shape))
   if q_segment_ids is not None:
     qs_lo, qs_hi = block_minmax(jnp.atleast_2d(q_segment_ids), block_q)
     ks_lo, ks_hi = block_minmax(jnp.atleast_2d(kv_segment_ids), block_k)
-    qs_lo, qs_hi = qs_lo[:, :, None], qs_hi[:, :, None]
-    ks_lo, ks_hi = ks_lo[:, None, :], ks_hi[:, None, :]
+    qs_lo, qs_hi = as_rows(qs_lo), as_rows(qs_hi)
+    ks_lo, ks_hi = as_cols(ks_lo), as_cols(ks_hi)
     some = some & (qs_lo <= ks_hi) & (ks_lo <= qs_hi)
     all_ = all_ & (qs_lo == qs_hi) & (ks_lo == ks_hi) & (qs_lo == ks_lo)
   # Ragged edge blocks hold padding that a caller must mask: never FULL.
-  nq, nk = q_lo.shape[1], k_lo.shape[2]
+  nq, nk = q_lo.shape[-2], k_lo.shape[-1]
   q_whole = (np.arange(nq) + 1) * block_q <= q_len
   k_whole = (np.arange(nk) + 1) * block_k <= kv_len
   all_ = all_ & jnp.asarray(q_whole)[:, None] & jnp.asarray(k_whole)[None, :]

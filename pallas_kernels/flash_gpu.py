@@ -161,17 +161,21 @@ class _Inputs:
       self.slopes = tiles.pad_to(flat, 0, tiles.next_power_of_2(flat.size))
 
   def labels(self, cfg, block_q, block_k, transpose=False):
-    """Schedule [Bl, rows, W] for a pass's block sizes (grid-shaped)."""
+    """Schedule [Bl, Nl, rows, W] for a pass's block sizes (grid-shaped;
+    Nl = N for a per-head mask, else 1)."""
     q_pos, k_pos, q_seg, kv_seg = self.raw_pos
     labels = tiles.row_labels(cfg, block_q, block_k, q_pos, k_pos, q_seg,
                               kv_seg)
+    bl, nl = labels.shape[:2]
     nq, nk = self.tp // block_q, self.sp // block_k
-    labels = jnp.pad(labels, ((0, 0), (0, nq - labels.shape[1]),
-                              (0, nk - labels.shape[2])))   # EMPTY == 0
+    labels = jnp.pad(labels, ((0, 0), (0, 0), (0, nq - labels.shape[2]),
+                              (0, nk - labels.shape[3])))   # EMPTY == 0
     if transpose:
-      labels = jnp.swapaxes(labels, 1, 2)
-    cols = labels.shape[2]
-    return tiles.split_schedule(labels, tiles.next_power_of_2(cols + 2))
+      labels = jnp.swapaxes(labels, 2, 3)
+    rows, cols = labels.shape[2:]
+    sched = tiles.split_schedule(labels.reshape(bl * nl, rows, cols),
+                                 tiles.next_power_of_2(cols + 2))
+    return sched.reshape(bl, nl, rows, -1)
 
   # BlockSpec helpers. Grid axes are (block, batch, query head).
   def bsel(self, x):
@@ -206,8 +210,9 @@ class _Inputs:
 
   def sched_spec(self, sched):
     sel = self.bsel(sched)
-    return pl.BlockSpec((None, None, sched.shape[2]),
-                        lambda i, b, h: (sel(b), i, 0))
+    hsel = (lambda h: h) if sched.shape[1] > 1 else (lambda h: 0)
+    return pl.BlockSpec((None, None, None, sched.shape[3]),
+                        lambda i, b, h: (sel(b), hsel(h), i, 0))
 
   def slopes_spec(self):
     return pl.BlockSpec((self.slopes.shape[0],), lambda i, b, h: (0,))
@@ -226,8 +231,10 @@ class _Inputs:
     return pl.BlockSpec((None, None, self.tp), lambda j, b, h: (b, h, 0))
 
 
-def _visible_masked(cfg, s, q_pos, k_pos, q_seg, k_seg, q_index, k_index):
-  visible = tiles.tile_visible(cfg, q_pos, k_pos, q_seg, k_seg, k_index)
+def _visible_masked(cfg, s, q_pos, k_pos, q_seg, k_seg, q_index, k_index,
+                    head):
+  visible = tiles.tile_visible(cfg, q_pos, k_pos, q_seg, k_seg, k_index,
+                               head=head)
   inside_q = jnp.broadcast_to((q_index < cfg.q_len)[:, None], s.shape)
   visible = inside_q if visible is None else visible & inside_q
   return tiles.apply_visible(s, visible)
@@ -247,6 +254,7 @@ def _forward(static: _Static, x: _Inputs):
     q_seg = refs["q_seg"][...] if cfg.has_segments else None
     far_q = refs["far_q"][...] if cfg.has_far else None
     slope = x.slope(refs)
+    head = pl.program_id(2)
     q_index = i * bq + jnp.arange(bq)
     count, num_full = refs["sched"][0], refs["sched"][1]
 
@@ -265,7 +273,7 @@ def _forward(static: _Static, x: _Inputs):
       def masked(s):
         k_seg = refs["kv_seg"][ks] if cfg.has_segments else None
         return _visible_masked(cfg, s, q_pos, k_pos, q_seg, k_seg, q_index,
-                               start + jnp.arange(bk))
+                               start + jnp.arange(bk), head)
 
       if masked_block:
         s = masked(s)
@@ -328,6 +336,7 @@ def _backward_dq(static: _Static, x: _Inputs, do, lse, delta):
     q_seg = refs["q_seg"][...] if cfg.has_segments else None
     far_q = refs["far_q"][...] if cfg.has_far else None
     slope = x.slope(refs)
+    head = pl.program_id(2)
     q_index = i * bq + jnp.arange(bq)
     count, num_full = refs["sched"][0], refs["sched"][1]
 
@@ -347,7 +356,7 @@ def _backward_dq(static: _Static, x: _Inputs, do, lse, delta):
       def masked(s):
         k_seg = refs["kv_seg"][ks] if cfg.has_segments else None
         return _visible_masked(cfg, s, q_pos, k_pos, q_seg, k_seg, q_index,
-                               start + jnp.arange(bk))
+                               start + jnp.arange(bk), head)
 
       if masked_block:
         s = masked(s)
@@ -422,6 +431,7 @@ def _backward_dkv(static: _Static, x: _Inputs, do, lse, delta):
     k_pos = refs["k_pos"][...]
     k_seg = refs["kv_seg"][...] if cfg.has_segments else None
     slope = x.slope(refs)
+    head = pl.program_id(2)
     k_index = j * bk + jnp.arange(bk)
     count, num_full = refs["sched"][0], refs["sched"][1]
 
@@ -441,7 +451,7 @@ def _backward_dkv(static: _Static, x: _Inputs, do, lse, delta):
       def masked(s):
         q_seg = refs["q_seg"][qs] if cfg.has_segments else None
         return _visible_masked(cfg, s, q_pos, k_pos, q_seg, k_seg,
-                               start + jnp.arange(bq), k_index)
+                               start + jnp.arange(bq), k_index, head)
 
       if masked_block:
         s = masked(s)

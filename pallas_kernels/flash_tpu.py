@@ -136,22 +136,26 @@ def _as_rows(col):
 
 @dataclasses.dataclass(frozen=True)
 class _Rows:
-  """Flat schedule (no SMEM padding): rows x (1 + C), per batch or not."""
+  """Flat schedule (no SMEM padding): rows x (1 + C), per batch or not and
+  per query head (``heads`` > 1: a per-head mask) or not."""
   rows: int
   width: int
   batched: bool
+  heads: int = 1
 
-  def base(self, b, row):
-    return ((b if self.batched else 0) * self.rows + row) * self.width
+  def base(self, b, row, h=0):
+    lead = (b if self.batched else 0) * self.heads + (
+        h if self.heads > 1 else 0)
+    return (lead * self.rows + row) * self.width
 
-  def count(self, sched, b, row):
-    return sched[self.base(b, row)]
+  def count(self, sched, b, row, h=0):
+    return sched[self.base(b, row, h)]
 
-  def entry(self, sched, b, row, slot):
-    return sched[self.base(b, row) + 1 + slot]
+  def entry(self, sched, b, row, slot, h=0):
+    return sched[self.base(b, row, h) + 1 + slot]
 
-  def block(self, sched, b, row, slot):
-    return tiles.entry_block(self.entry(sched, b, row, slot))
+  def block(self, sched, b, row, slot, h=0):
+    return tiles.entry_block(self.entry(sched, b, row, slot, h))
 
 
 def _carry_empty_rows(sched):
@@ -183,8 +187,9 @@ def _max_count(mask, q_len, kv_len, block_q, block_k, transpose):
     return pos[::block], pos[last]
   (q_lo, q_hi) = bounds(np.arange(q_len) + kv_len - q_len, block_q)
   (k_lo, k_hi) = bounds(np.arange(kv_len), block_k)
-  some, _ = mask.block_visibility(q_lo[:, None], q_hi[:, None], k_lo[None],
-                                  k_hi[None])
+  with jax.ensure_compile_time_eval():   # jnp maths in a mask: concrete
+    some, _ = tiles.geometry.mask_blocks(mask, q_lo[:, None], q_hi[:, None],
+                                         k_lo[None], k_hi[None])
   some = np.broadcast_to(np.asarray(some), (q_lo.size, k_lo.size))
   return max(1, int(some.sum(0 if transpose else 1).max()))
 
@@ -231,15 +236,17 @@ class _Inputs:
     """(flat int32 schedule for scalar prefetch, its _Rows)."""
     q_pos, k_pos, q_seg, kv_seg = self.raw_pos
     labels = tiles.row_labels(cfg, block_q, block_k, q_pos, k_pos, q_seg,
-                              kv_seg)
+                              kv_seg)                       # [Bl, Nl, ...]
+    bl, nl = labels.shape[:2]
     nq, nk = self.tp // block_q, self.sp // block_k
-    labels = jnp.pad(labels, ((0, 0), (0, nq - labels.shape[1]),
-                              (0, nk - labels.shape[2])))   # EMPTY == 0
+    labels = jnp.pad(labels, ((0, 0), (0, 0), (0, nq - labels.shape[2]),
+                              (0, nk - labels.shape[3])))   # EMPTY == 0
     if transpose:
-      labels = jnp.swapaxes(labels, 1, 2)
+      labels = jnp.swapaxes(labels, 2, 3)
+    labels = labels.reshape((bl * nl,) + labels.shape[2:])
     sched = _carry_empty_rows(tiles.schedule(labels))
     return sched.reshape(-1), _Rows(sched.shape[1], sched.shape[2],
-                                    sched.shape[0] > 1)
+                                    bl > 1, nl)
 
   def slope(self, refs, b, h):
     if self.slopes is None:
@@ -277,8 +284,8 @@ class _Pass:
 
   def blocks(self, *args):
     """(query block, key block) at a grid point of an index map."""
-    b, _, r, t = self.ids(*args)
-    other = self.rows.block(args[4], b, r, t)
+    b, h, r, t = self.ids(*args)
+    other = self.rows.block(args[4], b, r, t, h)
     return (other, r) if self.transpose else (r, other)
 
   def heads(self, side, width):
@@ -353,7 +360,8 @@ class _Pass:
       qb, kb = refs["blocks"]
       index = lambda start, axis: start + lax.broadcasted_iota(
           jnp.int32, self.shape, axis)
-      vis = [] if cfg.mask is None else [cfg.mask(q_pos, k_pos)]
+      vis = [] if cfg.mask is None else [tiles.geometry.mask_predicate(
+          cfg.mask, q_pos, k_pos, refs["head"])]
       if cfg.has_segments:
         vis.append(spread("q_seg", qa) == spread("kv_seg", ka))
       if self.x.tp > cfg.q_len:
@@ -380,10 +388,11 @@ class _Pass:
     def kernel(sched, *refs):
       refs = dict(zip(names, refs))
       b, h, r, t = self.ids(*(pl.program_id(a) for a in range(4)))
-      count, entry = self.rows.count(sched, b, r), self.rows.entry(
-          sched, b, r, t)
+      count, entry = self.rows.count(sched, b, r, h), self.rows.entry(
+          sched, b, r, t, h)
       other = tiles.entry_block(entry)
       refs["blocks"] = (other, r) if self.transpose else (r, other)
+      refs["head"] = h
       if static.debug:
         pl.when(t == 0)(lambda: refs["visit_count"].__setitem__(0, 0))
 

@@ -162,11 +162,15 @@ def tile_logits(cfg: TileConfig, q, k, dist, *, slope=None, far_q=None,
 
 
 def tile_visible(cfg: TileConfig, q_pos, k_pos, q_seg=None, k_seg=None,
-                 k_index=None) -> Array:
-  """bool [bq, bk]: mask predicate, same segment, key inside kv_len."""
+                 k_index=None, head=None) -> Array:
+  """bool [bq, bk]: mask predicate, same segment, key inside kv_len.
+
+  ``head``: the query head (a scalar), read by per-head masks only.
+  """
   visible = None
   if cfg.mask is not None:
-    visible = cfg.mask(q_pos[:, None], k_pos[None, :])
+    visible = geometry.mask_predicate(cfg.mask, q_pos[:, None],
+                                      k_pos[None, :], head)
   if cfg.has_segments:
     same = q_seg[:, None] == k_seg[None, :]
     visible = same if visible is None else visible & same
@@ -283,11 +287,16 @@ def pad_to(x: Optional[Array], axis: int, size: int, value=0):
 
 def row_labels(cfg: TileConfig, block_q: int, block_k: int, q_pos, k_pos,
                q_seg, kv_seg) -> Array:
-  """Labels [Bl, nq, nk] for (query block, key block) pairs on the device."""
-  return geometry.classify_blocks(
+  """Labels [Bl, Nl, nq, nk] for (query block, key block) pairs on the
+  device: Nl = N for a per-head mask (each head skips its own empty
+  blocks), else 1."""
+  layout = getattr(cfg.mask, "head_layout", None)
+  labels = geometry.classify_blocks(
       cfg.mask, q_len=cfg.q_len, kv_len=cfg.kv_len, block_q=block_q,
       block_k=block_k, q_positions=q_pos, k_positions=k_pos,
-      q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+      q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+      heads=None if layout is None else layout[0])
+  return labels if layout is not None else labels[:, None]
 
 
 def visited_blocks(labels: Array) -> Array:

@@ -16,24 +16,52 @@ import numpy as np
 from extrapolax.attention import masks
 
 
-def visible(mask, i, j):
-  """bool array: the mask's definition on position arrays i, j."""
+def visible(mask, i, j, head=None, num_heads=None):
+  """bool array: the mask's definition on position arrays i, j.
+
+  ``head`` of ``num_heads``: the query head, for per-head masks (head h of N
+  uses ``masks[h * M // N]``).
+  """
   if mask is None:
     return np.ones(np.broadcast_shapes(np.shape(i), np.shape(j)), bool)
   if isinstance(mask, masks.Causal):
     return j <= i
   if isinstance(mask, masks.SlidingWindow):
-    return (i - j >= 0) & (i - j < mask.window)
+    # left keys before the query, itself, right keys after.
+    return (j >= i - mask.left) & (j <= i + mask.right)
   if isinstance(mask, masks.Lambda):
     return (j <= i) & ((j < mask.num_sinks) | (i - j < mask.window))
   if isinstance(mask, masks.Chunked):
-    return (i // mask.size) == (j // mask.size)
+    return ((i - mask.offset) // mask.size) == ((j - mask.offset) // mask.size)
   if isinstance(mask, masks.PrefixLM):
     return (j <= i) | (j < mask.prefix_len)
+  if isinstance(mask, masks.Dilated):
+    # LongNet: rows offset, offset + r, ... of each segment of w, causal
+    # among themselves.
+    w, r = mask.segment, mask.rate
+    chosen = lambda p: (p - (p // w) * w) % r == mask.offset
+    return (i // w == j // w) & chosen(i) & chosen(j) & (j <= i)
+  if isinstance(mask, masks.Strided):
+    bi, bj = i // mask.block, j // mask.block
+    return (j <= i) & ((bi - bj < mask.local)
+                       | ((bj + 1 + mask.offset) % mask.stride == 0))
+  if isinstance(mask, masks.GlobalTokens):
+    def is_global(p):
+      if mask.positions:
+        return np.isin(p, mask.positions)
+      if mask.every is None:
+        return (p >= 0) & (p < mask.count)
+      return np.mod(p, mask.every) < mask.count
+    return is_global(i) | is_global(j)
+  if isinstance(mask, masks.PerHead):
+    chosen = mask.masks[head * len(mask.masks) // num_heads]
+    return visible(chosen, i, j)
   if isinstance(mask, masks.And):
-    return visible(mask.left, i, j) & visible(mask.right, i, j)
+    return (visible(mask.left, i, j, head, num_heads)
+            & visible(mask.right, i, j, head, num_heads))
   if isinstance(mask, masks.Or):
-    return visible(mask.left, i, j) | visible(mask.right, i, j)
+    return (visible(mask.left, i, j, head, num_heads)
+            | visible(mask.right, i, j, head, num_heads))
   raise TypeError(mask)
 
 
@@ -100,14 +128,15 @@ def forward_and_grad(case: Case, d_out=None, d_lse=None):
   for b in range(b_):
     i = q_pos[b][:, None].astype(np.int64)
     j = k_pos[b][None, :].astype(np.int64)
-    vis = visible(case.mask, i, j)
+    same_doc = True
     if case.q_seg is not None:
-      vis = vis & (case.q_seg[b][:, None] == case.kv_seg[b][None, :])
+      same_doc = case.q_seg[b][:, None] == case.kv_seg[b][None, :]
     dist = (i - j).astype(np.float64)
     far = None if fq is None else (dist >= case.far_window)
     slopes = _head_slopes(case, b)
     for hn in range(n):
       c = hn // g
+      vis = visible(case.mask, i, j, hn, n) & same_doc
       raw = scale * q[b, :, hn] @ k[b, :, c].T
       pre = raw
       if far is not None:

@@ -66,3 +66,25 @@ def test_mask_sweep_runs_a_user_mask_from_the_config(tmp_path):
   assert "dilated_causal(local=8, rate=2)" in report
   done = json.load(open(os.path.join(tmp_path, "evaluations.json")))
   assert done
+
+
+def test_mask_sweep_runs_a_per_head_paper_mask(tmp_path):
+  """LongLoRA's S^2-Attn (a per-head mask from attention.masks' registry)
+  swept end to end on the tiny model: named by text, run by the model's
+  attention with one shifted and one unshifted head."""
+  config = configs.get_config("extrapolation.py:quick")
+  config.unlock()
+  config.variants = "rope"
+  for name in list(config.evals.keys()):
+    del config.evals[name]
+  config.evals.mask = dict(type="mask", models="rope", multiples=(1, 2),
+                           max_tokens=256,
+                           masks="causal,shifted_sparse(group=8)")
+  result = extrapolation.run_study(config, str(tmp_path))
+  by_mask = {}
+  for r in result.records:
+    if r["metric"] == "perplexity":
+      by_mask.setdefault(r["mask"], []).append(r["value"])
+  assert set(by_mask) == {"causal", "shifted_sparse(group=8)"}
+  assert all(jnp.isfinite(jnp.asarray(v)).all() for v in by_mask.values())
+  assert by_mask["causal"] != by_mask["shifted_sparse(group=8)"]
