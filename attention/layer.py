@@ -469,7 +469,8 @@ class Attention(nnx.Module):
 
   def attend(self, q: Array, k: Array, v: Array, q_positions: Array,
              k_positions: Array, *, segment_ids=None, rope_q_positions=None,
-             rope_k_positions=None, explicit: bool = True) -> Array:
+             rope_k_positions=None, explicit: bool = True,
+             return_residuals: bool = False) -> Array:
     """Attention of projected heads; keys and queries not yet rotated.
 
     Args:
@@ -480,8 +481,9 @@ class Attention(nnx.Module):
         they differ (StreamingLLM re-positions keys by cache slot).
       explicit: pass the positions to the attention call (False: the default
         bottom-right alignment, which lets every implementation serve).
+      return_residuals: also return the log-sum-exp, float32 [B, N, T].
     Returns:
-      [B, T, N, H] before the output projection.
+      [B, T, N, H] before the output projection (and the lse).
     """
     rope_q = q_positions if rope_q_positions is None else rope_q_positions
     rope_k = k_positions if rope_k_positions is None else rope_k_positions
@@ -510,7 +512,8 @@ class Attention(nnx.Module):
         logits_soft_cap=self.logits_soft_cap,
         implementation=implementation,
         query_positions=q_positions if explicit else None,
-        key_positions=k_positions if explicit else None, **far)
+        key_positions=k_positions if explicit else None,
+        return_residuals=return_residuals, **far)
 
   def __call__(self, x: Array, *, positions: Optional[Array] = None,
                segment_ids: Optional[Array] = None) -> Array:

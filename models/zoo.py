@@ -15,7 +15,13 @@ Presets are ``<family>-<size>``: a position / scaling / mask family in a
 The tiny presets ship trained (``zoo_cards``: the package's
 ``models/pretrained/<name>/``, built by ``python -m
 extrapolax.experiments.zoo_build --all``); the small ones are built on demand
-with the same command.
+with the same command. The hybrids of released models (``irope``: Llama 4,
+``gemma3``, ``qk-norm``: Qwen3 / OLMo 2) and the position / softmax methods
+of 2024-25 papers (``harpe``, ``p-rope``, ``ssmax``, ``head-scale``) ship
+without weights in either size (``Info.shipped`` False; their card names
+the build command). A family's layer pattern repeats whole: its layer count
+is the size's, rounded up to a multiple of the pattern's length (irope-tiny
+has 4 layers, gemma3-tiny 6).
 
 Vocabulary: 256 byte ids, no specials. The rope scalings (rope-linear,
 -dynamic, -ntk, -yarn, -llama3) and rope-lambda are zero-shot variants of the
@@ -60,7 +66,8 @@ from . import zoo_cards
 from .config import AttentionSpec, ModelConfig
 from .transformer import DecoderLM
 
-__all__ = ["Info", "names", "presets", "info", "config", "create",
+__all__ = ["Info", "names", "presets", "families", "info", "config",
+           "create",
            "save_pretrained",
            "from_pretrained", "checkpoint_dirs"]
 
@@ -114,11 +121,31 @@ class _Family:
   scaling: str = "none"
   mask: Callable[[int], str] = lambda _: "causal"
   zero_shot: Optional[Callable[[AttentionSpec, int], AttentionSpec]] = None
+  shipped: bool = True       # the tiny size ships trained weights
 
   def specs(self, train_len: int) -> tuple[AttentionSpec, ...]:
     if self.zero_shot is not None:
       return (self.zero_shot(AttentionSpec(), train_len),)
     return self.attention(train_len)
+
+
+def _irope(train_len: int) -> tuple[AttentionSpec, ...]:
+  """Llama 4: NoPE every 4th layer (transformers' no_rope_layer_interval),
+  chunked attention on the RoPE layers, temperature tuning on the NoPE ones
+  (Llama 4's chunk and floor_scale are both 8192)."""
+  chunk = max(train_len // 4, 1)
+  local = AttentionSpec(mask="chunked", chunk=chunk, qk_norm=True)
+  global_ = AttentionSpec(position="nope", temperature="llama4",
+                          temperature_args={"floor_scale": chunk,
+                                            "attn_scale": 0.1})
+  return (local, local, local, global_)
+
+
+def _gemma3(train_len: int) -> tuple[AttentionSpec, ...]:
+  """Gemma 3: 5 local layers to 1 global, local base 10k, global 1M."""
+  local = AttentionSpec(mask="sliding_window", window=max(train_len // 4, 1),
+                        rope_base=10000.0, qk_norm=True)
+  return (local,) * 5 + (AttentionSpec(rope_base=1e6, qk_norm=True),)
 
 
 def _only(position: str):
@@ -167,6 +194,39 @@ _FAMILIES: dict[str, _Family] = {
     "rope-lambda": _zero_shot(
         f"LM-Infinite's Lambda mask ({NUM_SINKS} sinks, window train_len)",
         _lambda_mask, mask=lambda n: f"lambda(sinks={NUM_SINKS}, window={n})"),
+    # Hybrids of released models (scaled to the preset's length) and the
+    # methods of recent papers; no shipped weights.
+    "irope": _Family(
+        "rope+nope", "Llama 4's iRoPE: 3 RoPE layers with chunked attention "
+        "(chunk train_len / 4, QK-norm) then 1 NoPE layer with attention "
+        "temperature tuning (floor_scale = the chunk)", _irope,
+        mask=lambda n: f"chunked({max(n // 4, 1)})+causal", shipped=False),
+    "gemma3": _Family(
+        "rope", "Gemma 3: 5 sliding-window layers (window train_len / 4, "
+        "base 10000) then 1 global layer (base 1e6), QK-norm", _gemma3,
+        mask=lambda n: f"sliding_window({max(n // 4, 1)})+causal",
+        shipped=False),
+    "qk-norm": _Family(
+        "rope", "RoPE with QK-norm (Qwen3 / OLMo 2: RMSNorm on each head's "
+        "q and k before RoPE)", lambda _: (AttentionSpec(qk_norm=True),),
+        shipped=False),
+    "harpe": _Family(
+        "rope", "HARPE: one RoPE base per key/value head, log-spread from "
+        "100 to 1e6", lambda _: (AttentionSpec(rope_base=(100.0, 1e6)),),
+        shipped=False),
+    "p-rope": _Family(
+        "rope", "p-RoPE (Barbero et al.): the highest 3/4 of the "
+        "frequencies rotate, the rest are NoPE dims",
+        lambda _: (AttentionSpec(p_rope=0.75),), shipped=False),
+    "ssmax": _Family(
+        "nope", "NoPE with Scalable-Softmax (s_h log n, s learned per head)",
+        lambda _: (AttentionSpec(position="nope", temperature="ssmax"),),
+        shipped=False),
+    "head-scale": _Family(
+        "nope", "NoPE with a learned temperature per head (Wang et al. "
+        "2024)", lambda _: (AttentionSpec(position="nope",
+                                         temperature="head_scale"),),
+        shipped=False),
 }
 _PRESETS: dict[str, tuple[str, str]] = {
     f"{family}-{size}": (family, size)
@@ -189,6 +249,7 @@ class Info:
     num_params: parameter count (from nnx.eval_shape; no weights built).
     weights_from: the preset whose trained weights this one runs (itself,
       except for the zero-shot rope variants, which run the rope model's).
+    shipped: whether the package ships its tiny size trained.
     description: one line.
     card: the model card of its trained weights (``zoo_cards.card``: recipe,
       tokens seen, final loss, held-out perplexity at 1x-16x train_len,
@@ -206,11 +267,17 @@ class Info:
   weights_from: str
   description: str
   card: Optional[Mapping[str, Any]] = None
+  shipped: bool = True
 
 
 def names() -> tuple[str, ...]:
   """All preset names and real pretrained models, sorted."""
   return tuple(sorted([*_PRESETS, *pretrained.MODELS]))
+
+
+def families() -> tuple[str, ...]:
+  """The preset families (a preset is ``<family>-<size>``)."""
+  return tuple(_FAMILIES)
 
 
 def presets() -> tuple[str, ...]:
@@ -254,7 +321,7 @@ def _info(family: str, size: str) -> Info:
       scale=SCALE_FACTOR if fam.scaling != "none" else 1.0,
       mask=fam.mask(train_len), train_len=train_len, num_params=int(count),
       weights_from=f"rope-{size}" if fam.zero_shot else f"{family}-{size}",
-      description=fam.description)
+      description=fam.description, shipped=fam.shipped and size == "tiny")
 
 
 def _config(family: str, size: str, overrides: Mapping[str, Any]):
@@ -264,8 +331,10 @@ def _config(family: str, size: str, overrides: Mapping[str, Any]):
     raise ValueError(f"unknown ModelConfig override(s) {unknown}; allowed: "
                      f"{sorted(fields)}")
   kwargs = dict(_SIZES[size])
-  kwargs.update(overrides)
   fam = _FAMILIES[family]
+  pattern = len(fam.specs(kwargs["max_len"]))
+  kwargs["num_layers"] = -(-kwargs["num_layers"] // pattern) * pattern
+  kwargs.update(overrides)
   kwargs.setdefault("attention", fam.specs(kwargs["max_len"]))
   kwargs.setdefault("absolute", fam.absolute)
   return ModelConfig(**kwargs)
