@@ -175,6 +175,7 @@ class AttentionSpec:
                  else f"position in {readers}")
         raise ValueError(f"{field}={getattr(self, field)!r} needs {needs}, "
                          f"got {self.position!r}")
+    self.to_position()                 # the scheme's values are valid
 
   def mask_params(self) -> dict[str, Any]:
     """The mask's parameters by name (shorthand fields and mask_args)."""
