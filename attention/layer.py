@@ -6,8 +6,12 @@ scheme is a small frozen dataclass (the semantics axis); ``implementation``
 picks who computes (the other axis, see ``core``).
 
 Schemes: ``NoPE()``, ``Rope(...)`` (any Hugging Face rope_scaling, both
-layouts, partial rotary, optional Self-Extend or LM-Infinite distance
+layouts, partial rotary, per-head bases (HARPE), p-RoPE, Giraffe's
+truncated basis, optional Self-Extend, STRING or LM-Infinite distance
 ceiling), ``Alibi()``, ``T5Bias(...)``, ``Kerple()``, ``Fire(...)``.
+The layer also takes a query ``temperature`` (``temperature.py``:
+head_scale, ssmax, llama4) and ``qk_norm`` (RMSNorm on each head's q and k
+before RoPE, Qwen3 / OLMo 2).
 Absolute encodings are added to token embeddings, not inside attention:
 ``sinusoidal_embedding`` (positional.py) and ``LearnedPositionEmbedding`` here.
 

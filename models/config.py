@@ -285,6 +285,10 @@ class ModelConfig:
     object.__setattr__(self, "attention", attention)
     for spec in attention:   # bad scheme settings fail here, not later
       spec.to_position().check(self.per_head_dim, spec.to_mask())
+      if isinstance(spec.rope_base, tuple) and len(spec.rope_base) != kv:
+        raise ValueError(
+            f"rope_base={spec.rope_base!r}: per-head bases need one per "
+            f"key/value head (num_kv_heads={kv})")
 
   @property
   def kv_heads(self) -> int:
