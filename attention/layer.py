@@ -6,8 +6,12 @@ scheme is a small frozen dataclass (the semantics axis); ``implementation``
 picks who computes (the other axis, see ``core``).
 
 Schemes: ``NoPE()``, ``Rope(...)`` (any Hugging Face rope_scaling, both
-layouts, partial rotary, optional Self-Extend or LM-Infinite distance
+layouts, partial rotary, per-head bases (HARPE), p-RoPE, Giraffe's
+truncated basis, optional Self-Extend, STRING or LM-Infinite distance
 ceiling), ``Alibi()``, ``T5Bias(...)``, ``Kerple()``, ``Fire(...)``.
+The layer also takes a query ``temperature`` (``temperature.py``:
+head_scale, ssmax, llama4) and ``qk_norm`` (RMSNorm on each head's q and k
+before RoPE, Qwen3 / OLMo 2).
 Absolute encodings are added to token embeddings, not inside attention:
 ``sinusoidal_embedding`` (positional.py) and ``LearnedPositionEmbedding`` here.
 
@@ -30,6 +34,8 @@ from . import core
 from . import masks as masks_lib
 from . import positional
 from . import rope as rope_lib
+from . import rope_remaps
+from . import temperature as temperature_lib
 
 Array = jax.Array
 
@@ -124,7 +130,9 @@ class Rope(PositionScheme):
   """Rotary embeddings, optionally scaled.
 
   Attributes:
-    base: rope_theta.
+    base: rope_theta, or a tuple of one base per key/value head (HARPE;
+      query heads rotate with their key/value head's base, so grouped heads
+      stay relative).
     rope_scaling: a Hugging Face rope_scaling dict, verbatim, or None.
     max_position_embeddings: what the scaling methods that need it read.
     partial_rotary_factor: fraction of head_dim that rotates.
@@ -134,6 +142,15 @@ class Rope(PositionScheme):
     distance_ceiling: LM-Infinite: with a ``Lambda`` mask, the sink keys past
       the window are scored at this fixed distance (query rotated at the
       ceiling, keys un-rotated).
+    string: (shift, local_window): STRING (inference only): pairs at
+      distance d >= shift are scored at d - shift + local_window.
+    p_rope: p-RoPE's fraction p of (highest) frequencies that rotate; the
+      rest are zero (NoPE dims). None or 1: RoPE.
+    truncated_basis: Giraffe's (a, b, rho) truncation of the frequencies.
+
+  self_extend, distance_ceiling and string re-score far pairs through
+  ``dot_product_attention``'s far query: the xla, xla_chunked, pallas_* and
+  context_parallel implementations run them; cudnn refuses them.
   """
   name: ClassVar[str] = "rope"
   spec_fields: ClassVar[Mapping[str, str]] = {
@@ -141,22 +158,46 @@ class Rope(PositionScheme):
       "rope_max_position_embeddings": "max_position_embeddings",
       "partial_rotary_factor": "partial_rotary_factor",
       "rope_layout": "layout", "self_extend": "self_extend",
-      "distance_ceiling": "distance_ceiling"}
-  base: float = 10000.0
+      "distance_ceiling": "distance_ceiling", "string": "string",
+      "p_rope": "p_rope", "truncated_basis": "truncated_basis"}
+  base: Union[float, tuple[float, ...]] = 10000.0
   rope_scaling: Optional[Mapping[str, Any]] = None
   max_position_embeddings: Optional[int] = None
   partial_rotary_factor: float = 1.0
   layout: str = "half"
   self_extend: Optional[tuple[int, int]] = None
   distance_ceiling: Optional[int] = None
+  string: Optional[tuple[int, int]] = None
+  p_rope: Optional[float] = None
+  truncated_basis: Optional[tuple[float, float, float]] = None
 
   def __post_init__(self):
     if self.layout not in rope_lib.ROPE_LAYOUTS:
       raise ValueError(f"layout must be one of {rope_lib.ROPE_LAYOUTS}, got "
                        f"{self.layout!r}")
-    if self.self_extend is not None and self.distance_ceiling is not None:
-      raise ValueError("self_extend and distance_ceiling both re-score far "
-                       "pairs; choose one")
+    far = [n for n in ("self_extend", "distance_ceiling", "string")
+           if getattr(self, n) is not None]
+    if len(far) > 1:
+      raise ValueError(f"{' and '.join(far)} all re-score far pairs; choose "
+                       "one")
+    if not isinstance(self.base, (int, float)):
+      if isinstance(self.base, (str, bytes)) or not len(self.base):
+        raise ValueError("base must be a number or a non-empty tuple of "
+                         f"per-head bases, got {self.base!r}")
+      object.__setattr__(self, "base", tuple(
+          checks.check_number("per-head base", b) for b in self.base))
+    if self.string is not None:
+      object.__setattr__(self, "string",
+                         rope_remaps.check_string(self.string))
+    if self.p_rope is not None:
+      rope_remaps.p_rope_frequencies(jnp.ones(2), self.p_rope)  # in [0, 1]
+    if self.truncated_basis is not None:
+      if (isinstance(self.truncated_basis, (str, bytes))
+          or len(self.truncated_basis) != 3):
+        raise ValueError("truncated_basis must be (a, b, rho), got "
+                         f"{self.truncated_basis!r}")
+      object.__setattr__(self, "truncated_basis", rope_remaps.check_truncation(
+          *self.truncated_basis))
     if self.self_extend is not None:
       if len(self.self_extend) != 2:
         raise ValueError("self_extend must be (group_size, window), got "
@@ -172,12 +213,25 @@ class Rope(PositionScheme):
                          _FrozenDict(self.rope_scaling))
 
   def frequencies(self, head_dim: int, seq_len=None):
-    return rope_lib.rope_frequencies(
-        head_dim, base=self.base,
+    """(inv_freq, attention_scaling): inv_freq [R/2], or [K, R/2] with
+    per-head bases; p-RoPE and the truncated basis applied."""
+    bases = self.base if isinstance(self.base, tuple) else (self.base,)
+    pairs = [rope_lib.rope_frequencies(
+        head_dim, base=base,
         rope_scaling=None if self.rope_scaling is None else dict(
             self.rope_scaling),
         max_position_embeddings=self.max_position_embeddings,
         seq_len=seq_len, partial_rotary_factor=self.partial_rotary_factor)
+             for base in bases]
+    att = pairs[0][1]
+    inv_freq = (jnp.stack([f for f, _ in pairs])
+                if isinstance(self.base, tuple) else pairs[0][0])
+    if self.p_rope is not None:
+      inv_freq = rope_remaps.p_rope_frequencies(inv_freq, self.p_rope)
+    if self.truncated_basis is not None:
+      a, b, rho = self.truncated_basis
+      inv_freq = rope_remaps.truncated_basis(inv_freq, a=a, b=b, rho=rho)
+    return inv_freq, att
 
   def check(self, head_dim, mask):
     self.frequencies(head_dim)   # bad rope settings fail here
@@ -186,11 +240,25 @@ class Rope(PositionScheme):
       raise ValueError("Rope(distance_ceiling=...) needs a Lambda mask, got "
                        f"{mask!r}")
 
+  def init_params(self, layer, *, num_heads, rngs, param_dtype):
+    del num_heads, rngs, param_dtype
+    if isinstance(self.base, tuple) and len(self.base) != layer.num_kv_heads:
+      raise ValueError(
+          f"per-head RoPE bases: give one per key/value head "
+          f"(num_kv_heads={layer.num_kv_heads}), got {len(self.base)}: "
+          f"{self.base!r}")
+
   def rotate(self, layer, q, k, q_positions, k_positions):
     inv_freq, att = self.frequencies(layer.head_dim,
                                      seq_len=jnp.max(q_positions) + 1)
-    rot = lambda y, pos: rope_lib.apply_rope(
-        y, pos, inv_freq, attention_scaling=att, layout=self.layout)
+    k_freq = q_freq = inv_freq
+    if inv_freq.ndim == 2:     # per key/value head; query heads by group
+      q_freq = jnp.repeat(inv_freq, q.shape[2] // k.shape[2], axis=0)
+    rot_q = lambda pos: rope_lib.apply_rope(
+        q, pos, q_freq, attention_scaling=att, layout=self.layout)
+    rot_k = lambda pos: rope_lib.apply_rope(
+        k, pos, k_freq, attention_scaling=att, layout=self.layout)
+    q_rot, k_rot = rot_q(q_positions), rot_k(k_positions)
     far = {}
     if self.self_extend is not None:
       group, window = self.self_extend
@@ -198,14 +266,20 @@ class Rope(PositionScheme):
           q_positions, group_size=group, window=window)
       _, far_k_pos = positional.self_extend_positions(
           k_positions, group_size=group, window=window)
-      far = dict(far_query=rot(q, far_q_pos), far_key=rot(k, far_k_pos),
+      far = dict(far_query=rot_q(far_q_pos), far_key=rot_k(far_k_pos),
                  far_window=window)
+    elif self.string is not None:
+      # Far pairs: the query moved nearer by shift - local_window.
+      shift, local = self.string
+      far = dict(far_query=rot_q(rope_remaps.string_far_positions(
+          q_positions, shift=shift, local_window=local)),
+                 far_key=k_rot, far_window=shift)
     elif self.distance_ceiling is not None:
       # Row i's far (sink) keys sit at distance min(ceiling, i).
       far = dict(
-          far_query=rot(q, jnp.minimum(self.distance_ceiling, q_positions)),
+          far_query=rot_q(jnp.minimum(self.distance_ceiling, q_positions)),
           far_key=k, far_window=layer.mask.window)
-    return rot(q, q_positions), rot(k, k_positions), far
+    return q_rot, k_rot, far
 
 
 class _FrozenDict(dict):
@@ -334,6 +408,9 @@ class Attention(nnx.Module):
                implementation: Union[str, core.Implementation, None] = None,
                logits_soft_cap: Optional[float] = None,
                length_scaling: Optional[int] = None,
+               temperature: Union[temperature_lib.Temperature, str,
+                                  None] = None,
+               qk_norm: bool = False, qk_norm_eps: float = 1e-6,
                qkv_bias: bool = False, out_bias: bool = False, dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -357,12 +434,22 @@ class Attention(nnx.Module):
     position.check(head_dim, self.mask)
     if length_scaling is not None:
       check_int("length_scaling", length_scaling, 2)
+    if isinstance(temperature, str):
+      temperature = temperature_lib.temperature_from_name(temperature)
+    if temperature is not None and not isinstance(
+        temperature, temperature_lib.Temperature):
+      raise ValueError(f"temperature must be None, a Temperature or one of "
+                       f"{temperature_lib.temperature_names()}, got "
+                       f"{temperature!r}")
+    if not isinstance(qk_norm, bool):
+      raise ValueError(f"qk_norm must be a bool, got {qk_norm!r}")
     self.num_heads, self.num_kv_heads, self.head_dim = (
         num_heads, num_kv_heads, head_dim)
     self.position = position
     self.implementation = implementation
     self.logits_soft_cap = logits_soft_cap
     self.length_scaling = length_scaling
+    self.temperature = temperature
     self.dtype = dtype
     dense = lambda n: nnx.LinearGeneral(
         features, (n, head_dim), use_bias=qkv_bias, dtype=dtype,
@@ -373,12 +460,21 @@ class Attention(nnx.Module):
     self.o_proj = nnx.LinearGeneral(
         (num_heads, head_dim), features, axis=(-2, -1), use_bias=out_bias,
         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if qk_norm:   # Qwen3 / OLMo 2: RMSNorm over each head's dims
+      norm = lambda: nnx.RMSNorm(head_dim, epsilon=qk_norm_eps, dtype=dtype,
+                                 param_dtype=param_dtype, rngs=rngs)
+      self.q_norm, self.k_norm = norm(), norm()
+    self.qk_norm = qk_norm
     position.init_params(self, num_heads=num_heads, rngs=rngs,
                          param_dtype=param_dtype)
+    if temperature is not None:
+      temperature.init_params(self, num_heads=num_heads, rngs=rngs,
+                              param_dtype=param_dtype)
 
   def attend(self, q: Array, k: Array, v: Array, q_positions: Array,
              k_positions: Array, *, segment_ids=None, rope_q_positions=None,
-             rope_k_positions=None, explicit: bool = True) -> Array:
+             rope_k_positions=None, explicit: bool = True,
+             return_residuals: bool = False) -> Array:
     """Attention of projected heads; keys and queries not yet rotated.
 
     Args:
@@ -389,18 +485,26 @@ class Attention(nnx.Module):
         they differ (StreamingLLM re-positions keys by cache slot).
       explicit: pass the positions to the attention call (False: the default
         bottom-right alignment, which lets every implementation serve).
+      return_residuals: also return the log-sum-exp, float32 [B, N, T].
     Returns:
-      [B, T, N, H] before the output projection.
+      [B, T, N, H] before the output projection (and the lse).
     """
     rope_q = q_positions if rope_q_positions is None else rope_q_positions
     rope_k = k_positions if rope_k_positions is None else rope_k_positions
     p = self.position
+    if self.qk_norm:   # before RoPE, as Qwen3 / OLMo 2
+      q, k = self.q_norm(q), self.k_norm(k)
     q, k, far = p.rotate(self, q, k, rope_q, rope_k)
+    scales = []
     if self.length_scaling is not None:
-      scale = positional.length_logit_scale(q_positions, self.length_scaling)
-      q = q * scale[..., None, None].astype(q.dtype)
+      scales.append(positional.length_logit_scale(
+          q_positions, self.length_scaling)[..., None])
+    if self.temperature is not None:
+      scales.append(self.temperature.scale(self, q_positions))
+    for scale in scales:        # [B, T, 1] or [B, T, N]
+      q = q * scale[..., None].astype(q.dtype)
       if far:
-        far["far_query"] = far["far_query"] * scale[..., None, None].astype(
+        far["far_query"] = far["far_query"] * scale[..., None].astype(
             q.dtype)
     # The implementation chosen at call time (core.use_implementation) wins
     # over the one this layer was built with.
@@ -412,7 +516,8 @@ class Attention(nnx.Module):
         logits_soft_cap=self.logits_soft_cap,
         implementation=implementation,
         query_positions=q_positions if explicit else None,
-        key_positions=k_positions if explicit else None, **far)
+        key_positions=k_positions if explicit else None,
+        return_residuals=return_residuals, **far)
 
   def __call__(self, x: Array, *, positions: Optional[Array] = None,
                segment_ids: Optional[Array] = None) -> Array:

@@ -546,24 +546,28 @@ def rope_cos_sin(positions, inv_freq,
 
   Args:
     positions: int or float array of any shape ``[...]``.
-    inv_freq: ``[R/2]``.
+    inv_freq: ``[R/2]``, or ``[N, R/2]`` (one set of frequencies per head).
     attention_scaling: multiplies both cos and sin (transformers' convention).
 
   Returns:
-    ``(cos, sin)``, each float32 ``[..., R/2]``. The angle is computed as
+    ``(cos, sin)``, each float32 ``[..., R/2]`` (``[..., N, R/2]`` for
+    per-head frequencies). The angle is computed as
     ``positions.astype(float32) * inv_freq`` (as transformers does).
   """
   positions = jnp.asarray(positions)
   inv_freq = jnp.asarray(inv_freq, jnp.float32)
-  if inv_freq.ndim != 1:
+  if inv_freq.ndim not in (1, 2):
     raise ValueError(
-        f"inv_freq must be 1-D [R/2]; got shape {inv_freq.shape}")
+        f"inv_freq must be [R/2] or per head [N, R/2]; got shape "
+        f"{inv_freq.shape}")
   if not (jnp.issubdtype(positions.dtype, jnp.integer) or
           jnp.issubdtype(positions.dtype, jnp.floating)):
     raise ValueError(
         f"positions must be an int or float array; got dtype "
         f"{positions.dtype}")
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  pos = positions.astype(jnp.float32)
+  angles = pos[..., None] * inv_freq if inv_freq.ndim == 1 else (
+      pos[..., None, None] * inv_freq)
   return (jnp.cos(angles) * attention_scaling,
           jnp.sin(angles) * attention_scaling)
 
@@ -597,7 +601,9 @@ def apply_rope(x, positions, inv_freq, *, attention_scaling: float = 1.0,
     x: ``[B, T, N, H]`` queries or keys, any float dtype.
     positions: ``[B, T]`` or ``[T]`` explicit positions (int or float); they
       need not be contiguous (packed segments restart at 0).
-    inv_freq: ``[R/2]`` with ``R <= H``, e.g. from :func:`rope_frequencies`.
+    inv_freq: ``[R/2]`` with ``R <= H``, e.g. from :func:`rope_frequencies`,
+      or ``[N, R/2]``: head ``n`` rotates with ``inv_freq[n]`` (per-head
+      bases, HARPE).
     attention_scaling: multiplies cos and sin (so the rotated dims, not the
       pass-through tail, are scaled), as transformers does.
     layout: ``"half"`` (pairs ``(i, i + R/2)``, Llama / Hugging Face) or
@@ -615,12 +621,14 @@ def apply_rope(x, positions, inv_freq, *, attention_scaling: float = 1.0,
     raise ValueError(f"x must be [B, T, N, H]; got shape {x.shape}")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"x must have a float dtype; got {x.dtype}")
-  batch, length, _, head_dim = x.shape
+  batch, length, heads, head_dim = x.shape
   inv_freq = jnp.asarray(inv_freq, jnp.float32)
-  if inv_freq.ndim != 1:
+  if inv_freq.ndim not in (1, 2) or (
+      inv_freq.ndim == 2 and inv_freq.shape[0] != heads):
     raise ValueError(
-        f"inv_freq must be 1-D [R/2]; got shape {inv_freq.shape}")
-  rot_dim = 2 * inv_freq.shape[0]
+        f"inv_freq must be [R/2] or per head [N={heads}, R/2]; got shape "
+        f"{inv_freq.shape}")
+  rot_dim = 2 * inv_freq.shape[-1]
   if rot_dim > head_dim:
     raise ValueError(
         f"rotary dims R = 2 * len(inv_freq) = {rot_dim} exceed head dim "
@@ -632,7 +640,8 @@ def apply_rope(x, positions, inv_freq, *, attention_scaling: float = 1.0,
         f"({batch}, {length}) to match x {x.shape}; got {positions.shape}")
 
   cos, sin = rope_cos_sin(positions, inv_freq, attention_scaling)
-  cos, sin = cos[..., None, :], sin[..., None, :]  # [(B,) T, 1, R/2]
+  if inv_freq.ndim == 1:
+    cos, sin = cos[..., None, :], sin[..., None, :]  # [(B,) T, 1, R/2]
   rotated = _LAYOUTS[layout](x[..., :rot_dim].astype(jnp.float32), cos, sin)
   rotated = rotated.astype(x.dtype)
   if rot_dim == head_dim:

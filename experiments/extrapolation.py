@@ -198,7 +198,7 @@ def validate_config(config) -> None:
     _validate_source(config, variants)
     _entries(config)
     return
-  choices = modeling.pe_choices()
+  choices = variant_choices()
   if not variants:
     raise ValueError("config.variants is empty; name at least one position "
                      f"encoding of {choices}")
@@ -218,16 +218,30 @@ def validate_config(config) -> None:
   _entries(config)
 
 
+def variant_choices() -> tuple[str, ...]:
+  """What config.variants may name: a position encoding (``modeling.
+  pe_choices()``), or a zoo family (``zoo.families()``: irope, gemma3,
+  qk-norm, harpe, p-rope, ssmax, ...) whose architecture is trained at the
+  study's sizes (config.model.preset = "<family>-tiny")."""
+  from extrapolax.models import zoo  # pylint: disable=g-import-not-at-top
+  pes = modeling.pe_choices()
+  return pes + tuple(f for f in zoo.families() if f not in pes)
+
+
 def variant_config(config, variant: str,
                    workdir: str) -> ml_collections.ConfigDict:
-  """The training config of one variant: config.train with model.pe set.
+  """The training config of one variant: config.train with model.pe set
+  (or, for a zoo family that is no pe name, model.preset = its tiny preset).
 
   The runs share one token store folder, WORKDIR/data, unless
   config.train.data.cache_dir names one.
   """
   train = config.train.copy_and_resolve_references()
   train.unlock()
-  train.model.pe = variant
+  if variant in modeling.pe_choices():
+    train.model.pe = variant
+  else:
+    train.model.preset = f"{variant}-tiny"
   if train.data.cache_dir is None and workdir:
     train.data.cache_dir = os.path.join(os.path.abspath(workdir), "data")
   return train

@@ -336,6 +336,11 @@ def validate_data_config(config) -> None:
   _check_number("data.eval_fraction", fields.eval_fraction, minimum=0,
                 maximum=1)
   _check_number("data.split_seed", fields.split_seed, minimum=0, integer=True)
+  try:
+    sampler = data.position_sampler(fields.get("positions", "plain"))
+    sampler.check_length(config.train_len)
+  except ValueError as e:
+    raise ValueError(f"config.data.positions: {e}") from e
 
 
 def vocab_size(config) -> int:
@@ -357,19 +362,24 @@ def make_source(config, workdir: str):
   """
   data, fields = _data(), config.data
   if fields.task is not None:
-    return data.TaskSource(
+    source = data.TaskSource(
         fields.task, seq_len=config.train_len, batch_size=config.batch_size,
         seed=config.seed, min_length=fields.get("task_min_length"),
         max_length=fields.get("task_max_length"))
-  path = data.default_store_path(data_dir(config, workdir), fields.corpus,
-                                 fields.tokenizer, "train")
-  store = data.build_store(
-      path, fields.corpus, fields.tokenizer, split="train",
-      eval_fraction=fields.eval_fraction, split_seed=fields.split_seed,
-      cache_dir=fields.cache_dir)
-  return data.TrainSource(store, seq_len=config.train_len,
-                          batch_size=config.batch_size, seed=config.seed,
-                          packing=fields.packing)
+  else:
+    path = data.default_store_path(data_dir(config, workdir), fields.corpus,
+                                   fields.tokenizer, "train")
+    store = data.build_store(
+        path, fields.corpus, fields.tokenizer, split="train",
+        eval_fraction=fields.eval_fraction, split_seed=fields.split_seed,
+        cache_dir=fields.cache_dir)
+    source = data.TrainSource(store, seq_len=config.train_len,
+                              batch_size=config.batch_size, seed=config.seed,
+                              packing=fields.packing)
+  sampler = data.position_sampler(fields.get("positions", "plain"))
+  if isinstance(sampler, data.positions.Plain):
+    return source
+  return data.PositionSampling(source, sampler, seed=config.seed)
 
 
 # ----------------------------------------------------------------------------

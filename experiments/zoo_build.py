@@ -273,7 +273,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       description=__doc__.split("\n\n")[0])
   parser.add_argument("names", nargs="*", help="presets to build")
   parser.add_argument("--all", action="store_true",
-                      help="every tiny preset")
+                      help="every tiny preset the package ships")
   parser.add_argument("--out", default=zoo.DEFAULT_CHECKPOINTS,
                       help="where checkpoints go (default %(default)s)")
   parser.add_argument("--workdir", default=DEFAULT_WORKDIR,
@@ -287,7 +287,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parser.parse_args(argv)
   names = list(args.names)
   if args.all:
-    names += [n for n in zoo.presets() if zoo.info(n).size == "tiny"]
+    names += [n for n in zoo.presets() if zoo.info(n).shipped]
   if not names and not args.table:
     parser.error("name presets, or give --all or --table")
   if args.steps is not None and args.steps < 1:

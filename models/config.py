@@ -13,6 +13,7 @@ import json
 from typing import Any, Mapping, Optional
 
 from extrapolax.attention import layer as attn_layer
+from extrapolax.attention import temperature as temperature_lib
 from extrapolax.common import checks
 from extrapolax.attention import masks
 
@@ -56,7 +57,12 @@ class AttentionSpec:
       (``attention.layer.position_names()``: nope, rope, alibi, t5, kerple,
       fire, ...).
     rope_base, rope_scaling, partial_rotary_factor, rope_layout: RoPE
-      settings (rope_scaling is a Hugging Face dict, verbatim).
+      settings (rope_scaling is a Hugging Face dict, verbatim); rope_base
+      may be a tuple of one base per key/value head (HARPE).
+    p_rope: p-RoPE's fraction of (highest) frequencies that rotate.
+    truncated_basis: Giraffe's (a, b, rho) truncated frequencies.
+    string: (shift, local_window): STRING at inference (RoPE): pairs at
+      distance d >= shift are scored at d - shift + local_window.
     rope_max_position_embeddings: what dynamic/yarn/llama3 scalings read when
       the dict has no original_max_position_embeddings.
     self_extend: (group_size, window): Self-Extend at inference (RoPE).
@@ -72,6 +78,11 @@ class AttentionSpec:
     mask_args: further mask parameters by name (``{"prefix_len": 8}``).
     logits_soft_cap: None or c > 0.
     length_scaling: None, or the training length for log(n)/log(L) scaling.
+    temperature: None or a query temperature name
+      (``attention.temperature``: head_scale, ssmax, llama4), with its
+      parameters in temperature_args.
+    qk_norm: RMSNorm on each head's queries and keys before RoPE (Qwen3,
+      OLMo 2 style, learned scale per head dim).
     t5_num_buckets, t5_max_distance: T5 bias settings.
 
   A field the chosen scheme or mask does not read raises; nothing is
@@ -95,9 +106,26 @@ class AttentionSpec:
   distance_ceiling: Optional[int] = None
   mask_args: Optional[Mapping[str, Any]] = None
   position_args: Optional[Mapping[str, Any]] = None
+  string: Optional[tuple[int, int]] = None
+  p_rope: Optional[float] = None
+  truncated_basis: Optional[tuple[float, float, float]] = None
+  temperature: Optional[str] = None
+  temperature_args: Optional[Mapping[str, Any]] = None
+  qk_norm: bool = False
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
+    # JSON gives lists; the fields are tuples (so equality survives).
+    for name in ("string", "truncated_basis", "rope_base"):
+      value = getattr(self, name)
+      if isinstance(value, list):
+        set_(name, tuple(value))
+    if not isinstance(self.qk_norm, bool):
+      raise ValueError(f"qk_norm must be a bool, got {self.qk_norm!r}")
+    if self.temperature_args is not None and self.temperature is None:
+      raise ValueError(f"temperature_args={self.temperature_args!r} needs a "
+                       "temperature")
+    self.to_temperature()                            # a known name
     attn_layer.position_class(self.position)        # a known name
     name, parsed = masks.parse(self.mask)
     extra = {}
@@ -147,6 +175,7 @@ class AttentionSpec:
                  else f"position in {readers}")
         raise ValueError(f"{field}={getattr(self, field)!r} needs {needs}, "
                          f"got {self.position!r}")
+    self.to_position()                 # the scheme's values are valid
 
   def mask_params(self) -> dict[str, Any]:
     """The mask's parameters by name (shorthand fields and mask_args)."""
@@ -163,6 +192,13 @@ class AttentionSpec:
               for field, param in cls.spec_fields.items()}
     params.update(self.position_args or {})
     return attn_layer.position_from_name(self.position, **params)
+
+  def to_temperature(self) -> Optional[temperature_lib.Temperature]:
+    """The layer's query temperature, or None."""
+    if self.temperature is None:
+      return None
+    return temperature_lib.temperature_from_name(
+        self.temperature, **dict(self.temperature_args or {}))
 
   def to_mask(self) -> masks.Mask:
     return masks.from_name(self.mask, **self.mask_params())
@@ -249,6 +285,10 @@ class ModelConfig:
     object.__setattr__(self, "attention", attention)
     for spec in attention:   # bad scheme settings fail here, not later
       spec.to_position().check(self.per_head_dim, spec.to_mask())
+      if isinstance(spec.rope_base, tuple) and len(spec.rope_base) != kv:
+        raise ValueError(
+            f"rope_base={spec.rope_base!r}: per-head bases need one per "
+            f"key/value head (num_kv_heads={kv})")
 
   @property
   def kv_heads(self) -> int:

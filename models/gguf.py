@@ -1,5 +1,5 @@
-"""llama.cpp GGUF import: Llama (and Mistral, which llama.cpp files as llama)
-and Qwen2 files.
+"""llama.cpp GGUF import: Llama (and Mistral, which llama.cpp files as llama),
+Qwen2 and Qwen3 (QK-norm: ``blk.N.attn_{q,k}_norm.weight``) files.
 
 ``load_gguf(path)`` reads a ``.gguf`` file with the ``gguf`` package (the
 ``gguf`` extra), dequantizes every tensor with ``gguf.quants.dequantize`` and
@@ -28,8 +28,8 @@ llama.cpp's converter permutes the rows of the Llama Q and K projections
 (``convert_hf_to_gguf.py``, ``LlamaModel.permute``: per head, rows
 ``(2, H/2)`` become ``(H/2, 2)``, so its interleaved-pair RoPE sees the
 half-split pairs). ``load_gguf`` undoes that, so the model here uses the
-half-split layout of the transformers checkpoint. Qwen2 files are not
-permuted (llama.cpp runs them with NeoX-style RoPE).
+half-split layout of the transformers checkpoint. Qwen2 and Qwen3 files are
+not permuted (llama.cpp runs them with NeoX-style RoPE).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ __all__ = ["ARCHITECTURES", "TENSOR_TYPES", "KEEP", "config_from_gguf",
 
 KEEP = hf.KEEP
 # general.architecture -> the transformers model_type it reads as.
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 # Architectures whose Q/K rows llama.cpp permutes for its own RoPE layout.
 _PERMUTED = ("llama",)
 # The ggml tensor types load_gguf dequantizes (tested); others raise.
@@ -73,6 +73,8 @@ _BLOCK_TENSORS = {
     "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight",
     "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",      # qwen3
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
@@ -199,7 +201,9 @@ def hf_config_from_gguf(meta: Mapping[str, Any], tensor_names=()) -> dict:
       if bias:
         raise ValueError("GGUF llama file with a sliding window and "
                          "attention biases: not supported")
-  elif window:
+  if arch == "qwen3":
+    config["attention_bias"] = any(n.endswith(".attn_q.bias") for n in names)
+  if arch != "llama" and window:
     raise ValueError(f"GGUF {a}attention.sliding_window={window!r} is not "
                      f"supported for architecture {arch!r}")
   return config
@@ -234,7 +238,7 @@ def _hf_name(name: str, num_layers: int) -> str:
                      "frequency RoPE factors, e.g. Llama 3.1 scaling) is not "
                      "supported")
   raise ValueError(f"GGUF tensor {name!r} is not used by a {num_layers}-layer "
-                   "llama/qwen2 model")
+                   "llama/qwen2/qwen3 model")
 
 
 def _dequantize(tensor, path: str) -> np.ndarray:
@@ -254,7 +258,8 @@ def _dequantize(tensor, path: str) -> np.ndarray:
 
 def load_gguf(path, *, rope_scaling=KEEP, dtype: str = "float32",
               implementation: Optional[str] = None) -> DecoderLM:
-  """Loads a llama.cpp GGUF file (llama, mistral, qwen2) as a DecoderLM.
+  """Loads a llama.cpp GGUF file (llama, mistral, qwen2, qwen3) as a
+  DecoderLM.
 
   Args:
     path: the ``.gguf`` file.

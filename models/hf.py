@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint import: Llama, Mistral and Qwen2 folders.
+"""Hugging Face checkpoint import: Llama, Mistral, Qwen2 and Qwen3 folders.
 
 ``load_hf(path)`` reads a folder written by transformers' ``save_pretrained``
 (``config.json`` plus ``model.safetensors`` or sharded safetensors with
@@ -22,6 +22,8 @@ transformers 4 ``rope_scaling`` + top-level ``rope_theta`` layout):
   layer. Qwen2 uses it only when ``use_sliding_window`` is true, on the layers
   ``layer_types`` marks ``sliding_attention`` (default: layers
   ``>= max_window_layers``). Qwen2 has q/k/v biases and no o_proj bias.
+  Qwen3: Qwen2's windows, Llama's ``attention_bias``, and QK-norm (an
+  RMSNorm with ``rms_norm_eps`` over each head's q and k before RoPE).
 * Missing config keys take the transformers config class's default
   (e.g. Mistral's ``num_key_value_heads`` is 8, its ``sliding_window`` 4096).
 
@@ -40,6 +42,7 @@ Weight layout (torch ``nn.Linear`` weights are ``[out, in]``)::
   ...self_attn.{k,v}_proj.weight [K*H, D]  -> attn.{k,v}_proj.kernel [D, K, H]
   ...self_attn.{q,k,v}_proj.bias           -> attn.{q,k,v}_proj.bias [., H]
   ...self_attn.o_proj.weight [D, N*H]      -> attn.o_proj.kernel [N, H, D]
+  ...self_attn.{q,k}_norm.weight [H]       -> attn.{q,k}_norm.scale (Qwen3)
   ...mlp.{gate,up}_proj.weight [F, D]      -> mlp.{gate,up}.kernel [D, F]
   ...mlp.down_proj.weight [D, F]           -> mlp.down.kernel [F, D]
   ...input_layernorm.weight                -> attn_norm.scale
@@ -68,7 +71,7 @@ from .transformer import DecoderLM
 __all__ = ["SUPPORTED_MODEL_TYPES", "KEEP", "build_model", "config_from_hf",
            "load_hf", "weight_map"]
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class _Keep:
@@ -103,6 +106,14 @@ _DEFAULTS = {
         num_attention_heads=32, num_key_value_heads=32,
         max_position_embeddings=32768, use_sliding_window=False,
         sliding_window=4096, max_window_layers=28, layer_types=None),
+    # Qwen3: Qwen2's windows, no default q/k/v bias, q/k RMSNorm per head.
+    "qwen3": dict(
+        _COMMON_DEFAULTS, vocab_size=151936, hidden_size=4096,
+        intermediate_size=22016, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, head_dim=128,
+        max_position_embeddings=32768, use_sliding_window=False,
+        sliding_window=4096, max_window_layers=28, layer_types=None,
+        attention_bias=False),
 }
 # Keys read here besides the per-model ones above.
 _ROPE_KEYS = frozenset({"rope_theta", "rope_scaling", "rope_parameters",
@@ -219,7 +230,7 @@ def _layer_masks(hf: Mapping[str, Any], model_type: str,
           "model_type 'mistral': transformers' MistralModel ignores it and "
           f"applies sliding_window={window!r} to every layer")
     return [window] * num_layers
-  # qwen2: Qwen2Config.__post_init__.
+  # qwen2 / qwen3: Qwen2Config.__post_init__ (Qwen3Config's is the same).
   if not hf["use_sliding_window"]:
     window = None
   layer_types = hf["layer_types"]
@@ -247,7 +258,8 @@ def _layer_masks(hf: Mapping[str, Any], model_type: str,
 
 def config_from_hf(hf_config: Mapping[str, Any], *,
                    rope_scaling=KEEP) -> ModelConfig:
-  """A ``ModelConfig`` equivalent to a Llama / Mistral / Qwen2 config.json.
+  """A ``ModelConfig`` equivalent to a Llama / Mistral / Qwen2 / Qwen3
+  config.json (Qwen3: QK-norm, ``AttentionSpec(qk_norm=True)``).
 
   Args:
     hf_config: the parsed config.json.
@@ -324,7 +336,7 @@ def config_from_hf(hf_config: Mapping[str, Any], *,
                     rope_scaling=scaling,
                     rope_max_position_embeddings=max_positions,
                     mask="causal" if w is None else "sliding_window",
-                    window=w)
+                    window=w, qk_norm=model_type == "qwen3")
       for w in windows)
   if all(s == specs[0] for s in specs):
     specs = specs[:1]
@@ -372,6 +384,10 @@ def weight_map(config: ModelConfig) -> dict[str, tuple]:
                                           (d,), same)
     out[hf + "post_attention_layernorm.weight"] = (
         ours + ("mlp_norm", "scale"), (d,), same)
+    if config.layer_spec(i).qk_norm:       # Qwen3: RMSNorm per head
+      for name in ("q", "k"):
+        out[hf + f"self_attn.{name}_norm.weight"] = (
+            ours + ("attn", f"{name}_norm", "scale"), (h,), same)
     for name, m in (("q", n), ("k", k), ("v", k)):
       proj = ours + ("attn", f"{name}_proj")
       out[hf + f"self_attn.{name}_proj.weight"] = (proj + ("kernel",),
@@ -482,7 +498,8 @@ def _read_weights(path: str, config: ModelConfig,
 
 def load_hf(path, *, rope_scaling=KEEP, dtype: str = "float32",
             implementation: Optional[str] = None) -> DecoderLM:
-  """Loads a Hugging Face Llama / Mistral / Qwen2 folder as a DecoderLM.
+  """Loads a Hugging Face Llama / Mistral / Qwen2 / Qwen3 folder as a
+  DecoderLM.
 
   Args:
     path: a folder with config.json and model.safetensors (or shards listed

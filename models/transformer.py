@@ -85,7 +85,9 @@ class Block(nnx.Module):
         head_dim=config.per_head_dim, position=spec.to_position(),
         mask=spec.to_mask(), implementation=config.implementation,
         logits_soft_cap=spec.logits_soft_cap,
-        length_scaling=spec.length_scaling, qkv_bias=config.qkv_bias,
+        length_scaling=spec.length_scaling,
+        temperature=spec.to_temperature(), qk_norm=spec.qk_norm,
+        qk_norm_eps=config.norm_eps, qkv_bias=config.qkv_bias,
         out_bias=config.out_bias, dtype=dtype,
         param_dtype=param_dtype, rngs=rngs)
     self.mlp_norm = norm()

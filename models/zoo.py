@@ -15,7 +15,13 @@ Presets are ``<family>-<size>``: a position / scaling / mask family in a
 The tiny presets ship trained (``zoo_cards``: the package's
 ``models/pretrained/<name>/``, built by ``python -m
 extrapolax.experiments.zoo_build --all``); the small ones are built on demand
-with the same command.
+with the same command. The hybrids of released models (``irope``: Llama 4,
+``gemma3``, ``qk-norm``: Qwen3 / OLMo 2) and the position / softmax methods
+of 2024-25 papers (``harpe``, ``p-rope``, ``ssmax``, ``head-scale``) ship
+without weights in either size (``Info.shipped`` False; their card names
+the build command). A family's layer pattern repeats whole: its layer count
+is the size's, rounded up to a multiple of the pattern's length (irope-tiny
+has 4 layers, gemma3-tiny 6).
 
 Vocabulary: 256 byte ids, no specials. The rope scalings (rope-linear,
 -dynamic, -ntk, -yarn, -llama3) and rope-lambda are zero-shot variants of the
@@ -46,26 +52,25 @@ import shutil
 import uuid
 import warnings
 import zlib
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
 from flax import nnx
 
-from extrapolax.attention import rope as rope_lib
-
 from . import checkpoint_files
 from . import pretrained
 from . import zoo_cards
-from .config import AttentionSpec, ModelConfig
+from .config import ModelConfig
 from .transformer import DecoderLM
+from .zoo_families import FAMILIES as _FAMILIES
+from .zoo_families import NUM_SINKS, SCALE_FACTOR  # re-exported
 
-__all__ = ["Info", "names", "presets", "info", "config", "create",
+__all__ = ["Info", "names", "presets", "families", "info", "config",
+           "create",
            "save_pretrained",
            "from_pretrained", "checkpoint_dirs"]
 
-SCALE_FACTOR = 4.0      # rope scalings stretch the training length 4x
-NUM_SINKS = 4           # rope-lambda's sink tokens
 CHECKPOINTS_ENV = "EXTRAPOLAX_CHECKPOINTS"
 DEFAULT_CHECKPOINTS = os.path.join("~", ".cache", "extrapolax", "checkpoints")
 # Version 2: sha256 of every file, config.json included; version 1 (crc32
@@ -83,91 +88,6 @@ _SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-# ----------------------------------------------------------------------------
-# Families: what each preset's attention computes, as a function of the
-# training length L.
-
-
-def _scaled(rope_type: str):
-  """A zero-shot rope scaling (factor SCALE_FACTOR relative to L)."""
-
-  def transform(spec: AttentionSpec, train_len: int) -> AttentionSpec:
-    return spec.with_rope_scaling(
-        rope_lib.zero_shot_scaling(rope_type, SCALE_FACTOR, train_len),
-        train_len)
-
-  return transform
-
-
-def _lambda_mask(spec: AttentionSpec, train_len: int) -> AttentionSpec:
-  return dataclasses.replace(spec, mask="lambda", num_sinks=NUM_SINKS,
-                             window=train_len)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Family:
-  position: str
-  description: str
-  attention: Callable[[int], tuple[AttentionSpec, ...]] = (
-      lambda _: (AttentionSpec(),))
-  absolute: str = "none"
-  scaling: str = "none"
-  mask: Callable[[int], str] = lambda _: "causal"
-  zero_shot: Optional[Callable[[AttentionSpec, int], AttentionSpec]] = None
-
-  def specs(self, train_len: int) -> tuple[AttentionSpec, ...]:
-    if self.zero_shot is not None:
-      return (self.zero_shot(AttentionSpec(), train_len),)
-    return self.attention(train_len)
-
-
-def _only(position: str):
-  return lambda _: (AttentionSpec(position=position),)
-
-
-def _zero_shot(description: str, transform, scaling: str = "none", **kw):
-  return _Family("rope", f"rope model run with {description} (zero-shot)",
-                 scaling=scaling, zero_shot=transform, **kw)
-
-
-_FAMILIES: dict[str, _Family] = {
-    "nope": _Family("nope", "no position signal but the causal mask",
-                    _only("nope")),
-    "sinusoidal": _Family("sinusoidal", "sinusoidal absolute embeddings "
-                          "(Vaswani et al.), nope attention", _only("nope"),
-                          absolute="sinusoidal"),
-    "learned": _Family("learned", "learned absolute table of train_len rows "
-                       "(cannot run past it), nope attention", _only("nope"),
-                       absolute="learned"),
-    "rope": _Family("rope", "rotary embeddings, base 10000"),
-    "alibi": _Family("alibi", "ALiBi distance penalties, the paper's slopes",
-                     _only("alibi")),
-    "t5": _Family("t5", "T5 learned bucketed relative bias (32 buckets, max "
-                  "distance 128)", _only("t5")),
-    "kerple": _Family("kerple", "Kerple log kernel bias, learned per head",
-                      _only("kerple")),
-    "fire": _Family("fire", "FIRE: per-head MLP of the log-normalised "
-                    "distance", _only("fire")),
-    "rope-window": _Family(
-        "rope", "rope trained with a sliding window of train_len / 2",
-        lambda n: (AttentionSpec(mask="sliding_window", window=n // 2),),
-        mask=lambda n: f"sliding_window({n // 2})"),
-    "hybrid": _Family(
-        "rope+nope", "rope and nope layers interleaved (rope first)",
-        lambda _: (AttentionSpec(), AttentionSpec(position="nope"))),
-    "rope-linear": _zero_shot("linear position interpolation, factor 4",
-                              _scaled("linear"), "linear"),
-    "rope-dynamic": _zero_shot("dynamic NTK scaling, factor 4",
-                               _scaled("dynamic"), "dynamic"),
-    "rope-ntk": _zero_shot("static NTK-aware base scaling, factor 4",
-                           _scaled("ntk"), "ntk"),
-    "rope-yarn": _zero_shot("YaRN, factor 4", _scaled("yarn"), "yarn"),
-    "rope-llama3": _zero_shot(
-        "Llama 3 frequency scaling, factor 4", _scaled("llama3"), "llama3"),
-    "rope-lambda": _zero_shot(
-        f"LM-Infinite's Lambda mask ({NUM_SINKS} sinks, window train_len)",
-        _lambda_mask, mask=lambda n: f"lambda(sinks={NUM_SINKS}, window={n})"),
-}
 _PRESETS: dict[str, tuple[str, str]] = {
     f"{family}-{size}": (family, size)
     for family in _FAMILIES for size in _SIZES}
@@ -189,6 +109,7 @@ class Info:
     num_params: parameter count (from nnx.eval_shape; no weights built).
     weights_from: the preset whose trained weights this one runs (itself,
       except for the zero-shot rope variants, which run the rope model's).
+    shipped: whether the package ships its tiny size trained.
     description: one line.
     card: the model card of its trained weights (``zoo_cards.card``: recipe,
       tokens seen, final loss, held-out perplexity at 1x-16x train_len,
@@ -206,11 +127,17 @@ class Info:
   weights_from: str
   description: str
   card: Optional[Mapping[str, Any]] = None
+  shipped: bool = True
 
 
 def names() -> tuple[str, ...]:
   """All preset names and real pretrained models, sorted."""
   return tuple(sorted([*_PRESETS, *pretrained.MODELS]))
+
+
+def families() -> tuple[str, ...]:
+  """The preset families (a preset is ``<family>-<size>``)."""
+  return tuple(_FAMILIES)
 
 
 def presets() -> tuple[str, ...]:
@@ -254,7 +181,7 @@ def _info(family: str, size: str) -> Info:
       scale=SCALE_FACTOR if fam.scaling != "none" else 1.0,
       mask=fam.mask(train_len), train_len=train_len, num_params=int(count),
       weights_from=f"rope-{size}" if fam.zero_shot else f"{family}-{size}",
-      description=fam.description)
+      description=fam.description, shipped=fam.shipped and size == "tiny")
 
 
 def _config(family: str, size: str, overrides: Mapping[str, Any]):
@@ -264,8 +191,10 @@ def _config(family: str, size: str, overrides: Mapping[str, Any]):
     raise ValueError(f"unknown ModelConfig override(s) {unknown}; allowed: "
                      f"{sorted(fields)}")
   kwargs = dict(_SIZES[size])
-  kwargs.update(overrides)
   fam = _FAMILIES[family]
+  pattern = len(fam.specs(kwargs["max_len"]))
+  kwargs["num_layers"] = -(-kwargs["num_layers"] // pattern) * pattern
+  kwargs.update(overrides)
   kwargs.setdefault("attention", fam.specs(kwargs["max_len"]))
   kwargs.setdefault("absolute", fam.absolute)
   return ModelConfig(**kwargs)

@@ -122,6 +122,10 @@ def base_config() -> ml_collections.ConfigDict:
       then covers only the answer tokens. data.task_min_length,
       data.task_max_length: the range of task sizes trained on (None: the
       task's smallest / the largest that fits train_len).
+    data.positions: training positions: "plain", or a sampler with its
+      parameters, "randomized(max_position=1024)", "pose(max_position=1024)",
+      "cream(max_position=1024)", "e2(max_position=1024, max_scale=4)"
+      (``data.positions``); evaluation always uses plain positions.
     data.eval_fraction, data.split_seed: the document split (the evaluators
       use the same one: ``data.build_store(..., split="eval",
       eval_fraction=..., split_seed=...)``).
@@ -149,7 +153,7 @@ def base_config() -> ml_collections.ConfigDict:
       task=config_dict.placeholder(str),
       task_min_length=config_dict.placeholder(int),
       task_max_length=config_dict.placeholder(int),
-      eval_fraction=0.1, split_seed=0,
+      eval_fraction=0.1, split_seed=0, positions="plain",
       cache_dir=config_dict.placeholder(str)))
   config.train_len = 128
   config.batch_size = 16

@@ -3,7 +3,9 @@
 corpus (``load_corpus``) -> whole-document split (``split_documents``) ->
 tokenizer (``get_tokenizer``) -> token store on disk (``build_store``,
 ``TokenStore``) -> packed rows (``pack``, ``PackedBatch``) -> training
-batches as a pure function of (seed, step) (``TrainSource``). Synthetic
+batches as a pure function of (seed, step) (``TrainSource``), optionally
+with sampled training positions (``positions``: randomized, PoSE, CREAM,
+E^2-LLM; ``PositionSampling``). Synthetic
 tasks (``get_task``, ``TaskSource``) and the passkey prompt
 (``passkey_prompt``) are byte-level text. ``eval_documents(config,
 workdir=...)``: a run's held-out documents, as its evaluators score them.
@@ -15,7 +17,10 @@ from .corpora import (ARCHIVES, CORPUS_NAMES, Corpus, DownloadError,
 from .held_out import eval_documents
 from .packing import (PACKING_METHODS, PackedBatch, Packing, materialize,
                       pack, pack_documents)
+from . import positions
 from .pipeline import TaskSource, TrainSource
+from .positions import PositionSampling
+from .positions import from_text as position_sampler
 from .store import SPLITS, TokenStore, build_store, default_store_path
 from .tasks import (TASK_NAMES, Task, TaskExample, examples_to_batch,
                     get_task, passkey_prompt)
@@ -27,7 +32,8 @@ __all__ = [
     "split_documents", "split_indices", "eval_documents",
     "PACKING_METHODS", "PackedBatch", "Packing", "materialize", "pack",
     "pack_documents",
-    "TaskSource", "TrainSource",
+    "TaskSource", "TrainSource", "positions", "PositionSampling",
+    "position_sampler",
     "SPLITS", "TokenStore", "build_store", "default_store_path",
     "TASK_NAMES", "Task", "TaskExample", "examples_to_batch", "get_task",
     "passkey_prompt",

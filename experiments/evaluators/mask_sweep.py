@@ -13,6 +13,10 @@ optionally followed by ``+ceiling``:
   are scored at distance ``window`` (RoPE models only).
 * ``"causal+self_extend(8, 1024)"``: any mask plus Self-Extend (group 8,
   neighbour window 1024) on the RoPE layers (RoPE models only).
+* ``"causal+string(96, 8)"``: STRING (shift 96, local window 8) on the RoPE
+  layers; ``"+p_rope(0.75)"``: p-RoPE; ``"+truncated_basis(0.001, 0.1,
+  0.01)"``: Giraffe's truncated basis (training-free, RoPE models only).
+  One such transform per entry, after the mask (and ``+ceiling``).
 * ``"prefix_lm(prefix_len=8)"``, ``"my_mask(stride=2)"``, ...: any other
   registered mask; parameters named ``window`` / ``num_sinks`` that the text
   leaves out come from the sweep's shared settings.
@@ -29,6 +33,7 @@ import re
 from typing import Any, Mapping, Optional, Sequence
 
 from extrapolax.attention import masks as masks_lib
+from extrapolax.models import AttentionSpec
 
 from . import perplexity
 from . import variants
@@ -40,29 +45,44 @@ __all__ = ["MASKS", "CEILING", "perplexity_with_masks", "mask_variant",
 MASKS = ("causal", "sliding_window", "lambda", "lambda_ceiling")
 CEILING = "+ceiling"
 _ALIASES = {"lambda_ceiling": "lambda" + CEILING}
-_SELF_EXTEND = re.compile(r"\+self_extend\(\s*(\d+)\s*,\s*(\d+)\s*\)$")
+# Training-free RoPE transforms an entry may end with: name -> (the
+# AttentionSpec field it sets, its arguments' type, how to write it).
+_TRANSFORMS = {
+    "self_extend": (int, "'+self_extend(GROUP, WINDOW)'"),
+    "string": (int, "'+string(SHIFT, LOCAL_WINDOW)'"),
+    "p_rope": (float, "'+p_rope(FRACTION)'"),
+    "truncated_basis": (float, "'+truncated_basis(A, B, RHO)'"),
+}
+_TRANSFORM = re.compile(r"\+(" + "|".join(_TRANSFORMS)
+                        + r")\(([^()]*)\)$")
 
 
-def _split(entry: str) -> tuple[str, bool, Optional[tuple[int, int]]]:
-  """A sweep entry -> (mask text, with the distance ceiling, Self-Extend's
-  (group, window) or None)."""
+def _split(entry: str) -> tuple[str, bool, dict[str, Any]]:
+  """A sweep entry -> (mask text, with the distance ceiling, the RoPE
+  transform as {AttentionSpec field: value}, empty for none)."""
   if not isinstance(entry, str):
     raise ValueError(f"a mask sweep entry must be text such as 'lambda' or "
                      f"'sliding_window(window=64)', got {entry!r}")
   entry = _ALIASES.get(entry.strip(), entry.strip())
-  self_extend = None
-  match = _SELF_EXTEND.search(entry)
+  transform = {}
+  match = _TRANSFORM.search(entry)
   if match:
-    self_extend = (int(match.group(1)), int(match.group(2)))
-    if min(self_extend) < 1:
-      raise ValueError(f"self_extend{self_extend} needs group and window "
-                       ">= 1")
+    name = match.group(1)
+    kind, how = _TRANSFORMS[name]
+    try:
+      args = tuple(kind(a) for a in match.group(2).split(","))
+    except ValueError:
+      raise ValueError(f"{entry!r}: write it as {how}") from None
+    if name == "self_extend" and (len(args) != 2 or min(args) < 1):
+      raise ValueError(f"self_extend{args} needs group and window >= 1")
+    transform = {name: args[0] if name == "p_rope" else args}
     entry = entry[:match.start()]
-  elif "+self_extend" in entry:
-    raise ValueError(f"{entry!r}: write Self-Extend as "
-                     "'+self_extend(GROUP, WINDOW)'")
+  else:
+    for name, (_, how) in _TRANSFORMS.items():
+      if f"+{name}" in entry:
+        raise ValueError(f"{entry!r}: write it as {how}")
   ceiling = entry.endswith(CEILING)
-  return (entry[:-len(CEILING)] if ceiling else entry), ceiling, self_extend
+  return (entry[:-len(CEILING)] if ceiling else entry), ceiling, transform
 
 
 def check_entries(entries: Sequence[str], *, window: int = 1,
@@ -70,7 +90,9 @@ def check_entries(entries: Sequence[str], *, window: int = 1,
   """Raises ValueError naming the first entry that names no valid mask."""
   for entry in entries:
     try:
-      text, ceiling, _ = _split(entry)
+      text, ceiling, transform = _split(entry)
+      if transform:     # the values are valid
+        AttentionSpec(**transform)
       name, params = masks_lib.parse(text)
       accepted = masks_lib.parameters(name)
       for key, value in (("window", window), ("num_sinks", num_sinks)):
@@ -85,10 +107,10 @@ def check_entries(entries: Sequence[str], *, window: int = 1,
 
 def mask_variant(model, mask: str, *, window: int, num_sinks: int):
   """``model`` with the sweep entry ``mask`` at inference, same weights."""
-  text, ceiling, self_extend = _split(mask)
+  text, ceiling, transform = _split(mask)
   return variants.with_mask(model, text, window=window, num_sinks=num_sinks,
                             distance_ceiling=window if ceiling else None,
-                            self_extend=self_extend)
+                            **transform)
 
 
 def perplexity_with_masks(

@@ -100,6 +100,9 @@ def with_mask(model: DecoderLM, mask: str, *, window: Optional[int] = None,
               num_sinks: Optional[int] = None,
               distance_ceiling: Optional[int] = None,
               self_extend: Optional[tuple[int, int]] = None,
+              string: Optional[tuple[int, int]] = None,
+              p_rope: Optional[float] = None,
+              truncated_basis: Optional[tuple[float, float, float]] = None,
               **mask_args) -> DecoderLM:
   """Every layer with another mask at inference (same weights).
 
@@ -113,6 +116,9 @@ def with_mask(model: DecoderLM, mask: str, *, window: Optional[int] = None,
     distance_ceiling: LM-Infinite's ceiling on the RoPE layers (needs a
       lambda mask): sink keys past the band are scored at this distance.
     self_extend: (group_size, window): Self-Extend on the RoPE layers.
+    string: (shift, local_window): STRING on the RoPE layers.
+    p_rope, truncated_basis: p-RoPE's fraction / Giraffe's (a, b, rho) on
+      the RoPE layers (training-free frequency changes).
     **mask_args: further mask parameters by name.
   """
   name, params = masks_lib.parse(mask)
@@ -125,7 +131,9 @@ def with_mask(model: DecoderLM, mask: str, *, window: Optional[int] = None,
   change = lambda s: s.replace(mask=name, mask_args=params or None)
   variant_config = _map_specs(model.config, change, only_rope=False)
   transforms = {k: v for k, v in (("distance_ceiling", distance_ceiling),
-                                  ("self_extend", self_extend))
+                                  ("self_extend", self_extend),
+                                  ("string", string), ("p_rope", p_rope),
+                                  ("truncated_basis", truncated_basis))
                 if v is not None}
   if transforms:
     if not any(s.position == "rope" for s in variant_config.attention):
@@ -178,6 +186,12 @@ def describe(model_or_config) -> dict[str, Any]:
                       if s.self_extend is not None)
   if extends:
     mask += f"+self_extend({extends[0][0]}, {extends[0][1]})"
+  for field in ("string", "p_rope", "truncated_basis"):
+    values = _distinct(s_ for s_ in (getattr(s, field) for s in specs)
+                       if s_ is not None)
+    if values:
+      args = values[0] if isinstance(values[0], tuple) else (values[0],)
+      mask += f"+{field}({', '.join(str(a) for a in args)})"
   return dict(pe=pe, scaling=scaling, scale=scale, mask=mask)
 
 

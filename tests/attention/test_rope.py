@@ -524,5 +524,9 @@ def test_apply_rope_rejects_int_x_and_bool_positions():
   with pytest.raises(ValueError, match="bool"):
     rope.apply_rope(jnp.zeros((1, 2, 1, 4)), jnp.array([True, False]),
                     jnp.ones(2))
-  with pytest.raises(ValueError, match=r"\(2, 1\)"):
-    rope.rope_cos_sin(jnp.arange(2), jnp.ones((2, 1)))
+  # [N, R/2] is per-head frequencies; three axes are not.
+  with pytest.raises(ValueError, match=r"\(2, 1, 1\)"):
+    rope.rope_cos_sin(jnp.arange(2), jnp.ones((2, 1, 1)))
+  with pytest.raises(ValueError, match=r"per head \[N=1, R/2\]; got shape "
+                     r"\(2, 1\)"):
+    rope.apply_rope(jnp.zeros((1, 2, 1, 4)), jnp.arange(2), jnp.ones((2, 1)))

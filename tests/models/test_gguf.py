@@ -36,6 +36,11 @@ CASES = {
                            ("Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K")),
     "qwen2_q8_tied": ("qwen2", dict(tie_word_embeddings=True),
                       ("Q8_0", "F16")),
+    # QK-norm tensors (attn_{q,k}_norm), unpermuted q/k as llama.cpp writes.
+    # head_dim 128 = hidden / heads: transformers' GGUF reader keeps Qwen3's
+    # default head_dim (128) whatever the file says.
+    "qwen3_q8": ("qwen3", dict(num_attention_heads=2, num_key_value_heads=1,
+                               head_dim=128), ("Q8_0", "F16")),
 }
 # K-quant block bytes and the offsets of their float16 scales (d, dmin).
 _K_BLOCKS = {"Q2_K": (84, (80, 82)), "Q3_K": (110, (108,)),
@@ -45,7 +50,7 @@ _K_BLOCKS = {"Q2_K": (84, (80, 82)), "Q3_K": (110, (108,)),
 
 def _hf_model(model_type, overrides, seed=0):
   torch.manual_seed(seed)
-  name = {"llama": "Llama", "qwen2": "Qwen2"}[model_type]
+  name = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[model_type]
   config = getattr(transformers, name + "Config")(**dict(SMALL, **overrides))
   config._attn_implementation = "eager"  # pylint: disable=protected-access
   model = getattr(transformers, name + "ForCausalLM")(config).eval()
@@ -97,6 +102,7 @@ _BLOCK = {"input_layernorm.weight": "attn_norm.weight",
 for _p in "qkv":
   _BLOCK[f"self_attn.{_p}_proj.weight"] = f"attn_{_p}.weight"
   _BLOCK[f"self_attn.{_p}_proj.bias"] = f"attn_{_p}.bias"
+  _BLOCK[f"self_attn.{_p}_norm.weight"] = f"attn_{_p}_norm.weight"
 
 
 def _gguf_name(name):

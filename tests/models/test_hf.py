@@ -61,8 +61,14 @@ CASES = {
     "qwen2_window": ("qwen2", dict(num_hidden_layers=3, use_sliding_window=True,
                                    sliding_window=16, max_window_layers=1),
                      (T,)),
+    # QK-norm (RMSNorm per head before RoPE), head_dim != hidden / heads.
+    "qwen3": ("qwen3", dict(head_dim=24), (T,)),
+    "qwen3_window_bias": ("qwen3", dict(
+        num_hidden_layers=3, use_sliding_window=True, sliding_window=16,
+        max_window_layers=1, attention_bias=True), (T,)),
 }
-_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2",
+            "qwen3": "Qwen3"}
 
 
 def _hf_config(model_type, **overrides):
