@@ -17,6 +17,8 @@ bias, so their memory is quadratic in length whatever the implementation.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import Any, ClassVar, Mapping, Optional, Union
 
@@ -32,6 +34,35 @@ from . import positional
 from . import rope as rope_lib
 
 Array = jax.Array
+
+
+_ONCE: contextvars.ContextVar = contextvars.ContextVar(
+    "extrapolax_rope_tables", default=None)
+
+
+@contextlib.contextmanager
+def rope_tables_once():
+  """Within the block (one model forward), RoPE's cos/sin tables and the
+  default positions are computed once and shared by every layer (per scheme,
+  head_dim and positions array) instead of once per layer."""
+  token = _ONCE.set({})
+  try:
+    yield
+  finally:
+    _ONCE.reset(token)
+
+
+def _once(key, inputs: tuple, make):
+  """``make()``, or its value cached under ``key`` inside rope_tables_once()
+  for these very ``inputs`` (compared by identity)."""
+  cache = _ONCE.get()
+  if cache is None:
+    return make()
+  key = key + tuple(id(x) for x in inputs)
+  hit = cache.get(key)
+  if hit is None or any(a is not b for a, b in zip(hit[0], inputs)):
+    hit = cache[key] = (inputs, make())
+  return hit[1]
 
 
 class PositionScheme:
@@ -187,10 +218,15 @@ class Rope(PositionScheme):
                        f"{mask!r}")
 
   def rotate(self, layer, q, k, q_positions, k_positions):
-    inv_freq, att = self.frequencies(layer.head_dim,
-                                     seq_len=jnp.max(q_positions) + 1)
-    rot = lambda y, pos: rope_lib.apply_rope(
-        y, pos, inv_freq, attention_scaling=att, layout=self.layout)
+    def tables(pos):   # shared by every layer inside rope_tables_once()
+      def make():
+        inv_freq, att = self.frequencies(layer.head_dim,
+                                         seq_len=jnp.max(q_positions) + 1)
+        return rope_lib.rope_cos_sin(pos, inv_freq, att)
+      return _once(("rope", self, layer.head_dim), (pos, q_positions), make)
+
+    rot = lambda y, pos: rope_lib.apply_rope_tables(
+        y, *tables(pos), layout=self.layout)
     far = {}
     if self.self_extend is not None:
       group, window = self.self_extend
@@ -418,9 +454,10 @@ class Attention(nnx.Module):
                segment_ids: Optional[Array] = None) -> Array:
     b, t, _ = x.shape
     explicit = positions is not None
-    if positions is None:
-      positions = jnp.arange(t, dtype=jnp.int32)
-    positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, t))
+    given = positions
+    positions = _once(("positions", b, t), (given,), lambda: jnp.broadcast_to(
+        jnp.asarray(jnp.arange(t) if given is None else given, jnp.int32),
+        (b, t)))
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
     out = self.attend(q, k, v, positions, positions, segment_ids=segment_ids,
                       explicit=explicit)

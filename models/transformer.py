@@ -136,8 +136,9 @@ class DecoderLM(nnx.Module):
     elif self.config.absolute == "learned":
       x = x + self.position_embed(abs_positions).astype(x.dtype)
     x = constrain_activations(x)
-    for block in self.blocks:
-      x = constrain_activations(block(x, positions, segment_ids))
+    with attn_layer.rope_tables_once():   # RoPE tables once, not per layer
+      for block in self.blocks:
+        x = constrain_activations(block(x, positions, segment_ids))
     x = self.final_norm(x)
     if self.config.tie_embeddings:
       logits = self.embed.attend(x)
