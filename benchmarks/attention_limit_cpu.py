@@ -263,6 +263,8 @@ def main(argv=None):
   parser.add_argument("--kv_heads", type=int, default=4)
   parser.add_argument("--blocks", nargs="+", default=[],
                       help="extra XlaChunked block shapes, e.g. 256x512")
+  parser.add_argument("--dense", action="store_true",
+                      help="also run the dense xla path (for the auto order)")
   parser.add_argument("--baseline", default=None,
                       help="also run xla_chunked from this git revision")
   parser.add_argument("--repeats", type=int, default=3)
@@ -277,6 +279,11 @@ def main(argv=None):
   for shape in args.blocks:
     bq, bk = (int(x) for x in shape.split("x"))
     variants.append((f"xla_chunked {bq}x{bk}", XlaChunked(bq, bk)))
+  if args.dense:
+    from extrapolax.attention import Xla  # pylint: disable=import-outside-toplevel
+    dense = Xla()
+    dense.block_sizes = lambda h, dtype: (1 << 30, 1 << 30)  # one block
+    variants.append(("xla", dense))
   if args.baseline:
     old = load_xla_chunked(args.baseline)
     variants.append((f"xla_chunked@{args.baseline}", old()))
