@@ -51,10 +51,10 @@ SCHEDULES = ("auto", "device")
 def default_block_sizes(head_dim: int, dtype) -> tuple[int, int]:
   """(block_q, block_k) used when XlaChunked leaves them None.
 
-  Measured on the 2-core CPU (benchmarks/attention_limit_cpu.py): 512 x 512
-  is within a few percent of the best at head_dim 64 and 128 in float32 and
-  bfloat16; smaller blocks pay the per-pair loop overhead, larger ones fall
-  out of the cache.
+  Measured on the shared 2-core CPU (benchmarks/attention_limit_cpu.py
+  --blocks, BENCHMARKS.md): at head_dim 64 and 128 in float32, 256 x 256,
+  256 x 512 and 512 x 256 came within the load's noise of 512 x 512, which
+  stays the default for every head_dim and dtype (bfloat16 not swept).
   """
   del head_dim, dtype
   return 512, 512
