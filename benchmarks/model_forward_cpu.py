@@ -62,7 +62,6 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from extrapolax import attention  # pylint: disable=import-outside-toplevel
   from extrapolax.models.transformer import DecoderLM  # pylint: disable=import-outside-toplevel
