@@ -98,8 +98,12 @@ _REGISTRY: dict[str, Callable[[], Implementation]] = {}
 _AUTO_ORDER = {
     "gpu": ("pallas_gpu", "cudnn", "xla", "xla_chunked"),
     "tpu": ("pallas_tpu", "xla", "xla_chunked"),
-    # On the CPU the chunked path beats the dense one from T = 1k up
-    # (BENCHMARKS.md), so it goes first; "xla" stays the oracle.
+    # On the CPU the chunked path beats the dense one from T = S = 128 up,
+    # forward and backward (1.6x at 128, 8x at 1024); at 16 and 64 the
+    # forward is faster chunked and the backward dense, by tens of
+    # microseconds either way (benchmarks/attention_limit_cpu.py --dense,
+    # BENCHMARKS.md). So it goes first at every length; "xla" stays the
+    # oracle.
     "cpu": ("xla_chunked", "xla"),
 }
 # Auto mode only uses the dense path while its logits stay below this many

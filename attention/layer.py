@@ -21,6 +21,8 @@ bias, so their memory is quadratic in length whatever the implementation.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import Any, ClassVar, Mapping, Optional, Union
 
@@ -38,6 +40,35 @@ from . import rope_remaps
 from . import temperature as temperature_lib
 
 Array = jax.Array
+
+
+_ONCE: contextvars.ContextVar = contextvars.ContextVar(
+    "extrapolax_rope_tables", default=None)
+
+
+@contextlib.contextmanager
+def rope_tables_once():
+  """Within the block (one model forward), RoPE's cos/sin tables and the
+  default positions are computed once and shared by every layer (per scheme,
+  head_dim and positions array) instead of once per layer."""
+  token = _ONCE.set({})
+  try:
+    yield
+  finally:
+    _ONCE.reset(token)
+
+
+def _once(key, inputs: tuple, make):
+  """``make()``, or its value cached under ``key`` inside rope_tables_once()
+  for these very ``inputs`` (compared by identity)."""
+  cache = _ONCE.get()
+  if cache is None:
+    return make()
+  key = key + tuple(id(x) for x in inputs)
+  hit = cache.get(key)
+  if hit is None or any(a is not b for a, b in zip(hit[0], inputs)):
+    hit = cache[key] = (inputs, make())
+  return hit[1]
 
 
 class PositionScheme:
@@ -249,15 +280,26 @@ class Rope(PositionScheme):
           f"{self.base!r}")
 
   def rotate(self, layer, q, k, q_positions, k_positions):
-    inv_freq, att = self.frequencies(layer.head_dim,
-                                     seq_len=jnp.max(q_positions) + 1)
-    k_freq = q_freq = inv_freq
-    if inv_freq.ndim == 2:     # per key/value head; query heads by group
-      q_freq = jnp.repeat(inv_freq, q.shape[2] // k.shape[2], axis=0)
-    rot_q = lambda pos: rope_lib.apply_rope(
-        q, pos, q_freq, attention_scaling=att, layout=self.layout)
-    rot_k = lambda pos: rope_lib.apply_rope(
-        k, pos, k_freq, attention_scaling=att, layout=self.layout)
+    group = q.shape[2] // k.shape[2]
+
+    def tables(pos, heads):   # shared by every layer inside rope_tables_once()
+      def make():
+        inv_freq, att = self.frequencies(layer.head_dim,
+                                         seq_len=jnp.max(q_positions) + 1)
+        if inv_freq.ndim == 2 and heads == "q":   # per key/value head
+          inv_freq = jnp.repeat(inv_freq, group, axis=0)
+        return rope_lib.rope_cos_sin(pos, inv_freq, att)
+      return _once(("rope", self, layer.head_dim, heads, group),
+                   (pos, q_positions), make)
+
+    def rot(y, pos, heads):
+      cos, sin = tables(pos, heads)
+      return rope_lib.apply_rope_tables(
+          y, cos, sin, layout=self.layout,
+          per_head=cos.ndim == jnp.ndim(pos) + 2)
+
+    rot_q = lambda pos: rot(q, pos, "q")
+    rot_k = lambda pos: rot(k, pos, "k")
     q_rot, k_rot = rot_q(q_positions), rot_k(k_positions)
     far = {}
     if self.self_extend is not None:
@@ -523,9 +565,10 @@ class Attention(nnx.Module):
                segment_ids: Optional[Array] = None) -> Array:
     b, t, _ = x.shape
     explicit = positions is not None
-    if positions is None:
-      positions = jnp.arange(t, dtype=jnp.int32)
-    positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, t))
+    given = positions
+    positions = _once(("positions", b, t), (given,), lambda: jnp.broadcast_to(
+        jnp.asarray(jnp.arange(t) if given is None else given, jnp.int32),
+        (b, t)))
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
     out = self.attend(q, k, v, positions, positions, segment_ids=segment_ids,
                       explicit=explicit)

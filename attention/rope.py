@@ -640,10 +640,21 @@ def apply_rope(x, positions, inv_freq, *, attention_scaling: float = 1.0,
         f"({batch}, {length}) to match x {x.shape}; got {positions.shape}")
 
   cos, sin = rope_cos_sin(positions, inv_freq, attention_scaling)
-  if inv_freq.ndim == 1:
+  return apply_rope_tables(x, cos, sin, layout=layout,
+                           per_head=inv_freq.ndim == 2)
+
+
+def apply_rope_tables(x, cos, sin, *, layout: str = "half",
+                      per_head: bool = False) -> jax.Array:
+  """``apply_rope`` from tables ``rope_cos_sin`` made ([T, R/2] or [B, T,
+  R/2]; with ``per_head`` [(B,) T, N, R/2]): a model computes them once per
+  forward and rotates every layer's queries and keys with them. Arguments
+  are not checked (see apply_rope)."""
+  rot_dim = 2 * cos.shape[-1]
+  if not per_head:
     cos, sin = cos[..., None, :], sin[..., None, :]  # [(B,) T, 1, R/2]
   rotated = _LAYOUTS[layout](x[..., :rot_dim].astype(jnp.float32), cos, sin)
   rotated = rotated.astype(x.dtype)
-  if rot_dim == head_dim:
+  if rot_dim == x.shape[-1]:
     return rotated
   return jnp.concatenate([rotated, x[..., rot_dim:]], axis=-1)

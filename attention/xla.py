@@ -73,9 +73,26 @@ def block_logits(q: Array, k: Array, q_pos: Array, k_pos: Array, *,
     far_q, far_k: like q and k, or None; used where i - j >= far_window.
   """
   s = qk(q, k) * scale
-  dist = (q_pos[:, :, None] - k_pos[:, None, :])[:, None, None]  # [Bp,1,1,T,S]
-  if far_q is not None:
-    s_far = qk(far_q, far_k) * scale
+  s_far = None if far_q is None else qk(far_q, far_k) * scale
+  return finish_logits(s, s_far, q_pos, k_pos, soft_cap=soft_cap,
+                       slopes=slopes, bias=bias, far_window=far_window)
+
+
+def finish_logits(s: Array, s_far: Optional[Array], q_pos: Array,
+                  k_pos: Array, *, soft_cap: Optional[float],
+                  slopes: Optional[Array] = None,
+                  bias: Optional[Array] = None,
+                  far_window: Optional[int] = None) -> Array:
+  """The elementwise part of ``block_logits``, from the scaled products.
+
+  ``s`` (and ``s_far``, or None) [B, K, G, Tb, Sb]: ``scale * q.k`` (and
+  ``scale * far_q.far_k``); then the far selection, the soft cap, the bias
+  and ALiBi, as ``block_logits`` documents.
+  """
+  dist = None
+  if s_far is not None or slopes is not None:
+    dist = (q_pos[:, :, None] - k_pos[:, None, :])[:, None, None]  # [Bp,1,1,T,S]
+  if s_far is not None:
     s = jnp.where(dist >= far_window, s_far, s)
   if soft_cap is not None:
     s = soft_cap * jnp.tanh(s / soft_cap)

@@ -1,13 +1,27 @@
 """Memory-linear attention in plain XLA: online softmax over blocks.
 
 Queries and keys are cut into blocks of ``block_q`` x ``block_k``. Every
-(query block, key block) pair is labelled EMPTY, PARTIAL or FULL on the device
-by ``masks.classify_blocks`` (mask geometry plus per-block segment min/max);
-EMPTY pairs are skipped with ``lax.cond`` (no compute), FULL ones skip the mask
-arithmetic. Nothing of size T x S is ever built: the forward keeps a running
-max, sum and accumulator per query block (FlashAttention), and a custom VJP
-recomputes each block's probabilities from the saved log-sum-exp in one
-backward sweep (outer loop over key blocks, dq accumulated in place).
+(query block, key block) pair is labelled EMPTY, PARTIAL or FULL by
+``masks.classify_blocks`` (mask geometry plus per-block segment min/max). The
+forward and the backward are each two loops over a list of visited pairs:
+one over the FULL pairs (no mask arithmetic at all) and one over the PARTIAL
+ones (masked); EMPTY pairs are never visited, and no ``lax.cond`` /
+``lax.switch`` is left in the loop body. With default positions and no
+segment ids the labels depend only on shapes, so the lists are computed once
+on the host and the loops have static trip counts; otherwise (explicit
+positions, packed segments, whose labels change every batch) the lists are
+built on the device with ``jnp.nonzero`` and the loops run ``count`` times.
+
+Layout (one transpose of each input per call, none per block): queries are
+``[nq, B, K, G * bq, H]`` with the scale folded in, so a block's grouped
+query heads share one ``[G * bq, H] x [H, bk]`` matmul per key/value head;
+keys and values ``[nk, B, K, bk, H]``; the running max / sum / accumulator
+(forward) and dq / dk / dv (backward) are full-length float32 buffers that
+the loops update in place, block by block. Nothing of size T x S is ever
+built. The backward recomputes each visited block's probabilities once from
+the saved log-sum-exp, key-major (five products per block: K.Q^T, V.dO^T,
+P^T.dO, dS^T.Q and K^T.dS^T for dQ^T, none contracting the leading axis of
+both operands, which XLA's CPU dot runs about 3x slower).
 
 A dense ``bias`` is read block by block (its own memory is the caller's), and
 gets a gradient like every other float input.
@@ -17,27 +31,45 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from extrapolax.common import geometry
 from extrapolax.common import nonfinite
-from extrapolax.common.checks import check_int
+from extrapolax.common.checks import check_choice, check_optional_int
 from . import core
 from . import masks as masks_lib
 from . import xla as xla_lib
 
 Array = jax.Array
+SCHEDULES = ("auto", "device")
+
+
+def default_block_sizes(head_dim: int, dtype) -> tuple[int, int]:
+  """(block_q, block_k) used when XlaChunked leaves them None.
+
+  Measured on the shared 2-core CPU (benchmarks/attention_limit_cpu.py
+  --blocks, BENCHMARKS.md): at head_dim 64 and 128 in float32, 256 x 256,
+  256 x 512 and 512 x 256 came within the load's noise of 512 x 512, which
+  stays the default for every head_dim and dtype (bfloat16 not swept).
+  """
+  del head_dim, dtype
+  return 512, 512
 
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
   """Hashable settings closed over by the custom VJP: the call's shared
-  statics and this implementation's block sizes."""
+  statics, the block sizes and, when the labels depend only on shapes, the
+  visited pairs (flat indices ``i * nk + j``) as host tuples."""
   call: geometry.AttentionStatics
   block_q: int
   block_k: int
+  full_pairs: Optional[tuple] = None
+  partial_pairs: Optional[tuple] = None
 
   @property
   def q_len(self):
@@ -46,6 +78,10 @@ class _Static:
   @property
   def kv_len(self):
     return self.call.kv_len
+
+  @property
+  def num_blocks(self):
+    return -(-self.q_len // self.block_q), -(-self.kv_len // self.block_k)
 
 
 def _pad_axis(x, axis, size, value=0):
@@ -62,25 +98,66 @@ def _blocks(x, axis, block):
   return jnp.moveaxis(x.reshape(shape), axis, 0)
 
 
-def _unblocks(x, axis):
-  """Inverse of _blocks."""
-  x = jnp.moveaxis(x, 0, axis)
-  return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+def _q_blocks(x, kv_heads, block, padded):
+  """[B, T, N, H] -> [nq, B, K, G * bq, H] (one transpose)."""
+  b, _, n, h = x.shape
+  x = _pad_axis(x, 1, padded).reshape(b, padded // block, block, kv_heads,
+                                      n // kv_heads, h)
+  x = x.transpose(1, 0, 3, 4, 2, 5)
+  return x.reshape(x.shape[:3] + (-1, h))
 
 
-class _Blocked:
-  """Inputs padded and split into blocks, plus per-block slicing helpers."""
+def _q_unblocks(x, groups, length):
+  """Inverse of _q_blocks: [nq, B, K, G * bq, H] -> [B, T, N, H]."""
+  nq, b, kh, _, h = x.shape
+  x = x.reshape(nq, b, kh, groups, -1, h).transpose(1, 0, 4, 2, 3, 5)
+  return x.reshape(b, -1, kh * groups, h)[:, :length]
+
+
+def _k_blocks(x, block, padded):
+  """[B, S, K, H] -> [nk, B, K, bk, H]."""
+  b, _, kh, h = x.shape
+  x = _pad_axis(x, 1, padded).reshape(b, padded // block, block, kh, h)
+  return x.transpose(1, 0, 3, 2, 4)
+
+
+def _k_unblocks(x, length):
+  nk, b, kh, bk, h = x.shape
+  return x.transpose(1, 0, 3, 2, 4).reshape(b, nk * bk, kh, h)[:, :length]
+
+
+def _row_blocks(x, block, padded, value=0.0):
+  """Row statistics [B, K, G, T] -> [nq, B, K, G, bq]."""
+  return _blocks(_pad_axis(x, 3, padded, value), 3, block)
+
+
+def _get(x, i):
+  return jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
+
+
+def _put(x, i, y):
+  return jax.lax.dynamic_update_index_in_dim(x, y, i, 0)
+
+
+def _add(x, i, y):
+  return _put(x, i, _get(x, i) + y)
+
+
+class _Layout:
+  """Inputs padded and laid out in blocks, plus per-block helpers."""
 
   def __init__(self, st: _Static, q, k, v, q_pos, k_pos, q_seg, kv_seg,
                slopes, bias, far_q, far_k, *, forward: bool = False):
     bq, bk = st.block_q, st.block_k
-    nq, nk = -(-st.q_len // bq), -(-st.kv_len // bk)
+    nq, nk = st.num_blocks
     tp, sp = nq * bq, nk * bk
-    self.st, self.nq, self.nk = st, nq, nk
-    kv_heads = k.shape[2]
-    self.q = _blocks(_pad_axis(xla_lib.split_heads(q, kv_heads), 1, tp), 1, bq)
-    self.far_q = None if far_q is None else _blocks(
-        _pad_axis(xla_lib.split_heads(far_q, kv_heads), 1, tp), 1, bq)
+    self.st, self.nq, self.nk, self.tp, self.sp = st, nq, nk, tp, sp
+    self.b, _, n, _ = q.shape
+    self.kv_heads = k.shape[2]
+    self.groups = n // self.kv_heads
+    scale = st.call.scale
+    fold = lambda x: None if x is None else (
+        x.astype(jnp.float32) * scale).astype(x.dtype)
     # A value row holding a non-finite entry is zeroed (0 * nan would reach
     # every row the mask hides it from). In the forward its key (and far
     # key) row becomes NaN, so its logits are NaN exactly where the mask
@@ -89,10 +166,12 @@ class _Blocked:
     v, bad = nonfinite.clean_values(v)
     if forward:
       k, far_k = nonfinite.poison_keys(bad, k, far_k)
-    self.k = _blocks(_pad_axis(k, 1, sp), 1, bk)
-    self.v = _blocks(_pad_axis(v, 1, sp), 1, bk)
-    self.far_k = None if far_k is None else _blocks(_pad_axis(far_k, 1, sp),
-                                                    1, bk)
+    self.q = _q_blocks(fold(q), self.kv_heads, bq, tp)
+    self.far_q = None if far_q is None else _q_blocks(
+        fold(far_q), self.kv_heads, bq, tp)
+    self.k = _k_blocks(k, bk, sp)
+    self.v = _k_blocks(v, bk, sp)
+    self.far_k = None if far_k is None else _k_blocks(far_k, bk, sp)
     self.q_pos = _blocks(_pad_axis(q_pos, 1, tp), 1, bq)
     self.k_pos = _blocks(_pad_axis(k_pos, 1, sp), 1, bk)
     self.q_seg = None if q_seg is None else _blocks(_pad_axis(q_seg, 1, tp),
@@ -100,10 +179,10 @@ class _Blocked:
     self.kv_seg = None if kv_seg is None else _blocks(
         _pad_axis(kv_seg, 1, sp), 1, bk)
     self.k_valid = _blocks(jnp.arange(sp) < st.kv_len, 0, bk)
-    self.slopes = xla_lib.slopes_by_group(slopes, kv_heads)
+    self.slopes = xla_lib.slopes_by_group(slopes, self.kv_heads)
     self.bias = None
     if bias is not None:
-      bias = xla_lib.heads_bias(bias, kv_heads)  # [Bb, K|1, G|1, T|1, S|1]
+      bias = xla_lib.heads_bias(bias, self.kv_heads)  # [Bb,K|1,G|1,T|1,S|1]
       self.bias_full_t = bias.shape[3] > 1
       self.bias_full_s = bias.shape[4] > 1
       if self.bias_full_t:
@@ -111,15 +190,33 @@ class _Blocked:
       if self.bias_full_s:
         bias = _pad_axis(bias, 4, sp)
       self.bias = bias
-    labels = masks_lib.classify_blocks(
-        st.call.mask, q_len=st.q_len, kv_len=st.kv_len, block_q=bq, block_k=bk,
-        q_positions=q_pos, k_positions=k_pos, q_segment_ids=q_seg,
-        kv_segment_ids=kv_seg)
-    # One label per block pair for the whole batch.
-    some = jnp.any(labels != masks_lib.EMPTY, axis=0)   # [nq, nk]
-    full = jnp.all(labels == masks_lib.FULL, axis=0)
-    # 0: skip, 1: masked, 2: unmasked (the lax.switch branch index).
-    self.branch = jnp.where(some, jnp.where(full, 2, 1), 0)
+    call = st.call
+    # Only the elementwise terms need finish_logits (and its VJP).
+    self.plain = (far_q is None and call.soft_cap is None and slopes is None
+                  and bias is None)
+    if st.full_pairs is None:
+      labels = masks_lib.classify_blocks(
+          call.mask, q_len=st.q_len, kv_len=st.kv_len, block_q=bq,
+          block_k=bk, q_positions=q_pos, k_positions=k_pos,
+          q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+      self.schedule = _device_schedule(labels)
+    else:
+      self.schedule = [(jnp.asarray(np.asarray(p, np.int32)), len(p))
+                       for p in (st.full_pairs, st.partial_pairs)]
+
+  def visit(self, body, carry):
+    """Runs ``body(i, j, use_mask, carry)`` over the FULL, then the PARTIAL
+    pairs."""
+    for (pairs, count), use_mask in zip(self.schedule, (False, True)):
+      if isinstance(count, int) and count == 0:
+        continue
+
+      def step(c, carry, pairs=pairs, use_mask=use_mask):
+        flat = pairs[c]
+        return body(flat // self.nk, flat % self.nk, use_mask, carry)
+
+      carry = jax.lax.fori_loop(0, count, step, carry)
+    return carry
 
   def _bias_start(self, i, j):
     st = self.st
@@ -142,13 +239,19 @@ class _Blocked:
     block = jax.lax.dynamic_slice(acc, start, grad.shape)
     return jax.lax.dynamic_update_slice(acc, block + grad, start)
 
-  def logits(self, i, j, q, k, far_q, far_k, slopes, bias_blk):
-    """Logits of block (i, j) as a function of the differentiable inputs."""
-    st = self.st
-    return xla_lib.block_logits(
-        q, k, self.q_pos[i], self.k_pos[j], scale=st.call.scale,
-        soft_cap=st.call.soft_cap, slopes=slopes, bias=bias_blk,
-        far_q=far_q, far_k=far_k, far_window=st.call.far_window)
+  def products(self, qi, kj):
+    """[B, K, G * bq, H] . [B, K, bk, H] -> float32 [B, K, G, bq, bk]."""
+    s = jnp.einsum("bkqh,bksh->bkqs", qi, kj,
+                   preferred_element_type=jnp.float32)
+    return s.reshape(self.b, self.kv_heads, self.groups, -1, s.shape[-1])
+
+  def finish(self, i, j):
+    """The elementwise logit terms of block (i, j) as a function
+    ``(s, s_far, slopes, bias_block) -> logits``."""
+    call = self.st.call
+    return lambda s, s_far, slopes, bias_blk: xla_lib.finish_logits(
+        s, s_far, self.q_pos[i], self.k_pos[j], soft_cap=call.soft_cap,
+        slopes=slopes, bias=bias_blk, far_window=call.far_window)
 
   def visible(self, i, j):
     return xla_lib.block_visible(
@@ -156,64 +259,104 @@ class _Blocked:
         None if self.q_seg is None else self.q_seg[i],
         None if self.kv_seg is None else self.kv_seg[j], self.k_valid[j])
 
-  def q_inputs(self, i):
-    return self.q[i], None if self.far_q is None else self.far_q[i]
+  def visible_t(self, i, j):
+    """Block (i, j)'s visibility in key-major order: bool [B?, 1, bk, 1,
+    bq] (or None), to select logits laid out [B, K, bk, G, bq]."""
+    st = self.st
+    qp, kp = self.q_pos[i][:, None, :], self.k_pos[j][:, :, None]
+    visible = None if st.call.mask is None else st.call.mask(qp, kp)
+    if self.q_seg is not None:
+      same = self.q_seg[i][:, None, :] == self.kv_seg[j][:, :, None]
+      visible = same if visible is None else visible & same
+    valid = self.k_valid[j][None, :, None]
+    visible = valid if visible is None else visible & valid
+    return visible[:, None, :, None, :]
 
-  def k_inputs(self, j):
-    return self.k[j], None if self.far_k is None else self.far_k[j]
+  def to_qk(self, x):
+    """Key-major [B, K, bk, G * bq] -> [B, K, G, bq, bk]."""
+    b, kh, bk, _ = x.shape
+    return x.reshape(b, kh, bk, self.groups, -1).transpose(0, 1, 3, 4, 2)
+
+  def to_kq(self, x):
+    """[B, K, G, bq, bk] -> key-major [B, K, bk, G * bq]."""
+    b, kh, g, bq, bk = x.shape
+    return x.transpose(0, 1, 4, 2, 3).reshape(b, kh, bk, g * bq)
+
+  def flat(self, x):
+    """[B, K, G, bq, bk] -> [B, K, G * bq, bk] (a free reshape)."""
+    return x.reshape(x.shape[:2] + (-1, x.shape[-1]))
 
 
-def _masked(logits, visible):
-  return logits if visible is None else jnp.where(visible, logits, -jnp.inf)
+def _device_schedule(labels):
+  """[(flat indices of FULL pairs, count), (PARTIAL ones, count)] from
+  per-batch labels [B, nq, nk]; a pair is visited if any row needs it and
+  unmasked only if every row sees all of it."""
+  some = jnp.any(labels != masks_lib.EMPTY, axis=0).reshape(-1)
+  full = jnp.all(labels == masks_lib.FULL, axis=0).reshape(-1)
+  out = []
+  for sel in (full, some & ~full):
+    idx = jnp.nonzero(sel, size=sel.shape[0], fill_value=0)[0]
+    out.append((idx.astype(jnp.int32), jnp.sum(sel, dtype=jnp.int32)))
+  return out
+
+
+def _static_pairs(mask, t, s, bq, bk):
+  """(FULL, PARTIAL) flat pair indices computed on the host (default
+  positions, no segment ids: the labels depend only on the shapes)."""
+  with jax.ensure_compile_time_eval():
+    labels = np.asarray(masks_lib.classify_blocks(
+        mask, q_len=t, kv_len=s, block_q=bq, block_k=bk))[0].reshape(-1)
+  return (tuple(int(x) for x in np.flatnonzero(labels == masks_lib.FULL)),
+          tuple(int(x) for x in np.flatnonzero(labels == masks_lib.PARTIAL)))
+
+
+def _logits(lay, i, j, use_mask):
+  """Logits of block (i, j) (masked if ``use_mask``), and the VJP of their
+  elementwise terms (None when there are none)."""
+  s = lay.products(_get(lay.q, i), _get(lay.k, j))
+  vjp = None
+  if not lay.plain:
+    s_far = None if lay.far_q is None else lay.products(
+        _get(lay.far_q, i), _get(lay.far_k, j))
+    s, vjp = jax.vjp(lay.finish(i, j), s, s_far, lay.slopes,
+                     lay.bias_block(i, j))
+  if use_mask:
+    s = jnp.where(lay.visible(i, j), s, -jnp.inf)
+  return s, vjp
 
 
 def _forward(st: _Static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias,
              far_q, far_k):
-  bl = _Blocked(st, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias,
+  lay = _Layout(st, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias,
                 far_q, far_k, forward=True)
-  b, _, kv_heads, g, _ = bl.q.shape[1:]
-  hv = v.shape[-1]
+  b, kh, g, bq, hv = lay.b, lay.kv_heads, lay.groups, st.block_q, v.shape[-1]
 
-  def q_block(i):
-    qi, fqi = bl.q_inputs(i)
+  def body(i, j, use_mask, carry):
+    m, l, acc = carry
+    s, _ = _logits(lay, i, j, use_mask)
+    m_i = _get(m, i)
+    m_new = jnp.maximum(m_i, s.max(-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    alpha = jnp.exp(m_i - m_safe)
+    p = jnp.exp(s - m_safe[..., None])
+    l_i = alpha * _get(l, i) + p.sum(-1)
+    pv = jnp.einsum("bkqs,bksh->bkqh", lay.flat(p).astype(v.dtype),
+                    _get(lay.v, j), preferred_element_type=jnp.float32)
+    acc_i = alpha.reshape(b, kh, g * bq, 1) * _get(acc, i) + pv
+    return _put(m, i, m_new), _put(l, i, l_i), _put(acc, i, acc_i)
 
-    def k_step(carry, j):
-      def compute(carry, use_mask):
-        m, l, acc = carry
-        kj, fkj = bl.k_inputs(j)
-        s = bl.logits(i, j, qi, kj, fqi, fkj, bl.slopes, bl.bias_block(i, j))
-        if use_mask:
-          s = _masked(s, bl.visible(i, j))
-        m_new = jnp.maximum(m, s.max(-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        alpha = jnp.exp(m - m_safe)
-        p = jnp.exp(s - m_safe[..., None])
-        l = alpha * l + p.sum(-1)
-        pv = jnp.moveaxis(xla_lib.pv(p.astype(v.dtype), bl.v[j]), 1, 3)
-        return m_new, l, alpha[..., None] * acc + pv
-
-      carry = jax.lax.switch(bl.branch[i, j], [
-          lambda c: c,
-          lambda c: compute(c, True),
-          lambda c: compute(c, False)], carry)
-      return carry, None
-
-    init = (jnp.full((b, kv_heads, g, st.block_q), -jnp.inf, jnp.float32),
-            jnp.zeros((b, kv_heads, g, st.block_q), jnp.float32),
-            jnp.zeros((b, kv_heads, g, st.block_q, hv), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(k_step, init, jnp.arange(bl.nk))
-    l_safe = jnp.where(l > 0, l, 1.0)
-    out = acc / l_safe[..., None]
-    lse = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
-    # A row that saw a flagged value row has l = nan: keep the NaN.
-    return out, jnp.where(jnp.isnan(l), jnp.nan, lse)
-
-  out, lse = jax.lax.map(q_block, jnp.arange(bl.nq))
-  # out [nq, B, K, G, bq, Hv] -> [B, T, N, Hv]; lse [nq, B, K, G, bq] -> [B, N, T]
-  out = jnp.moveaxis(out, 4, 2).reshape(bl.nq, b, st.block_q, kv_heads * g,
-                                         hv)
-  out = _unblocks(out, 1)[:, :st.q_len].astype(q.dtype)
-  lse = jnp.moveaxis(lse, 0, 3).reshape(b, kv_heads * g, -1)[..., :st.q_len]
+  init = (jnp.full((lay.nq, b, kh, g, bq), -jnp.inf, jnp.float32),
+          jnp.zeros((lay.nq, b, kh, g, bq), jnp.float32),
+          jnp.zeros((lay.nq, b, kh, g * bq, hv), jnp.float32))
+  m, l, acc = lay.visit(body, init)
+  l_safe = jnp.where(l > 0, l, 1.0)
+  out = acc / l_safe.reshape(l.shape[:3] + (-1, 1))
+  lse = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
+  # A row that saw a flagged value row has l = nan: keep the NaN.
+  lse = jnp.where(jnp.isnan(l), jnp.nan, lse)
+  out = _q_unblocks(out, g, st.q_len).astype(q.dtype)
+  # lse [nq, B, K, G, bq] -> [B, N, T]
+  lse = jnp.moveaxis(lse, 0, 3).reshape(b, kh * g, -1)[..., :st.q_len]
   return out, lse
 
 
@@ -221,23 +364,17 @@ def _backward(st: _Static, res, cotangents):
   (q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias, far_q, far_k,
    out, lse) = res
   d_out, d_lse = cotangents
-  bl = _Blocked(st, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias,
+  lay = _Layout(st, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias,
                 far_q, far_k)
-  b, _, kv_heads, g, _ = bl.q.shape[1:]
-  tp = bl.nq * st.block_q
-  do = _blocks(_pad_axis(xla_lib.split_heads(d_out, kv_heads), 1, tp), 1,
-               st.block_q)                                # [nq,B,bq,K,G,Hv]
-  o = _blocks(_pad_axis(xla_lib.split_heads(out, kv_heads), 1, tp), 1,
-              st.block_q)
+  b, kh, g, bq = lay.b, lay.kv_heads, lay.groups, st.block_q
+  do = _q_blocks(d_out, kh, bq, lay.tp)          # [nq, B, K, G * bq, Hv]
+  o = _q_blocks(out, kh, bq, lay.tp)
   # delta = rowsum(dO * O) - dLSE: the softmax backward's per-row term.
-  delta = jnp.einsum("nbtkgh,nbtkgh->nbkgt", do.astype(jnp.float32),
-                     o.astype(jnp.float32))
-  lse_b = _blocks(_pad_axis(lse.reshape(b, kv_heads, g, -1), 3, tp,
-                            -jnp.inf), 3, st.block_q)    # [nq,B,K,G,bq]
+  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1)
+  delta = delta.reshape(lay.nq, b, kh, g, bq)
+  lse_b = _row_blocks(lse.reshape(b, kh, g, -1), bq, lay.tp, -jnp.inf)
   if d_lse is not None:
-    d_lse_b = _blocks(_pad_axis(d_lse.reshape(b, kv_heads, g, -1), 3, tp),
-                      3, st.block_q)
-    delta = delta - d_lse_b
+    delta = delta - _row_blocks(d_lse.reshape(b, kh, g, -1), bq, lay.tp)
   lse_safe = jnp.where(jnp.isfinite(lse_b), lse_b, 0.0)
   # Rows whose forward is NaN (they saw a non-finite value row) pass no
   # gradient: lse +inf makes their probabilities exactly 0 (the backward's
@@ -246,90 +383,75 @@ def _backward(st: _Static, res, cotangents):
   row_bad = jnp.isnan(lse_b)
   lse_safe = jnp.where(row_bad, jnp.inf, lse_safe)
   delta = jnp.where(row_bad, 0.0, delta)
+  mm = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+  # Key-major blocks: S^T = K.Q^T is [bk, G * bq], so that dV = P^T.dO and
+  # dK = dS^T.Q are plain (non-transposed) products, and dQ^T = K^T.dS^T
+  # with K^T laid out once: XLA on the CPU runs a product that contracts
+  # the leading axis of both operands about 3x slower.
+  row = lambda x, i: _get(x, i).reshape(b, kh, 1, g * bq)
+  k_t = jnp.swapaxes(lay.k, -1, -2)                # [nk, B, K, H, bk]
+  fk_t = None if far_k is None else jnp.swapaxes(lay.far_k, -1, -2)
 
-  def block_grads(i, j, use_mask):
-    """Gradients from block (i, j): (q side, k side) tuples."""
-    qi, fqi = bl.q_inputs(i)
-    kj, fkj = bl.k_inputs(j)
-    fn = lambda *xs: bl.logits(i, j, *xs)
-    s, vjp = jax.vjp(fn, qi, kj, fqi, fkj, bl.slopes, bl.bias_block(i, j))
+  def body(i, j, use_mask, carry):
+    dq_t, dk, dv, dfq_t, dfk, dsl, dbias = carry
+    q_i, k_j, v_j, do_i = (_get(lay.q, i), _get(lay.k, j), _get(lay.v, j),
+                           _get(do, i))
+    s_t = mm("bksh,bkqh->bksq", k_j, q_i)
+    vjp = None
+    if not lay.plain:
+      s_far = None if lay.far_q is None else lay.products(
+          _get(lay.far_q, i), _get(lay.far_k, j))
+      s, vjp = jax.vjp(lay.finish(i, j), lay.to_qk(s_t), s_far, lay.slopes,
+                       lay.bias_block(i, j))
+      s_t = lay.to_kq(s)
     if use_mask:
-      s = _masked(s, bl.visible(i, j))
-    p = jnp.exp(s - lse_safe[i][..., None])
-    b_, kh, g_, t_, s_ = p.shape
-    dv = jnp.einsum("bnts,btnh->bsnh", p.astype(do.dtype).reshape(
-        b_, kh * g_, t_, s_), do[i].reshape(b_, t_, kh * g_, -1),
-                    preferred_element_type=jnp.float32)
-    dv = dv.reshape(b_, s_, kh, g_, -1).sum(3)
-    dp = xla_lib.qk(do[i], bl.v[j])
-    gq, gk, gfq, gfk, gsl, gbias = vjp(p * (dp - delta[i][..., None]))
-    return (gq, gfq, gsl, gbias), (gk, gfk, dv)
+      shape = s_t.shape
+      s_t = jnp.where(lay.visible_t(i, j), s_t.reshape(shape[:3] + (g, bq)),
+                      -jnp.inf).reshape(shape)
+    p_t = jnp.exp(s_t - row(lse_safe, i))
+    dv = _add(dv, j, mm("bksq,bkqh->bksh", p_t.astype(do.dtype), do_i))
+    ds_t = p_t * (mm("bksh,bkqh->bksq", v_j, do_i) - row(delta, i))
+    ds_far = gsl = gbias = None
+    if vjp is not None:
+      ds, ds_far, gsl, gbias = vjp(lay.to_qk(ds_t))
+      ds_t = lay.to_kq(ds)
+    ds_t = ds_t.astype(q_i.dtype)
+    dk = _add(dk, j, mm("bksq,bkqh->bksh", ds_t, q_i))
+    dq_t = _add(dq_t, i, mm("bkhs,bksq->bkhq", _get(k_t, j), ds_t))
+    if ds_far is not None:
+      fq_i = _get(lay.far_q, i)
+      ds_far = lay.to_kq(ds_far).astype(fq_i.dtype)
+      dfq_t = _add(dfq_t, i, mm("bkhs,bksq->bkhq", _get(fk_t, j), ds_far))
+      dfk = _add(dfk, j, mm("bksq,bkqh->bksh", ds_far, fq_i))
+    if gsl is not None:
+      dsl = dsl + gsl
+    if gbias is not None:
+      dbias = lay.bias_add(dbias, gbias.astype(jnp.float32), i, j)
+    return dq_t, dk, dv, dfq_t, dfk, dsl, dbias
 
-  def skip_or(branch_out, zeros_like_out, i, j):
-    """lax.switch over the block's label; a skipped block gives zeros."""
-    zero = lambda: jax.tree_util.tree_map(jnp.zeros_like, zeros_like_out)
-    return jax.lax.switch(bl.branch[i, j], [
-        lambda: zero(),
-        lambda: branch_out(True),
-        lambda: branch_out(False)])
+  zeros = lambda x: None if x is None else jnp.zeros(x.shape, jnp.float32)
+  zeros_t = lambda x: None if x is None else jnp.zeros(
+      x.shape[:3] + x.shape[:2:-1], jnp.float32)
+  init = (zeros_t(lay.q), zeros(lay.k), zeros(lay.v), zeros_t(lay.far_q),
+          zeros(lay.far_k), zeros(lay.slopes), zeros(lay.bias))
+  dq_t, dk, dv, dfq_t, dfk, dsl, dbias = lay.visit(body, init)
+  scale = st.call.scale
 
-  # Two sweeps with block-sized carries only (a full-size accumulator passed
-  # through lax.switch would be copied at every step): dq, dfar_q, dslopes
-  # and dbias with queries outside; dk, dfar_k and dv with keys outside.
-  def q_sweep(i):
-    qi, fqi = bl.q_inputs(i)
-
-    def step(acc, j):
-      shape = jax.eval_shape(lambda: block_grads(i, j, True)[0])
-      g = skip_or(lambda m: block_grads(i, j, m)[0], shape, i, j)
-      gq, gfq, gsl, gbias = g
-      add = lambda a, b: None if a is None else a + b
-      return (acc[0] + gq, add(acc[1], gfq), add(acc[2], gsl)), gbias
-
-    zeros = lambda x: None if x is None else jnp.zeros(x.shape, jnp.float32)
-    init = (zeros(qi), zeros(fqi), zeros(bl.slopes))
-    return jax.lax.scan(step, init, jnp.arange(bl.nk))
-
-  def k_sweep(j):
-    kj, fkj = bl.k_inputs(j)
-
-    def step(acc, i):
-      shape = jax.eval_shape(lambda: block_grads(i, j, True)[1])
-      g = skip_or(lambda m: block_grads(i, j, m)[1], shape, i, j)
-      add = lambda a, b: None if a is None else a + b
-      return tuple(add(a, b) for a, b in zip(acc, g)), None
-
-    init = (jnp.zeros(kj.shape, jnp.float32),
-            None if fkj is None else jnp.zeros(fkj.shape, jnp.float32),
-            jnp.zeros(bl.v[j].shape, jnp.float32))
-    return jax.lax.scan(step, init, jnp.arange(bl.nq))[0]
-
-  (dq, dfq, dsl), dbias = jax.lax.map(q_sweep, jnp.arange(bl.nq))
-  dk, dfk, dv = jax.lax.map(k_sweep, jnp.arange(bl.nk))
-
-  def unq(x, like):
-    # [nq, B, bq, K, G, H] -> [B, T, N, H]
-    x = _unblocks(x, 1)[:, :st.q_len]
-    return x.reshape(like.shape).astype(like.dtype)
+  def unq(x_t, like):   # dS . k is d(scale * q): times scale for dq.
+    x = jnp.swapaxes(x_t, -1, -2) * scale
+    return _q_unblocks(x, g, st.q_len).astype(like.dtype)
 
   def unk(x, like):
-    return _unblocks(x, 1)[:, :st.kv_len].astype(like.dtype)
+    return _k_unblocks(x, st.kv_len).astype(like.dtype)
 
   d_bias = None
   if bias is not None:
-    # [nq, nk, Bb, K|1, G|1, bq|1, bk|1] -> [Bb, K|1, G|1, T|1, S|1]
-    g = dbias.transpose(2, 3, 4, 0, 5, 1, 6)
-    if not bl.bias_full_t:
-      g = g.sum(3, keepdims=True)
-    if not bl.bias_full_s:
-      g = g.sum(5, keepdims=True)
-    g = g.reshape(g.shape[:3] + (g.shape[3] * g.shape[4],
-                                 g.shape[5] * g.shape[6]))
-    g = g[..., :bias.shape[2], :bias.shape[3]]
-    d_bias = g.reshape(bias.shape).astype(bias.dtype)
-  d_slopes = None if slopes is None else dsl.sum(0).reshape(slopes.shape)
-  return (unq(dq, q), unk(dk, k), unk(dv, v), None, None, None, None,
-          d_slopes, d_bias, None if far_q is None else unq(dfq, far_q),
+    # [Bb, K|1, G|1, Tp|1, Sp|1] -> bias's own shape [Bb, Nb, T|1, S|1]
+    dbias = dbias[..., :bias.shape[2], :bias.shape[3]]
+    d_bias = dbias.reshape(bias.shape).astype(bias.dtype)
+  d_slopes = None if slopes is None else dsl.reshape(slopes.shape)
+  return (unq(dq_t, q), unk(dk, k), unk(dv, v), None, None, None, None,
+          d_slopes, d_bias, None if far_q is None else unq(dfq_t, far_q),
           None if far_k is None else unk(dfk, far_k))
 
 
@@ -350,20 +472,41 @@ _chunked.defvjp(_chunked_fwd, _backward)
 
 @dataclasses.dataclass(frozen=True)
 class XlaChunked(core.Implementation):
-  """Online-softmax attention over ``block_q`` x ``block_k`` blocks."""
-  block_q: int = 512
-  block_k: int = 512
+  """Online-softmax attention over ``block_q`` x ``block_k`` blocks.
+
+  Attributes:
+    block_q, block_k: block sizes; None: ``default_block_sizes(head_dim,
+      dtype)``.
+    schedule: "auto" (visited pairs listed on the host when the labels
+      depend only on shapes: default positions, no segment ids; else on the
+      device) or "device" (always on the device; for tests).
+  """
+  block_q: Optional[int] = None
+  block_k: Optional[int] = None
+  schedule: str = "auto"
   name = "xla_chunked"
 
   def __post_init__(self):
-    check_int("block_q", self.block_q, 1)
-    check_int("block_k", self.block_k, 1)
+    check_optional_int("block_q", self.block_q, 1)
+    check_optional_int("block_k", self.block_k, 1)
+    check_choice("schedule", self.schedule, SCHEDULES)
+
+  def block_sizes(self, head_dim: int, dtype) -> tuple[int, int]:
+    """The (block_q, block_k) this instance uses for that head_dim/dtype."""
+    dq, dk = default_block_sizes(head_dim, dtype)
+    return (dq if self.block_q is None else self.block_q,
+            dk if self.block_k is None else self.block_k)
 
   def __call__(self, request: core.AttentionRequest):
-    b, t, s, *_ = request.shape_info
-    st = _Static(call=geometry.AttentionStatics.of(request),
-                 block_q=min(self.block_q, max(t, 1)),
-                 block_k=min(self.block_k, max(s, 1)))
+    b, t, s, n, k, h, hv = request.shape_info
+    bq, bk = self.block_sizes(h, request.query.dtype)
+    bq, bk = min(bq, max(t, 1)), min(bk, max(s, 1))
+    full = partial = None
+    if (self.schedule == "auto" and not request.explicit_positions
+        and request.q_segment_ids is None):
+      full, partial = _static_pairs(request.mask, t, s, bq, bk)
+    st = _Static(call=geometry.AttentionStatics.of(request), block_q=bq,
+                 block_k=bk, full_pairs=full, partial_pairs=partial)
     return _chunked(st, request.query, request.key, request.value,
                     request.query_positions, request.key_positions,
                     request.q_segment_ids, request.kv_segment_ids,

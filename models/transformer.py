@@ -146,8 +146,9 @@ class DecoderLM(nnx.Module):
     elif self.config.absolute == "learned":
       x = x + self.position_embed(abs_positions).astype(x.dtype)
     x = constrain_activations(x)
-    for block in self.blocks:
-      x = constrain_activations(block(x, positions, segment_ids))
+    with attn_layer.rope_tables_once():   # RoPE tables once, not per layer
+      for block in self.blocks:
+        x = constrain_activations(block(x, positions, segment_ids))
     return self.final_norm(x)
 
   def head(self, x: Array) -> Array:

@@ -35,6 +35,12 @@ IMPLEMENTATIONS = [
     # Small blocks: several blocks per axis, ragged last blocks, skipping.
     pytest.param(XlaChunked(block_q=8, block_k=16), id="xla_chunked-8x16"),
     pytest.param(XlaChunked(block_q=16, block_k=8), id="xla_chunked-16x8"),
+    # Pairs listed on the device even where the host could list them (the
+    # default "auto" lists them on the host for default positions and no
+    # segment ids); and the default block sizes (one block at test sizes).
+    pytest.param(XlaChunked(block_q=8, block_k=16, schedule="device"),
+                 id="xla_chunked-8x16-device"),
+    pytest.param(XlaChunked(), id="xla_chunked-default"),
     pytest.param(PALLAS_GPU, id="pallas_gpu-interpret"),
     pytest.param(PALLAS_TPU, id="pallas_tpu-interpret"),
 ]

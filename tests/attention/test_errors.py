@@ -61,6 +61,11 @@ def test_chunked_block_sizes_validated(bad):
     attention.XlaChunked(block_q=bad)
 
 
+def test_chunked_schedule_validated():
+  with pytest.raises(ValueError, match="schedule.*'hosted'"):
+    attention.XlaChunked(schedule="hosted")
+
+
 def test_classifier_needs_both_segment_arrays():
   with pytest.raises(ValueError, match="both q_segment_ids and kv_segment_ids"):
     masks.classify_blocks(None, q_len=4, kv_len=4, block_q=2, block_k=2,

@@ -1,0 +1,124 @@
+r"""CPU benchmark: a SmolLM2-135M-shaped model's forward, old vs new attention.
+
+A random model with SmolLM2-135M's shape (30 layers, d_model 576, 9 query
+heads, 3 key/value heads, head_dim 64, SwiGLU 1536, vocab 49152, tied
+embeddings, RoPE base 100000, causal; built from ``ModelConfig`` as
+``models/gguf.py`` builds the real one) runs one jitted forward over
+``--length`` tokens (logits included) with each attention implementation,
+interleaved in one process (``--repeats`` rounds; best and median kept):
+
+* ``new``: ``XlaChunked()`` of this checkout;
+* ``old``: ``XlaChunked`` as it was at ``--baseline`` (git revision), loaded
+  side by side (see attention_limit_cpu.load_xla_chunked); the rest of the
+  model is this checkout's (so RoPE tables are computed once per forward in
+  both: that costs a few milliseconds either way);
+* ``new bf16`` (``--bf16``): the same weights with ``dtype="bfloat16"``
+  compute (parameters stay float32).
+
+Usage, from the repository root::
+
+  python benchmarks/model_forward_cpu.py --baseline 9198b1d [--bf16]
+  python benchmarks/model_forward_cpu.py --length 1024 --layers 2   # quick
+
+Prints a table; writes JSON (default benchmarks/results/model_forward_cpu.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import attention_limit_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           "results", "model_forward_cpu.json")
+
+
+def smollm2_shape(layers: int, dtype: str):
+  from extrapolax.models.config import AttentionSpec, ModelConfig  # pylint: disable=import-outside-toplevel
+  return ModelConfig(
+      vocab_size=49152, d_model=576, num_layers=layers, num_heads=9,
+      num_kv_heads=3, head_dim=64, mlp_dim=1536, tie_embeddings=True,
+      attention=(AttentionSpec(position="rope", rope_base=100000.0,
+                               mask="causal"),),
+      norm_eps=1e-5, dtype=dtype, max_len=8192)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--length", type=int, default=8192)
+  parser.add_argument("--layers", type=int, default=30)
+  parser.add_argument("--baseline", default=None,
+                      help="git revision whose xla_chunked is 'old'")
+  parser.add_argument("--bf16", action="store_true")
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--out", default=DEFAULT_OUT)
+  args = parser.parse_args(argv)
+
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from extrapolax import attention  # pylint: disable=import-outside-toplevel
+  from extrapolax.models.transformer import DecoderLM  # pylint: disable=import-outside-toplevel
+
+  config = smollm2_shape(args.layers, "float32")
+  model = DecoderLM(config, rngs=nnx.Rngs(0))
+  _, state = nnx.split(model)
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (1, args.length), 0,
+                              config.vocab_size)
+  variants = [("new", config, attention.XlaChunked())]
+  if args.baseline:
+    old = attention_limit_cpu.load_xla_chunked(args.baseline)
+    variants.insert(0, (f"old ({args.baseline})", config, old()))
+  if args.bf16:
+    variants.append(("new bf16", dataclasses.replace(
+        config, dtype="bfloat16"), attention.XlaChunked()))
+
+  runs = []
+  for label, cfg, impl in variants:
+    graphdef, _ = nnx.split(DecoderLM(cfg, rngs=nnx.Rngs(0)))
+
+    def forward(state, tokens, graphdef=graphdef):
+      return nnx.merge(graphdef, state)(tokens)
+
+    with attention.use_implementation(impl):   # read when traced
+      fn = jax.jit(forward)
+      start = time.perf_counter()
+      jax.block_until_ready(fn(state, tokens))
+      first = time.perf_counter() - start
+    runs.append(dict(label=label, fn=fn, first_s=first, times=[]))
+    print(f"# {label}: compile + first run {first:.1f} s", flush=True)
+  info = attention_limit_cpu.machine_info()
+  for _ in range(args.repeats):
+    for run in runs:
+      start = time.perf_counter()
+      jax.block_until_ready(run["fn"](state, tokens))
+      run["times"].append(time.perf_counter() - start)
+      run["load"] = os.getloadavg()
+      print(f"# {run['label']}: {run['times'][-1]:.2f} s (load "
+            f"{run['load'][0]:.1f})", flush=True)
+  ref = runs[0]
+  rows = [dict(variant=r["label"], length=args.length, layers=args.layers,
+               time_best_s=min(r["times"]),
+               time_median_s=statistics.median(r["times"]),
+               times_s=r["times"], first_s=r["first_s"], load=r["load"],
+               vs_first=min(r["times"]) / min(ref["times"])) for r in runs]
+  print(f"| variant | T | layers | best (s) | median (s) | best / "
+        f"{ref['label']} |\n|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['variant']} | {r['length']} | {r['layers']} | "
+          f"{r['time_best_s']:.2f} | {r['time_median_s']:.2f} | "
+          f"{r['vs_first']:.2f} |")
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w", encoding="utf-8") as fh:
+    json.dump(dict(machine=info, argv=sys.argv[1:], rows=rows), fh, indent=1)
+  return rows
+
+
+if __name__ == "__main__":
+  main()
