@@ -26,7 +26,6 @@ from typing import Optional, Sequence
 
 import jax.numpy as jnp
 
-from extrapolax.common import geometry
 from extrapolax.common.checks import check_int
 from . import masks as base
 

@@ -133,7 +133,7 @@ class _Inputs:
 
   def __init__(self, static: _Static, q, k, v, q_pos, k_pos, q_seg, kv_seg,
                slopes, far_q, far_k):
-    cfg, blocks = static.cfg, static.blocks
+    blocks = static.blocks
     b, t, n, h = q.shape
     s, hv = k.shape[1], v.shape[-1]
     self.b, self.n, self.kh = b, n, k.shape[2]
