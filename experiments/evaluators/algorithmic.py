@@ -58,8 +58,9 @@ def grade_examples(logits_fn, tokens: Sequence[np.ndarray],
   """Per-example (correct answer tokens, answer tokens), teacher-forced.
 
   Args:
-    logits_fn: int32 [B, T] -> logits [B, T, V] (right padding is never
-      seen by a causal model, so examples are padded to the longest).
+    logits_fn: int32 [B, T] -> logits [B, T, V], or the argmax tokens
+      [B, T] (``model_argmax_fn``; right padding is never seen by a causal
+      model, so examples are padded to the longest).
     tokens, answer_masks: per example, int [L] and bool [L].
     batch_size: the most examples per call (balanced; the last batch is
       padded).
@@ -81,7 +82,8 @@ def grade_examples(logits_fn, tokens: Sequence[np.ndarray],
         raise ValueError(f"example {i}: tokens {t.shape} and answer_mask "
                          f"{m.shape} must be equal 1-D shapes")
       batch[row, :len(t)], mask[row, :len(m)] = t, m
-    predicted = np.asarray(logits_fn(batch)).argmax(-1)   # predicts t + 1
+    out = np.asarray(logits_fn(batch))
+    predicted = out if out.ndim == 2 else out.argmax(-1)   # predicts t + 1
     hit = (predicted[:, :-1] == batch[:, 1:]) & mask[:, 1:]
     rows = len(chunk)
     correct[lo:lo + rows] = hit[:rows].sum(1)
@@ -101,6 +103,25 @@ def model_logits_fn(model, implementation=None):
   def call(tokens):
     with use_implementation(implementation):
       return logits(state, jnp.asarray(tokens))
+
+  return call
+
+
+def model_argmax_fn(model, implementation=None):
+  """A jitted ``tokens [B, T] -> argmax tokens [B, T]`` of a DecoderLM, the
+  LM head run over position chunks (a 16k prompt's logits over a 49k
+  vocabulary would be 3 GB at once)."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def argmax(state, tokens):
+    m = nnx.merge(graphdef, state)
+    return perplexity.head_in_chunks(
+        m, m.hidden(tokens), lambda logits: jnp.argmax(logits, -1))
+
+  def call(tokens):
+    with use_implementation(implementation):
+      return argmax(state, jnp.asarray(tokens))
 
   return call
 

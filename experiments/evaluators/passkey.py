@@ -209,8 +209,9 @@ def passkey_retrieval(
         said = [_text(tokenizer, g) for g in generated]
     else:
       if logits_fn is None:
-        logits_fn = algorithmic.model_logits_fn(
-            runner, implementation=implementation)
+        logits_fn = (algorithmic.model_argmax_fn if hasattr(runner, "hidden")
+                     else algorithmic.model_logits_fn)(
+                         runner, implementation=implementation)
       correct, graded = algorithmic.grade_examples(
           logits_fn, [np.concatenate([p, a]) for p, a in zip(prompts,
                                                                answers)],

@@ -174,21 +174,28 @@ def _token_nll(logits, targets):
   return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
-def _head_nll(model, hidden, targets):
-  """NLL of ``targets`` [B, L] from the final hidden states [B, L, D], the
-  head run over position chunks so the logits held at once stay below
-  HEAD_CHUNK_LOGITS (the same values as the whole head at once)."""
+def head_in_chunks(model, hidden, fn, *per_position):
+  """``fn(logits, *per_position)`` over position chunks of ``hidden`` [B, L,
+  D] (each ``per_position`` array [B, L, ...] cut alike), so the logits held
+  at once stay below HEAD_CHUNK_LOGITS; results joined back to [B, L, ...]
+  (the same values as the whole head at once)."""
   b, length, d = hidden.shape
   vocab = model.config.vocab_size
   chunk = max(1, HEAD_CHUNK_LOGITS // max(1, b * vocab))
   if chunk >= length:
-    return _token_nll(model.head(hidden), targets)
+    return fn(model.head(hidden), *per_position)
   while length % chunk:     # a divisor of the length: one shape per call
     chunk -= 1
-  xs = hidden.reshape(b, length // chunk, chunk, d).swapaxes(0, 1)
-  ts = targets.reshape(b, length // chunk, chunk).swapaxes(0, 1)
-  out = jax.lax.map(lambda a: _token_nll(model.head(a[0]), a[1]), (xs, ts))
-  return out.swapaxes(0, 1).reshape(b, length)
+  cut = lambda x: x.reshape((b, length // chunk, chunk) + x.shape[2:]
+                            ).swapaxes(0, 1)
+  out = jax.lax.map(lambda a: fn(model.head(a[0]), *a[1:]),
+                    (cut(hidden),) + tuple(cut(x) for x in per_position))
+  return out.swapaxes(0, 1).reshape((b, length) + out.shape[3:])
+
+
+def _head_nll(model, hidden, targets):
+  """NLL of ``targets`` [B, L] from the final hidden states [B, L, D]."""
+  return head_in_chunks(model, hidden, _token_nll, targets)
 
 
 def model_nll_fn(model, mesh: Optional[jax.sharding.Mesh] = None,

@@ -263,6 +263,11 @@ def test_head_in_chunks_equals_the_whole_head(tiny, monkeypatch):
                       tiny.config.vocab_size * 24)   # 24 -> chunks of 16
   chunked = np.asarray(perplexity.model_nll_fn(tiny)(inputs, targets))
   np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
+  # The passkey's teacher-forced argmax, in chunks, equals the logits'.
+  from extrapolax.experiments.evaluators import algorithmic  # pylint: disable=g-import-not-at-top
+  np.testing.assert_array_equal(
+      np.asarray(algorithmic.model_argmax_fn(tiny)(inputs)),
+      _logits(tiny, inputs).argmax(-1))
   logp = np.asarray(jax.nn.log_softmax(_logits(tiny, inputs)))
   np.testing.assert_allclose(
       whole, -np.take_along_axis(logp, targets[..., None], -1)[..., 0],
