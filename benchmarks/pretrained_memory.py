@@ -2,7 +2,8 @@ r"""Memory of the real-model study's forward, from XLA's own accounting.
 
 Compiles (does not run) the NLL function the perplexity evaluator uses
 (``perplexity.model_nll_fn``: the model's hidden states, then the LM head
-over position chunks) for SmolLM2-135M-Instruct (30 layers, vocabulary
+over position chunks) and the passkey's teacher-forced argmax
+(``algorithmic.model_argmax_fn``, the same chunked head) for SmolLM2-135M-Instruct (30 layers, vocabulary
 49152) on one window of each length, with the attention implementation the
 study uses on the CPU (xla_chunked), and reports XLA's memory analysis:
 arguments (the float32 weights and the window), outputs and temporaries.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -49,15 +51,23 @@ def main() -> None:
     m = nnx.merge(graphdef, state)
     return perplexity._head_nll(m, m.hidden(inputs), targets)  # pylint: disable=protected-access
 
+  def argmax(state, inputs, targets):   # the passkey's teacher-forced grading
+    del targets
+    m = nnx.merge(graphdef, state)
+    return perplexity.head_in_chunks(m, m.hidden(inputs),
+                                     lambda logits: jnp.argmax(logits, -1))
+
   rows = []
   gib = 1 << 30
-  for length in args.lengths:
+  for (what, fn), length in itertools.product(
+      (("nll", nll), ("argmax", argmax)), args.lengths):
     spec = jax.ShapeDtypeStruct((1, length), jnp.int32)
     clock = time.perf_counter()
     with use_implementation(args.implementation):
-      compiled = jax.jit(nll).lower(state, spec, spec).compile()
+      compiled = jax.jit(fn).lower(state, spec, spec).compile()
     stats = compiled.memory_analysis()
-    row = dict(length=length, implementation=args.implementation,
+    row = dict(function=what, length=length,
+               implementation=args.implementation,
                argument_gib=stats.argument_size_in_bytes / gib,
                output_gib=stats.output_size_in_bytes / gib,
                temp_gib=stats.temp_size_in_bytes / gib,
@@ -65,13 +75,14 @@ def main() -> None:
     row["total_gib"] = row["argument_gib"] + row["output_gib"] + row[
         "temp_gib"]
     rows.append(row)
-    print(f"{length}: {row['total_gib']:.2f} GiB", flush=True)
+    print(f"{what} {length}: {row['total_gib']:.2f} GiB", flush=True)
   print()
-  print("| tokens | weights + window (GiB) | temporaries (GiB) | total (GiB) |")
-  print("|---|---|---|---|")
+  print("| function | tokens | weights + window (GiB) | temporaries (GiB) | "
+        "total (GiB) |")
+  print("|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['length']} | {r['argument_gib']:.2f} | {r['temp_gib']:.2f} "
-          f"| {r['total_gib']:.2f} |")
+    print(f"| {r['function']} | {r['length']} | {r['argument_gib']:.2f} | "
+          f"{r['temp_gib']:.2f} | {r['total_gib']:.2f} |")
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as f:
     json.dump(dict(model=args.model, rows=rows, jax=jax.__version__,
