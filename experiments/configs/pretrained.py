@@ -27,17 +27,21 @@ Arguments (``:key=value,...``):
 
   quick: 2048, 8192 and 16384 tokens (1/4x, 1x, 2x); the scalings and masks
     only at 2x (at or below 1x a matched scaling is the plain model and a
-    8192-key window covers every key); scored tokens per length: one 8192
+    8192-key band covers every key); scored tokens per length: one 8192
     window's worth (4 windows at 2048, 1 at 8192, 1 at 16384: the 16384
     window scores all its 16384 tokens); Python source only; YaRN and
     dynamic NTK (static NTK at the matched factor equals dynamic in a full
-    forward), LM-Infinite, StreamingLLM, the sliding window and Self-Extend.
-    Measured: 2083 s (34.7 min) wall, 5.0 GB max RSS, on the shared 2-core
-    CPU at load average 7-10 from other jobs (a 8192-token forward 125 s
-    there, about 60 s idle: some 17 minutes idle, an estimate); numbers in
-    the README section "The long-context study on SmolLM2".
-  smoke: seconds, for tests: a tiny model (``model=PATH`` of a GGUF), 64-
-    token context, lengths 16..128.
+    forward), StreamingLLM's Lambda mask, LM-Infinite and Self-Extend;
+    passkey (chat template) at 4096 and 16384, depths 0 / 0.5 / 1, one key
+    per cell, the model and Self-Extend, plus greedy decoding at 4096.
+    Measured: 4136 s (68.9 min) wall on the 2-core CPU shared with three
+    other jobs (load average 4-14), before the xla_chunked speed-up
+    (BENCHMARKS.md: the model's 8k forward 0.75x); passkey 2040 s of it.
+    Idle, with the faster attention, 15-25 minutes is an estimate. Numbers
+    in the README section "The long-context study on SmolLM2".
+  smoke: seconds, for tests: a tiny model (``model=PATH`` of a GGUF, e.g.
+    ``models.gguf.write_random_llama``), 64-token context, lengths 16..128,
+    passkey at 384 and 512.
   model: the model (a zoo name, GGUF file, HF folder or zoo checkpoint).
   train_len: the model's trained context (the unit of the lengths).
 
@@ -45,8 +49,13 @@ Full (no ``quick``): every arm at every length, 32768 scored tokens per
 length, all three corpora; on this CPU that is many hours (a 16384-token
 forward took several minutes here), so run it on a GPU.
 
+Full: passkey at every length, 5 depths, 2 keys per cell, for the model,
+Self-Extend and LM-Infinite (teacher-forced), and greedy with 1 key.
+
 Memory: evaluation runs xla_chunked attention (memory linear in length) by
-default on the CPU, one window per call at >= 8192 tokens.
+default on the CPU, one window per call at >= 8192 tokens, the LM head over
+position chunks: XLA's memory analysis gives 3.4 GiB at 32768 tokens
+(benchmarks/pretrained_memory.py).
 """
 
 import ml_collections
