@@ -266,3 +266,16 @@ def test_tiny_model_trains_a_step_and_decodes_like_the_forward():
     if isinstance(node, attn_layer.Attention):
       node.sinks[...] = jnp.full(node.sinks.shape, -1e4)
   assert np.abs(np.asarray(model(tokens)) - want).max() > 1e-3
+
+
+def test_experiment_config_field_builds_sinks():
+  from extrapolax.experiments import modeling  # experiments layer, test only
+  import ml_collections
+  config = ml_collections.ConfigDict(dict(
+      model=modeling.default_model_config(), train_len=16))
+  assert not modeling.model_config(config).attention[0].sink_logits
+  config.model.sink_logits = True
+  assert modeling.model_config(config).attention[0].sink_logits
+  config.model.preset = "rope-tiny"     # a preset sets its own attention
+  with pytest.raises(ValueError, match="config.model.sink_logits=True"):
+    modeling.model_config(config)
