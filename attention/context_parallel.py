@@ -510,8 +510,6 @@ class ContextParallel(core.Implementation):
       raise NotImplementedError(f"context_parallel needs T={t} to be a "
                                 f"multiple of the {self.axis_name!r} axis "
                                 f"size C={c}")
-    if request.sink_logits is not None:
-      raise NotImplementedError("context_parallel does not take sink_logits")
     if request.bias is not None and request.bias.shape[3] != 1:
       raise NotImplementedError(
           "context_parallel takes no dense bias over keys (T5, Kerple, FIRE "

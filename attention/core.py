@@ -87,9 +87,13 @@ class Implementation:
   """An attention implementation: ``__call__(request) -> (out, lse)``.
 
   ``out`` is [B, T, N, Hv] in the query dtype, ``lse`` float32 [B, N, T].
-  Raise NotImplementedError for a request it cannot serve.
+  Raise NotImplementedError for a request it cannot serve. An
+  implementation that reads ``request.sink_logits`` sets
+  ``takes_sink_logits = True``; dispatch refuses sinks to any other (so a
+  new implementation cannot ignore them silently).
   """
   name: str = "?"
+  takes_sink_logits: bool = False
 
   def __call__(self, request: AttentionRequest):
     raise NotImplementedError
@@ -369,6 +373,15 @@ def _auto_candidates(request: AttentionRequest) -> Sequence[str]:
   return order
 
 
+def serve(impl: Implementation, request: AttentionRequest):
+  """``impl(request)``, refusing sink_logits to an implementation that does
+  not declare ``takes_sink_logits`` (NotImplementedError, one line)."""
+  if request.sink_logits is not None and not impl.takes_sink_logits:
+    raise NotImplementedError(f"{impl.name} does not take sink_logits "
+                              "(xla and xla_chunked do)")
+  return impl(request)
+
+
 @dataclasses.dataclass(frozen=True)
 class Auto(Implementation):
   """``implementation=None``: the platform's order, falling through.
@@ -378,6 +391,7 @@ class Auto(Implementation):
   """
   exclude: tuple[str, ...] = ()
   name = "auto"
+  takes_sink_logits = True     # each candidate is checked by serve()
 
   def __call__(self, request: AttentionRequest):
     errors = []
@@ -385,7 +399,7 @@ class Auto(Implementation):
       if name in self.exclude:
         continue
       try:
-        return _REGISTRY[name]()(request)
+        return serve(_REGISTRY[name](), request)
       except NotImplementedError as e:
         errors.append(f"{name}: {e}")
     raise NotImplementedError("no implementation serves this request:\n  "
@@ -456,5 +470,5 @@ def dot_product_attention(
     impl = current_implementation() or Auto()
   else:
     impl = _resolve(implementation)
-  out, lse = impl(request)
+  out, lse = serve(impl, request)
   return (out, lse) if return_residuals else out

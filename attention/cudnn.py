@@ -19,8 +19,6 @@ from . import masks as masks_lib
 def _unsupported(request: core.AttentionRequest):
   """Why cuDNN cannot serve ``request``, or None."""
   b, t, s, n, k, h, hv = request.shape_info
-  if request.sink_logits is not None:
-    return "does not take sink_logits (use xla or xla_chunked)"
   if jax.default_backend() != "gpu":
     return f"needs a CUDA GPU (backend is {jax.default_backend()!r})"
   if request.query.dtype not in (jnp.float16, jnp.bfloat16):

@@ -21,8 +21,6 @@ from . import core
 
 
 def _unsupported(request: core.AttentionRequest) -> Optional[str]:
-  if request.sink_logits is not None:
-    return "does not take sink_logits (use xla or xla_chunked)"
   if request.bias is not None:
     return ("does not take a dense bias (ALiBi, masks, segments and soft cap "
             "are computed in the kernel)")

@@ -180,6 +180,7 @@ def dense_attention(request: core.AttentionRequest):
 class Xla(core.Implementation):
   """Dense XLA attention; memory quadratic in length."""
   name = "xla"
+  takes_sink_logits = True
 
   def __call__(self, request):
     return dense_attention(request)

@@ -514,6 +514,7 @@ class XlaChunked(core.Implementation):
   block_k: Optional[int] = None
   schedule: str = "auto"
   name = "xla_chunked"
+  takes_sink_logits = True
 
   def __post_init__(self):
     check_optional_int("block_q", self.block_q, 1)

@@ -181,7 +181,8 @@ def test_bad_sink_logits_raise_one_line(sinks, match):
     core.dot_product_attention(q, k, v, sink_logits=sinks)
 
 
-@pytest.mark.parametrize("impl", ["cudnn", "pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("impl", ["cudnn", "pallas_gpu", "pallas_tpu",
+                                  "context_parallel"])
 def test_kernels_without_sinks_refuse_explicitly(impl):
   q, k, v, sinks, _, _ = inputs(8, 8, 4, 2)
   with pytest.raises(NotImplementedError,
@@ -279,3 +280,23 @@ def test_experiment_config_field_builds_sinks():
   config.model.preset = "rope-tiny"     # a preset sets its own attention
   with pytest.raises(ValueError, match="config.model.sink_logits=True"):
     modeling.model_config(config)
+
+
+def test_an_implementation_that_does_not_declare_sinks_is_refused():
+  class Plain(core.Implementation):
+    name = "plain"
+
+    def __call__(self, request):
+      return core.dot_product_attention(
+          request.query, request.key, request.value, implementation="xla",
+          return_residuals=True)
+
+  q, k, v, sinks, _, _ = inputs(8, 8, 4, 2)
+  core.dot_product_attention(q, k, v, implementation=Plain())  # serves
+  with pytest.raises(NotImplementedError,
+                     match="plain does not take sink_logits"):
+    core.dot_product_attention(q, k, v, sink_logits=sinks,
+                               implementation=Plain())
+  with core.use_implementation(Plain()):
+    with pytest.raises(NotImplementedError, match="plain does not take"):
+      core.dot_product_attention(q, k, v, sink_logits=sinks)
