@@ -21,8 +21,12 @@ Semantics (every implementation obeys them; tests pin them):
   far_window`` are scored with ``far_query . far_key`` instead (LM-Infinite's
   distance ceiling: far_query rotated at the ceiling, far_key un-rotated;
   Self-Extend: both rotated with grouped positions);
+* ``sink_logits`` (float [N], gpt-oss's learned attention sinks): query
+  head ``n`` adds ``exp(sink_n)`` to its softmax denominator, a key that
+  takes probability but has no value: ``p_ij = exp(s_ij) / (exp(sink_n) +
+  sum_j exp(s_ij))``, and the log-sum-exp includes the sink;
 * softmax statistics in float32; a query row that sees no key gives zeros and
-  log-sum-exp ``-inf``, never NaN.
+  log-sum-exp ``-inf`` (``sink_n`` with sinks), never NaN.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ class AttentionRequest:
   far_query: Optional[Array]
   far_key: Optional[Array]
   far_window: Optional[int]
+  sink_logits: Optional[Array] = None
 
   @property
   def shape_info(self):
@@ -82,9 +87,13 @@ class Implementation:
   """An attention implementation: ``__call__(request) -> (out, lse)``.
 
   ``out`` is [B, T, N, Hv] in the query dtype, ``lse`` float32 [B, N, T].
-  Raise NotImplementedError for a request it cannot serve.
+  Raise NotImplementedError for a request it cannot serve. An
+  implementation that reads ``request.sink_logits`` sets
+  ``takes_sink_logits = True``; dispatch refuses sinks to any other (so a
+  new implementation cannot ignore them silently).
   """
   name: str = "?"
+  takes_sink_logits: bool = False
 
   def __call__(self, request: AttentionRequest):
     raise NotImplementedError
@@ -204,7 +213,7 @@ def make_request(query, key, value, *, mask=None, segment_ids=None,
                  alibi_slopes=None, bias=None, scale=None,
                  logits_soft_cap=None, query_positions=None,
                  key_positions=None, far_query=None, far_key=None,
-                 far_window=None) -> AttentionRequest:
+                 far_window=None, sink_logits=None) -> AttentionRequest:
   """Validates the arguments of ``dot_product_attention``; see there."""
   for name, x in (("query", query), ("key", key), ("value", value)):
     if getattr(x, "ndim", None) != 4:
@@ -311,12 +320,24 @@ def make_request(query, key, value, *, mask=None, segment_ids=None,
     far_window = check_int("far_window", far_window, 1,
                            masks_lib.MAX_SIZE)
 
+  if sink_logits is not None:
+    sink_logits = jnp.asarray(sink_logits)
+    _check_float("sink_logits", sink_logits)
+    if sink_logits.shape != (n,):
+      raise ValueError(f"sink_logits must have shape ({n},) (one per query "
+                       f"head), got {sink_logits.shape}")
+    sink_logits = sink_logits.astype(jnp.float32)
+    concrete = _concrete(sink_logits)
+    if concrete is not None and not np.all(np.isfinite(concrete)):
+      raise ValueError(f"sink_logits must be finite, got {concrete}")
+
   return AttentionRequest(
       query=query, key=key, value=value, mask=mask, q_segment_ids=q_seg,
       kv_segment_ids=kv_seg, query_positions=q_pos, key_positions=k_pos,
       explicit_positions=explicit, alibi_slopes=alibi_slopes, bias=bias,
       scale=float(scale), logits_soft_cap=logits_soft_cap,
-      far_query=far_query, far_key=far_key, far_window=far_window)
+      far_query=far_query, far_key=far_key, far_window=far_window,
+      sink_logits=sink_logits)
 
 
 # The mesh axis that context-parallel attention splits the sequence over.
@@ -352,6 +373,15 @@ def _auto_candidates(request: AttentionRequest) -> Sequence[str]:
   return order
 
 
+def serve(impl: Implementation, request: AttentionRequest):
+  """``impl(request)``, refusing sink_logits to an implementation that does
+  not declare ``takes_sink_logits`` (NotImplementedError, one line)."""
+  if request.sink_logits is not None and not impl.takes_sink_logits:
+    raise NotImplementedError(f"{impl.name} does not take sink_logits "
+                              "(xla and xla_chunked do)")
+  return impl(request)
+
+
 @dataclasses.dataclass(frozen=True)
 class Auto(Implementation):
   """``implementation=None``: the platform's order, falling through.
@@ -361,6 +391,7 @@ class Auto(Implementation):
   """
   exclude: tuple[str, ...] = ()
   name = "auto"
+  takes_sink_logits = True     # each candidate is checked by serve()
 
   def __call__(self, request: AttentionRequest):
     errors = []
@@ -368,7 +399,7 @@ class Auto(Implementation):
       if name in self.exclude:
         continue
       try:
-        return _REGISTRY[name]()(request)
+        return serve(_REGISTRY[name](), request)
       except NotImplementedError as e:
         errors.append(f"{name}: {e}")
     raise NotImplementedError("no implementation serves this request:\n  "
@@ -390,6 +421,7 @@ def dot_product_attention(
     far_query: Optional[Array] = None,
     far_key: Optional[Array] = None,
     far_window: Optional[int] = None,
+    sink_logits: Optional[Array] = None,
 ) -> Any:
   """Scaled dot-product attention with masks, ALiBi and relative biases.
 
@@ -420,6 +452,10 @@ def dot_product_attention(
       bottom-right alignment (KV caches, rolling buffers).
     far_query, far_key, far_window: score pairs with ``i - j >= far_window``
       as ``far_query . far_key`` (LM-Infinite distance ceiling, Self-Extend).
+    sink_logits: float [N], one learned sink logit per query head (gpt-oss):
+      joins the softmax denominator, takes no value; differentiable. Served
+      by "xla" and "xla_chunked" (others raise NotImplementedError; auto
+      falls through).
 
   Returns:
     [B, T, N, Hv] in the query dtype, or (that, lse) with return_residuals.
@@ -429,10 +465,10 @@ def dot_product_attention(
       alibi_slopes=alibi_slopes, bias=bias, scale=scale,
       logits_soft_cap=logits_soft_cap, query_positions=query_positions,
       key_positions=key_positions, far_query=far_query, far_key=far_key,
-      far_window=far_window)
+      far_window=far_window, sink_logits=sink_logits)
   if implementation is None:
     impl = current_implementation() or Auto()
   else:
     impl = _resolve(implementation)
-  out, lse = impl(request)
+  out, lse = serve(impl, request)
   return (out, lse) if return_residuals else out

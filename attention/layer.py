@@ -10,8 +10,9 @@ layouts, partial rotary, per-head bases (HARPE), p-RoPE, Giraffe's
 truncated basis, optional Self-Extend, STRING or LM-Infinite distance
 ceiling), ``Alibi()``, ``T5Bias(...)``, ``Kerple()``, ``Fire(...)``.
 The layer also takes a query ``temperature`` (``temperature.py``:
-head_scale, ssmax, llama4) and ``qk_norm`` (RMSNorm on each head's q and k
-before RoPE, Qwen3 / OLMo 2).
+head_scale, ssmax, llama4), ``qk_norm`` (RMSNorm on each head's q and k
+before RoPE, Qwen3 / OLMo 2) and ``sink_logits`` (gpt-oss: a learned
+``sinks`` logit per query head in the softmax denominator).
 Absolute encodings are added to token embeddings, not inside attention:
 ``sinusoidal_embedding`` (positional.py) and ``LearnedPositionEmbedding`` here.
 
@@ -453,6 +454,7 @@ class Attention(nnx.Module):
                temperature: Union[temperature_lib.Temperature, str,
                                   None] = None,
                qk_norm: bool = False, qk_norm_eps: float = 1e-6,
+               sink_logits: bool = False,
                qkv_bias: bool = False, out_bias: bool = False, dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -485,6 +487,8 @@ class Attention(nnx.Module):
                        f"{temperature!r}")
     if not isinstance(qk_norm, bool):
       raise ValueError(f"qk_norm must be a bool, got {qk_norm!r}")
+    if not isinstance(sink_logits, bool):
+      raise ValueError(f"sink_logits must be a bool, got {sink_logits!r}")
     self.num_heads, self.num_kv_heads, self.head_dim = (
         num_heads, num_kv_heads, head_dim)
     self.position = position
@@ -507,6 +511,10 @@ class Attention(nnx.Module):
                                  param_dtype=param_dtype, rngs=rngs)
       self.q_norm, self.k_norm = norm(), norm()
     self.qk_norm = qk_norm
+    # gpt-oss attention sinks: one learned logit per query head in the
+    # softmax denominator (zeros at init, as gpt-oss; ``sinks`` there too).
+    self.sinks = nnx.Param(jnp.zeros((num_heads,), param_dtype)) if (
+        sink_logits) else None
     position.init_params(self, num_heads=num_heads, rngs=rngs,
                          param_dtype=param_dtype)
     if temperature is not None:
@@ -559,7 +567,8 @@ class Attention(nnx.Module):
         implementation=implementation,
         query_positions=q_positions if explicit else None,
         key_positions=k_positions if explicit else None,
-        return_residuals=return_residuals, **far)
+        return_residuals=return_residuals,
+        sink_logits=None if self.sinks is None else self.sinks[...], **far)
 
   def __call__(self, x: Array, *, positions: Optional[Array] = None,
                segment_ids: Optional[Array] = None) -> Array:

@@ -150,10 +150,18 @@ def dense_attention(request: core.AttentionRequest):
                           request.kv_segment_ids)
   if visible is not None:
     logits = jnp.where(visible, logits, -jnp.inf)
-  m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  sink = None
+  if request.sink_logits is not None:
+    # The sink: one more logit per head in the denominator, with no value.
+    sink = request.sink_logits.reshape(1, k, n // k, 1, 1)
+    m = jnp.maximum(m, sink)
+  m = jax.lax.stop_gradient(m)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   p = jnp.exp(logits - m)
   l = jnp.sum(p, axis=-1, keepdims=True)
+  if sink is not None:
+    l = l + jnp.exp(sink - m)
   l_safe = jnp.where(l > 0, l, 1.0)
   # Non-finite value rows are zeroed (0 * nan would reach rows the mask hides
   # them from); rows that do see one are selected to NaN afterwards.
@@ -172,6 +180,7 @@ def dense_attention(request: core.AttentionRequest):
 class Xla(core.Implementation):
   """Dense XLA attention; memory quadratic in length."""
   name = "xla"
+  takes_sink_logits = True
 
   def __call__(self, request):
     return dense_attention(request)

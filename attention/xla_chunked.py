@@ -24,7 +24,9 @@ P^T.dO, dS^T.Q and K^T.dS^T for dQ^T, none contracting the leading axis of
 both operands, which XLA's CPU dot runs about 3x slower).
 
 A dense ``bias`` is read block by block (its own memory is the caller's), and
-gets a gradient like every other float input.
+gets a gradient like every other float input. ``sink_logits`` join the
+softmax denominator at the final normalisation (the log-sum-exp the backward
+reads includes them) and get their gradient from the rows' delta.
 """
 
 from __future__ import annotations
@@ -326,7 +328,7 @@ def _logits(lay, i, j, use_mask):
 
 
 def _forward(st: _Static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias,
-             far_q, far_k):
+             far_q, far_k, sinks):
   lay = _Layout(st, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias,
                 far_q, far_k, forward=True)
   b, kh, g, bq, hv = lay.b, lay.kv_heads, lay.groups, st.block_q, v.shape[-1]
@@ -349,6 +351,16 @@ def _forward(st: _Static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias,
           jnp.zeros((lay.nq, b, kh, g, bq), jnp.float32),
           jnp.zeros((lay.nq, b, kh, g * bq, hv), jnp.float32))
   m, l, acc = lay.visit(body, init)
+  if sinks is not None:
+    # The sink joins the denominator at the final normalisation: one more
+    # term exp(sink - m) with no value (rows that saw no key get l = 1 at
+    # m = sink, output 0 and lse = sink).
+    sink = sinks.reshape(1, 1, kh, g, 1)
+    m_all = jnp.maximum(m, sink)
+    rescale = jnp.exp(m - m_all)
+    l = l * rescale + jnp.exp(sink - m_all)
+    acc = acc * rescale.reshape(rescale.shape[:3] + (-1, 1))
+    m = m_all
   l_safe = jnp.where(l > 0, l, 1.0)
   out = acc / l_safe.reshape(l.shape[:3] + (-1, 1))
   lse = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
@@ -361,7 +373,7 @@ def _forward(st: _Static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias,
 
 
 def _backward(st: _Static, res, cotangents):
-  (q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias, far_q, far_k,
+  (q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias, far_q, far_k, sinks,
    out, lse) = res
   d_out, d_lse = cotangents
   lay = _Layout(st, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias,
@@ -452,14 +464,31 @@ def _backward(st: _Static, res, cotangents):
   d_slopes = None if slopes is None else dsl.reshape(slopes.shape)
   return (unq(dq_t, q), unk(dk, k), unk(dv, v), None, None, None, None,
           d_slopes, d_bias, None if far_q is None else unq(dfq_t, far_q),
-          None if far_k is None else unk(dfk, far_k))
+          None if far_k is None else unk(dfk, far_k),
+          _sink_grad(sinks, out, lse, d_out, d_lse))
+
+
+def _sink_grad(sinks, out, lse, d_out, d_lse):
+  """d sink_n = -sum over rows of p_sink * delta (the sink's logit gets
+  p * (dO . v - delta) with a zero value); None without sinks."""
+  if sinks is None:
+    return None
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)
+  delta = jnp.swapaxes(delta, 1, 2)                    # [B, N, T]
+  if d_lse is not None:
+    delta = delta - d_lse
+  p_sink = jnp.exp(sinks[None, :, None] - lse)
+  # Rows whose forward is NaN pass no gradient (as in _backward).
+  p_sink = jnp.where(jnp.isnan(lse), 0.0, p_sink)
+  delta = jnp.where(jnp.isnan(lse), 0.0, delta)
+  return -jnp.sum(p_sink * delta, axis=(0, 2)).astype(sinks.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _chunked(st, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias, far_q,
-             far_k):
+             far_k, sinks):
   return _forward(st, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias,
-                  far_q, far_k)
+                  far_q, far_k, sinks)
 
 
 def _chunked_fwd(st, *args):
@@ -485,6 +514,7 @@ class XlaChunked(core.Implementation):
   block_k: Optional[int] = None
   schedule: str = "auto"
   name = "xla_chunked"
+  takes_sink_logits = True
 
   def __post_init__(self):
     check_optional_int("block_q", self.block_q, 1)
@@ -511,7 +541,7 @@ class XlaChunked(core.Implementation):
                     request.query_positions, request.key_positions,
                     request.q_segment_ids, request.kv_segment_ids,
                     request.alibi_slopes, request.bias, request.far_query,
-                    request.far_key)
+                    request.far_key, request.sink_logits)
 
 
 core.register_implementation("xla_chunked", XlaChunked)

@@ -67,6 +67,7 @@ MODEL_FIELDS: dict[str, Any] = {
     "num_sinks": 0,            # shorthand: the lambda mask's num_sinks
     "logits_soft_cap": None,   # c > 0: c * tanh(logits / c)
     "length_scaling": None,    # log(n)/log(L) logit scaling with L = this
+    "sink_logits": False,      # gpt-oss learned attention sinks (per head)
     "t5_num_buckets": 32,
     "t5_max_distance": 128,
     "dtype": "float32",        # compute dtype; parameters stay float32
@@ -179,6 +180,7 @@ def model_config(config, *, vocab_size: Optional[int] = None) -> ModelConfig:
         num_sinks=fields["num_sinks"],
         logits_soft_cap=fields["logits_soft_cap"],
         length_scaling=fields["length_scaling"],
+        sink_logits=fields["sink_logits"],
         **_scheme_settings(position, fields))
     return ModelConfig(
         vocab_size=vocab, d_model=fields["d_model"],
@@ -198,6 +200,7 @@ _PRESET_SIZES = ("vocab_size", "d_model", "num_layers", "num_heads",
                  "num_kv_heads", "head_dim", "mlp_dim", "tie_embeddings")
 _PRESET_ATTENTION = ("mask", "window", "num_sinks", "rope_base",
                      "rope_scaling", "logits_soft_cap", "length_scaling",
+                     "sink_logits",
                      "t5_num_buckets", "t5_max_distance")
 
 

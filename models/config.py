@@ -83,6 +83,9 @@ class AttentionSpec:
       parameters in temperature_args.
     qk_norm: RMSNorm on each head's queries and keys before RoPE (Qwen3,
       OLMo 2 style, learned scale per head dim).
+    sink_logits: gpt-oss attention sinks: a learned logit per query head
+      (the layer's ``sinks`` parameter, zeros at init) joins the softmax
+      denominator and takes no value.
     t5_num_buckets, t5_max_distance: T5 bias settings.
 
   A field the chosen scheme or mask does not read raises; nothing is
@@ -112,6 +115,7 @@ class AttentionSpec:
   temperature: Optional[str] = None
   temperature_args: Optional[Mapping[str, Any]] = None
   qk_norm: bool = False
+  sink_logits: bool = False
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -122,6 +126,9 @@ class AttentionSpec:
         set_(name, tuple(value))
     if not isinstance(self.qk_norm, bool):
       raise ValueError(f"qk_norm must be a bool, got {self.qk_norm!r}")
+    if not isinstance(self.sink_logits, bool):
+      raise ValueError(f"sink_logits must be a bool, got "
+                       f"{self.sink_logits!r}")
     if self.temperature_args is not None and self.temperature is None:
       raise ValueError(f"temperature_args={self.temperature_args!r} needs a "
                        "temperature")

@@ -87,6 +87,7 @@ class Block(nnx.Module):
         logits_soft_cap=spec.logits_soft_cap,
         length_scaling=spec.length_scaling,
         temperature=spec.to_temperature(), qk_norm=spec.qk_norm,
+        sink_logits=spec.sink_logits,
         qk_norm_eps=config.norm_eps, qkv_bias=config.qkv_bias,
         out_bias=config.out_bias, dtype=dtype,
         param_dtype=param_dtype, rngs=rngs)
