@@ -262,17 +262,10 @@ class _Layout:
         None if self.kv_seg is None else self.kv_seg[j], self.k_valid[j])
 
   def visible_t(self, i, j):
-    """Block (i, j)'s visibility in key-major order: bool [B?, 1, bk, 1,
-    bq] (or None), to select logits laid out [B, K, bk, G, bq]."""
-    st = self.st
-    qp, kp = self.q_pos[i][:, None, :], self.k_pos[j][:, :, None]
-    visible = None if st.call.mask is None else st.call.mask(qp, kp)
-    if self.q_seg is not None:
-      same = self.q_seg[i][:, None, :] == self.kv_seg[j][:, :, None]
-      visible = same if visible is None else visible & same
-    valid = self.k_valid[j][None, :, None]
-    visible = valid if visible is None else visible & valid
-    return visible[:, None, :, None, :]
+    """Block (i, j)'s visibility in key-major order: bool [B?, K|1, bk, G|1,
+    bq], to select logits laid out [B, K, bk, G, bq] (per-head masks give
+    the K and G axes)."""
+    return self.visible(i, j).transpose(0, 1, 4, 2, 3)
 
   def to_qk(self, x):
     """Key-major [B, K, bk, G * bq] -> [B, K, G, bq, bk]."""

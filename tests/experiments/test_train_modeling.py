@@ -54,8 +54,8 @@ def test_sizes_masks_and_scaling_reach_the_model_config():
 
 @pytest.mark.parametrize("fields, match", [
     (dict(pe="foo"), r"config.model.pe='foo' is not one of"),
-    (dict(mask="dilated"),
-     r"bad config.model: mask must be one of .* got 'dilated'"),
+    (dict(mask="dilatd"),
+     r"bad config.model: mask must be one of .* got 'dilatd'"),
     (dict(mask="sliding_window"),
      r"bad config.model: mask 'sliding_window' needs window"),
     (dict(window=8), r"window=8 is not a parameter of mask 'causal'"),
