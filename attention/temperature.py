@@ -71,14 +71,7 @@ def temperature_names() -> tuple[str, ...]:
 
 def temperature_from_name(name: str, **params) -> Temperature:
   """The named temperature with ``params``; unknown names/params raise."""
-  if name not in _TEMPERATURES:
-    raise ValueError(f"temperature must be one of {temperature_names()}, got "
-                     f"{name!r}"
-                     f"{checks.close_matches(name, temperature_names())}")
-  cls = _TEMPERATURES[name]
-  checks.check_parameters(f"temperature {name!r}", params,
-                          tuple(f.name for f in dataclasses.fields(cls)))
-  return cls(**params)
+  return checks.build_registered("temperature", _TEMPERATURES, name, params)
 
 
 def _log_n(q_positions):

@@ -130,3 +130,18 @@ def check_parameters(what: str, params, allowed: Sequence[str]) -> None:
     raise ValueError(f"{what} has no parameter {unknown[0]!r} "
                      f"({unknown[0]}={params[unknown[0]]!r}); {takes}"
                      f"{close_matches(unknown[0], allowed)}")
+
+
+def build_registered(what: str, registry, name: str, params):
+  """``registry[name](**params)`` for a registry of dataclasses: an unknown
+  name or a parameter the class does not have raises one line naming it
+  ("{what} must be one of ...", "{what} 'name' has no parameter ...")."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  names = tuple(registry)
+  if name not in registry:
+    raise ValueError(f"{what} must be one of {names}, got {name!r}"
+                     f"{close_matches(name, names)}")
+  cls = registry[name]
+  check_parameters(f"{what} {name!r}", params,
+                   tuple(f.name for f in dataclasses.fields(cls)))
+  return cls(**params)

@@ -82,13 +82,7 @@ def names() -> tuple[str, ...]:
 
 def from_name(name: str, **params) -> PositionSampler:
   """The sampler ``name`` with ``params``; unknown names/parameters raise."""
-  if name not in _SAMPLERS:
-    raise ValueError(f"positions must be one of {names()}, got {name!r}"
-                     f"{checks.close_matches(name, names())}")
-  cls = _SAMPLERS[name]
-  checks.check_parameters(f"positions {name!r}", params,
-                          tuple(f.name for f in dataclasses.fields(cls)))
-  return cls(**params)
+  return checks.build_registered("positions", _SAMPLERS, name, params)
 
 
 def from_text(text: str) -> PositionSampler:
