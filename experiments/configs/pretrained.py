@@ -64,6 +64,13 @@ from ml_collections import config_dict
 from extrapolax.experiments import configs
 
 
+# STRING's local window (the paper's W = 128); its shift is matched to a
+# length N as N - train_len + W, so every far pair's remapped distance stays
+# inside the trained context (the paper's S = L/3 targets the effective
+# context inside L, not extrapolation).
+_STRING_W = 128
+
+
 def _perplexity(multiples, max_tokens) -> dict:
   return dict(multiples=multiples, modes="nonoverlap",
               stride=config_dict.placeholder(int), max_tokens=max_tokens,
@@ -100,7 +107,9 @@ def get_config(arg=None):
   config.evals.mask = dict(
       type="mask", models="",
       masks=("sliding_window,lambda,lambda+ceiling,"
-             "causal+self_extend(8, 1024)"),
+             "causal+self_extend(8, 1024),"
+             f"causal+string({window + _STRING_W}, {_STRING_W}),"
+             f"causal+string({3 * window + _STRING_W}, {_STRING_W})"),
       window=window, num_sinks=4, **_perplexity(multiples, max_tokens))
   for name in ("rope_scaling", "mask"):   # every arm's loss per position
     config.evals[name].position_buckets = 32
@@ -123,11 +132,13 @@ def get_config(arg=None):
       config.evals[name].max_tokens = arg.train_len
     config.evals.length.multiples = (0.25, 1, 2)
     config.evals.rope_scaling.multiples = (2,)
-    config.evals.rope_scaling.methods = "dynamic,yarn"
+    config.evals.rope_scaling.methods = "yarn"
     config.evals.mask.multiples = (2,)
-    config.evals.mask.masks = "lambda,lambda+ceiling,causal+self_extend(8, 1024)"
+    config.evals.mask.masks = (
+        "lambda+ceiling,causal+self_extend(8, 1024),"
+        f"causal+string({window + _STRING_W}, {_STRING_W})")
     config.evals.passkey.lengths = (arg.train_len // 2, 2 * arg.train_len)
-    config.evals.passkey.depths = (0.0, 0.5, 1.0)
+    config.evals.passkey.depths = (0.5,)
     config.evals.passkey.trials = 1
     config.evals.passkey.masks = "causal,causal+self_extend(8, 1024)"
     config.evals.passkey_greedy.lengths = (arg.train_len // 2,)
@@ -137,8 +148,9 @@ def get_config(arg=None):
     config.train.data.corpora = "pydoc_topics"
     config.evals.rope_scaling.methods = "none,linear,ntk,dynamic,yarn,llama3"
     config.evals.mask.masks = ("causal,sliding_window,lambda,lambda+ceiling,"
-                               "causal+self_extend(2, 8)")
+                               "causal+self_extend(2, 8),causal+string(40, 8)")
     for name in ("passkey", "passkey_greedy"):
       config.evals[name].masks = "causal,causal+self_extend(2, 8)"
       config.evals[name].lengths = (384, 512)   # the prompt text is ~300
+    config.evals.passkey.depths = (0.0, 0.5, 1.0)
   return config

@@ -146,7 +146,13 @@ def test_study_main_on_a_tiny_gguf(tiny_gguf, tmp_path):
   length = {r["eval_len"] for r in ppl if r["experiment"] == "length"}
   assert length == {16, 64, 128}
   masks = {r["mask"] for r in ppl if r["experiment"] == "mask"}
-  assert len(masks) == 5 and any("self_extend(2, 8)" in m for m in masks)
+  assert len(masks) == 6 and any("self_extend(2, 8)" in m for m in masks)
+  # STRING (shift 40 < 128) re-scores the far pairs: not the causal number.
+  string = [r["value"] for r in ppl if r["experiment"] == "mask"
+            and "string(40, 8)" in r["mask"]]
+  plain = [r["value"] for r in ppl if r["experiment"] == "mask"
+           and r["mask"] == "causal"]
+  assert len(string) == 1 and abs(string[0] - plain[0]) > 1e-4 * plain[0]
   scalings = {records_lib.variant_label(r) for r in ppl
               if r["experiment"] == "rope_scaling"}
   assert len(scalings) == 6
