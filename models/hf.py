@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint import: Llama, Mistral, Qwen2 and Qwen3 folders.
+"""Hugging Face checkpoint import: Llama, Mistral, Qwen2, Qwen3 and Phi-3.
 
 ``load_hf(path)`` reads a folder written by transformers' ``save_pretrained``
 (``config.json`` plus ``model.safetensors`` or sharded safetensors with
@@ -24,12 +24,19 @@ transformers 4 ``rope_scaling`` + top-level ``rope_theta`` layout):
   ``>= max_window_layers``). Qwen2 has q/k/v biases and no o_proj bias.
   Qwen3: Qwen2's windows, Llama's ``attention_bias``, and QK-norm (an
   RMSNorm with ``rms_norm_eps`` over each head's q and k before RoPE).
+  Phi-3: fused ``qkv_proj`` (q, k, v rows) and ``gate_up_proj`` (gate, up
+  rows), split on load; ``partial_rotary_factor`` (top level or in the rope
+  dict: the first ``int(head_dim * factor)`` dims rotate, half-split, the
+  rest pass through); the legacy rope names "su" and "yarn" mean longrope
+  (as Phi3Config reads them); ``sliding_window`` (null: none) on every
+  layer; dropout keys are inert.
 * Missing config keys take the transformers config class's default
   (e.g. Mistral's ``num_key_value_heads`` is 8, its ``sliding_window`` 4096).
 
 Anything the model here cannot express raises ``ValueError`` naming it:
 another ``model_type``, ``hidden_act`` other than silu, Llama's
-``mlp_bias``, ``partial_rotary_factor`` != 1, quantized checkpoints. config.json keys that
+``mlp_bias``, ``partial_rotary_factor`` != 1 outside Phi-3, quantized
+checkpoints. config.json keys that
 neither change the forward pass nor are read here (and are not null) trigger
 a warning naming them. Tensors are checked by name and shape: a missing,
 unexpected or misshapen tensor raises (the rotary ``inv_freq`` buffers old
@@ -44,6 +51,8 @@ Weight layout (torch ``nn.Linear`` weights are ``[out, in]``)::
   ...self_attn.o_proj.weight [D, N*H]      -> attn.o_proj.kernel [N, H, D]
   ...self_attn.{q,k}_norm.weight [H]       -> attn.{q,k}_norm.scale (Qwen3)
   ...mlp.{gate,up}_proj.weight [F, D]      -> mlp.{gate,up}.kernel [D, F]
+  ...self_attn.qkv_proj.weight [(N+2K)*H, D] -> q, k, v rows (Phi-3)
+  ...mlp.gate_up_proj.weight [2F, D]       -> gate, up rows (Phi-3)
   ...mlp.down_proj.weight [D, F]           -> mlp.down.kernel [F, D]
   ...input_layernorm.weight                -> attn_norm.scale
   ...post_attention_layernorm.weight       -> mlp_norm.scale
@@ -71,7 +80,7 @@ from .transformer import DecoderLM
 __all__ = ["SUPPORTED_MODEL_TYPES", "KEEP", "build_model", "config_from_hf",
            "load_hf", "weight_map"]
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 class _Keep:
@@ -114,6 +123,13 @@ _DEFAULTS = {
         max_position_embeddings=32768, use_sliding_window=False,
         sliding_window=4096, max_window_layers=28, layer_types=None,
         attention_bias=False),
+    # Phi-3: fused qkv_proj / gate_up_proj, partial rotary, longrope ("su").
+    "phi3": dict(
+        _COMMON_DEFAULTS, vocab_size=32064, hidden_size=3072,
+        intermediate_size=8192, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=None,
+        max_position_embeddings=4096, rms_norm_eps=1e-5,
+        sliding_window=None),
 }
 # Keys read here besides the per-model ones above.
 _ROPE_KEYS = frozenset({"rope_theta", "rope_scaling", "rope_parameters",
@@ -127,7 +143,8 @@ _INERT_KEYS = frozenset({
     "pretraining_tp", "output_attentions", "output_hidden_states",
     "return_dict", "tokenizer_class", "is_decoder", "is_encoder_decoder",
     "id2label", "label2id", "problem_type", "chunk_size_feed_forward",
-    "add_cross_attention", "tie_encoder_decoder", "use_return_dict"})
+    "add_cross_attention", "tie_encoder_decoder", "use_return_dict",
+    "resid_pdrop", "embd_pdrop"})
 _ATTENTION_TYPES = ("full_attention", "sliding_attention")
 # Scaling types that read original_max_position_embeddings.
 _USES_ORIGINAL_MAX = ("llama3", "yarn", "longrope")
@@ -142,16 +159,30 @@ def _int(name: str, value, minimum: int = 1) -> int:
   return value
 
 
-def _rotary_fraction(where: str, value) -> None:
-  if value is not None and value != 1:
+def _rotary_fraction(where: str, value, model_type: str) -> float:
+  """The rotary fraction; only Phi-3 (of the families read here) applies
+  one below 1 (transformers' Phi3 rotates the first ``int(head_dim *
+  factor)`` dims, half-split, and passes the rest through)."""
+  if value is None:
+    return 1.0
+  if model_type == "phi3":
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        0 < value <= 1):
+      raise ValueError(f"{where} partial_rotary_factor must be in (0, 1], "
+                       f"got {value!r}")
+    return float(value)
+  if value != 1:
     raise ValueError(
         f"{where} partial_rotary_factor={value!r} is not supported: "
         "transformers' Llama/Mistral/Qwen2 rotate the whole head (the default "
         "rope ignores the factor); only 1.0 is accepted")
+  return 1.0
 
 
-def _rope_settings(hf: Mapping[str, Any], rope_scaling) -> tuple[float, Any]:
-  """(rope_theta, rope_scaling dict or None) as transformers would use them."""
+def _rope_settings(hf: Mapping[str, Any], rope_scaling,
+                   model_type: str = "llama") -> tuple[float, Any, float]:
+  """(rope_theta, rope_scaling dict or None, partial_rotary_factor) as
+  transformers would use them."""
   legacy, current = hf.get("rope_scaling"), hf.get("rope_parameters")
   for name, value in (("rope_scaling", legacy), ("rope_parameters", current)):
     if value is not None and not isinstance(value, Mapping):
@@ -171,9 +202,11 @@ def _rope_settings(hf: Mapping[str, Any], rope_scaling) -> tuple[float, Any]:
   elif top_theta is not None and top_theta != theta:
     raise ValueError(f"config.json rope_theta={top_theta!r} disagrees with "
                      f"the rope dict's rope_theta={theta!r}")
-  _rotary_fraction("config.json", hf.get("partial_rotary_factor"))
-  _rotary_fraction("config.json rope dict",
-                   params.pop("partial_rotary_factor", None))
+  fraction = _rotary_fraction("config.json", hf.get("partial_rotary_factor"),
+                              model_type)
+  inner = params.pop("partial_rotary_factor", None)
+  if inner is not None:   # Phi3Config: the dict's value wins (setdefault)
+    fraction = _rotary_fraction("config.json rope dict", inner, model_type)
 
   if not isinstance(rope_scaling, _Keep):
     if rope_scaling is not None and not isinstance(rope_scaling, Mapping):
@@ -184,16 +217,24 @@ def _rope_settings(hf: Mapping[str, Any], rope_scaling) -> tuple[float, Any]:
     if params.get("rope_theta") is not None:
       theta = params.pop("rope_theta")
     params.pop("rope_theta", None)
-    _rotary_fraction("rope_scaling", params.pop("partial_rotary_factor",
-                                                None))
+    inner = params.pop("partial_rotary_factor", None)
+    if inner is not None:
+      fraction = _rotary_fraction("rope_scaling", inner, model_type)
 
   rope_type = params.get("rope_type") or params.get("type") or "default"
+  if model_type == "phi3" and (rope_type in ("su", "yarn") or params.get(
+      "type") in ("su", "yarn") and rope_type == "longrope"):
+    # Phi3Config's backward compatibility: both old names mean longrope
+    # (its saved config.json keeps the old "type" beside "rope_type").
+    params.pop("type", None)
+    params["rope_type"] = rope_type = "longrope"
   top_original = hf.get("original_max_position_embeddings")
   if top_original is not None:
     if rope_type not in _USES_ORIGINAL_MAX:
-      warnings.warn(
-          f"config.json original_max_position_embeddings={top_original!r} is "
-          f"not used by rope_type {rope_type!r}", stacklevel=3)
+      if model_type != "phi3":   # Phi3Config always writes it (4096)
+        warnings.warn(
+            f"config.json original_max_position_embeddings={top_original!r} "
+            f"is not used by rope_type {rope_type!r}", stacklevel=3)
     else:
       # transformers (standardize_rope_params) lets the top-level key win
       # over the checkpoint's dict; we refuse a silent disagreement there,
@@ -209,7 +250,7 @@ def _rope_settings(hf: Mapping[str, Any], rope_scaling) -> tuple[float, Any]:
     raise ValueError(f"rope_theta must be a number, got {theta!r}")
   if set(params) <= {"rope_type", "type"} and rope_type == "default":
     params = None
-  return float(theta), params
+  return float(theta), params, fraction
 
 
 def _layer_masks(hf: Mapping[str, Any], model_type: str,
@@ -218,6 +259,10 @@ def _layer_masks(hf: Mapping[str, Any], model_type: str,
   if model_type == "llama":
     return [None] * num_layers
   window = hf["sliding_window"]
+  if model_type == "phi3":   # Phi3Model: one window on every layer, or none
+    if window is not None:
+      _int("sliding_window", window)
+    return [window] * num_layers
   if model_type == "mistral":
     if window is not None:
       _int("sliding_window", window)
@@ -258,8 +303,9 @@ def _layer_masks(hf: Mapping[str, Any], model_type: str,
 
 def config_from_hf(hf_config: Mapping[str, Any], *,
                    rope_scaling=KEEP) -> ModelConfig:
-  """A ``ModelConfig`` equivalent to a Llama / Mistral / Qwen2 / Qwen3
-  config.json (Qwen3: QK-norm, ``AttentionSpec(qk_norm=True)``).
+  """A ``ModelConfig`` equivalent to a Llama / Mistral / Qwen2 / Qwen3 /
+  Phi-3 config.json (Qwen3: QK-norm, ``AttentionSpec(qk_norm=True)``;
+  Phi-3: ``AttentionSpec(partial_rotary_factor=...)``).
 
   Args:
     hf_config: the parsed config.json.
@@ -329,14 +375,16 @@ def config_from_hf(hf_config: Mapping[str, Any], *,
     raise ValueError(f"config.json tie_word_embeddings must be a bool, got "
                      f"{tied!r}")
 
-  theta, scaling = _rope_settings(hf_config, rope_scaling)
+  theta, scaling, fraction = _rope_settings(hf_config, rope_scaling,
+                                           model_type)
   windows = _layer_masks(hf, model_type, num_layers)
   specs = tuple(
       AttentionSpec(position="rope", rope_base=theta,
                     rope_scaling=scaling,
                     rope_max_position_embeddings=max_positions,
                     mask="causal" if w is None else "sliding_window",
-                    window=w, qk_norm=model_type == "qwen3")
+                    window=w, qk_norm=model_type == "qwen3",
+                    partial_rotary_factor=fraction)
       for w in windows)
   if all(s == specs[0] for s in specs):
     specs = specs[:1]
@@ -451,12 +499,41 @@ def _list(names, limit=8) -> str:
   return f"{names[:limit]}{more}"
 
 
+def fused_parts(config: ModelConfig) -> dict[str, list[tuple[str, int, int]]]:
+  """Phi-3's fused tensors: HF name -> [(unfused HF name, first row, end
+  row)]. ``qkv_proj`` stacks q, k, v rows (Phi3Attention slices them in
+  that order); ``gate_up_proj`` stacks gate then up (``chunk(2)``)."""
+  n, k, h, f = (config.num_heads, config.kv_heads, config.per_head_dim,
+                config.mlp_dim)
+  out = {}
+  for i in range(config.num_layers):
+    attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+    out[attn + "qkv_proj.weight"] = [
+        (attn + "q_proj.weight", 0, n * h),
+        (attn + "k_proj.weight", n * h, (n + k) * h),
+        (attn + "v_proj.weight", (n + k) * h, (n + 2 * k) * h)]
+    out[mlp + "gate_up_proj.weight"] = [(mlp + "gate_proj.weight", 0, f),
+                                        (mlp + "up_proj.weight", f, 2 * f)]
+  return out
+
+
 def _read_weights(path: str, config: ModelConfig,
-                  cast: Callable[[np.ndarray], jax.Array]) -> dict:
-  """nnx path -> array, every tensor checked by name and shape."""
+                  cast: Callable[[np.ndarray], jax.Array],
+                  fused: bool = False) -> dict:
+  """nnx path -> array, every tensor checked by name and shape.
+
+  ``fused``: the checkpoint holds Phi-3's fused tensors (:func:`fused_parts`)
+  in place of their parts; each is checked whole and split by rows.
+  """
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
 
   expected = weight_map(config)
+  parts = fused_parts(config) if fused else {}
+  d = config.d_model
+  for name, pieces in parts.items():   # the fused tensor replaces its parts
+    for part, _, _ in pieces:
+      del expected[part]
+    expected[name] = (None, (pieces[-1][2], d), None)
   where = _tensor_files(path)
   present = set(where)
   missing = set(expected) - present
@@ -492,14 +569,23 @@ def _read_weights(path: str, config: ModelConfig,
         raise ValueError(
             "tie_word_embeddings is true but tensor 'lm_head.weight' differs "
             "from 'model.embed_tokens.weight'")
-    return {ours: cast(layout(handles[where[name]].get_tensor(name)))
-            for name, (ours, _, layout) in expected.items()}
+    unfused = weight_map(config)
+    out = {}
+    for name, (ours, _, layout) in expected.items():
+      tensor = handles[where[name]].get_tensor(name)
+      if name in parts:
+        for part, start, stop in parts[name]:
+          part_path, _, part_layout = unfused[part]
+          out[part_path] = cast(part_layout(tensor[start:stop]))
+      else:
+        out[ours] = cast(layout(tensor))
+    return out
 
 
 def load_hf(path, *, rope_scaling=KEEP, dtype: str = "float32",
             implementation: Optional[str] = None) -> DecoderLM:
-  """Loads a Hugging Face Llama / Mistral / Qwen2 / Qwen3 folder as a
-  DecoderLM.
+  """Loads a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Phi-3 folder as
+  a DecoderLM.
 
   Args:
     path: a folder with config.json and model.safetensors (or shards listed
@@ -530,7 +616,8 @@ def load_hf(path, *, rope_scaling=KEEP, dtype: str = "float32",
       dtype=dtype, param_dtype=dtype, implementation=implementation)
   jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
   values = _read_weights(path, config,
-                         lambda w: jnp.asarray(w, dtype=jdtype))
+                         lambda w: jnp.asarray(w, dtype=jdtype),
+                         fused=hf_config.get("model_type") == "phi3")
   return build_model(config, values)
 
 

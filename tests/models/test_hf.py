@@ -1,4 +1,5 @@
-"""load_hf: logits parity with transformers (Llama, Mistral, Qwen2) and errors.
+"""load_hf: logits parity with transformers (Llama, Mistral, Qwen2, Qwen3,
+Phi-3) and errors.
 
 Each case builds a tiny random transformers model on CPU, saves it with
 save_pretrained (safetensors), loads it with load_hf and compares logits on
@@ -34,6 +35,9 @@ LONGROPE = {
 YARN = {"rope_type": "yarn", "factor": 4.0,
         "original_max_position_embeddings": 16}
 
+# Phi3Config's special tokens default to 32000, outside the tiny vocabulary.
+PHI3_TOKENS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=1)
+
 # name -> (model type, config overrides, test lengths)
 CASES = {
     "llama": ("llama", {}, (T,)),
@@ -66,9 +70,20 @@ CASES = {
     "qwen3_window_bias": ("qwen3", dict(
         num_hidden_layers=3, use_sliding_window=True, sliding_window=16,
         max_window_layers=1, attention_bias=True), (T,)),
+    # Phi-3: fused qkv_proj and gate_up_proj.
+    "phi3": ("phi3", dict(PHI3_TOKENS), (T,)),
+    # Phi-3 with half the head rotating, the legacy "su" name for longrope
+    # (short factors to 16 tokens, long past it; the factor 64 / 16 from
+    # max_position_embeddings) and a sliding window.
+    "phi3_su_partial_window": ("phi3", dict(
+        PHI3_TOKENS, partial_rotary_factor=0.5,
+        original_max_position_embeddings=16,
+        sliding_window=24, rope_scaling={
+            "type": "su", "short_factor": [1.0, 1.2, 1.6, 2.5],
+            "long_factor": [1.0, 1.8, 3.5, 8.0]}), (12, T)),
 }
 _CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2",
-            "qwen3": "Qwen3"}
+            "qwen3": "Qwen3", "phi3": "Phi3"}
 
 
 def _hf_config(model_type, **overrides):
@@ -161,6 +176,24 @@ def test_configs_read_as_transformers_does(saved):
   assert tied.tie_embeddings and tied.layer_spec(0).rope_base == 500000.0
   assert tied.layer_spec(0).rope_scaling is None
   assert tied.layer_spec(0).rope_max_position_embeddings == 64
+
+
+def test_phi3_config_and_fused_tensors(saved, tmp_path):
+  folder, _ = saved("phi3_su_partial_window")
+  spec = hf.load_hf(folder).config.layer_spec(0)
+  assert spec.partial_rotary_factor == 0.5 and spec.window == 24
+  assert spec.rope_scaling["rope_type"] == "longrope"
+  # The fused tensors are checked whole: a wrong row count names them.
+  copy = tmp_path / "phi3"
+  shutil.copytree(saved("phi3")[0], copy)
+  name = "model.layers.0.self_attn.qkv_proj.weight"
+  _edit_tensors(copy, lambda t: t.update({name: t[name][:-16]}))
+  with pytest.raises(ValueError, match=r"qkv_proj\.weight' has shape "
+                     r"\(112, 64\), expected \(128, 64\)"):
+    hf.load_hf(copy)
+  with pytest.raises(ValueError, match=r"partial_rotary_factor must be in"):
+    hf.config_from_hf(dict(LLAMA_DICT, model_type="phi3",
+                           partial_rotary_factor=1.5))
 
 
 def test_both_config_layouts(saved, tmp_path):
