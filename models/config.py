@@ -19,6 +19,9 @@ from extrapolax.attention import masks
 
 ABSOLUTE = ("none", "sinusoidal", "learned")
 DTYPES = ("float32", "bfloat16")
+# The gated MLP's activation: SwiGLU (silu) or GeGLU with the tanh GELU
+# (Gemma's gelu_pytorch_tanh).
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 
 # The vocabularies live with their objects: position schemes in
 # attention/layer.py, masks in attention/masks.py (both registries, so a
@@ -246,6 +249,13 @@ class ModelConfig:
     out_bias: a bias on the output projection (Llama attention_bias).
     absolute: absolute position embeddings added to the token embeddings.
     max_len: the training length (the learned table's size).
+    mlp_activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma).
+    post_norms: Gemma 2/3's sandwich norms: an RMSNorm on the attention
+      output and on the MLP output before each residual add.
+    scale_embeddings: multiply the token embeddings by sqrt(d_model) (in
+      the compute dtype, as Gemma does).
+    final_logit_soft_cap: None, or c > 0: logits = c * tanh(logits / c)
+      (Gemma 2).
     dtype: compute dtype; parameters are ``param_dtype``.
   """
   vocab_size: int = 256
@@ -262,6 +272,10 @@ class ModelConfig:
   max_len: int = 256
   attention: tuple[AttentionSpec, ...] = (AttentionSpec(),)
   norm_eps: float = 1e-6
+  mlp_activation: str = "silu"
+  post_norms: bool = False
+  scale_embeddings: bool = False
+  final_logit_soft_cap: Optional[float] = None
   dtype: str = "float32"
   param_dtype: str = "float32"
   implementation: Optional[str] = None
@@ -282,6 +296,14 @@ class ModelConfig:
       raise ValueError(f"d_model={self.d_model} is not divisible by "
                        f"num_heads={self.num_heads}; set head_dim")
     _choice("absolute", self.absolute, ABSOLUTE)
+    _choice("mlp_activation", self.mlp_activation, MLP_ACTIVATIONS)
+    for name in ("post_norms", "scale_embeddings"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name} must be a bool, got "
+                         f"{getattr(self, name)!r}")
+    if self.final_logit_soft_cap is not None:
+      checks.check_number("final_logit_soft_cap", self.final_logit_soft_cap,
+                          positive=True)
     _choice("dtype", self.dtype, DTYPES)
     _choice("param_dtype", self.param_dtype, DTYPES)
     attention = tuple(self.attention)

@@ -133,14 +133,13 @@ def decode_step(model: DecoderLM, cache, tokens: Array, position,
     out = attn.attend(q, keys.astype(q.dtype), values.astype(q.dtype), pos,
                       k_pos, rope_q_positions=rope_q,
                       rope_k_positions=rope_k)
-    x = x + attn.o_proj(out)
-    x = x + block.mlp(block.mlp_norm(x))
+    x = block.mlp_residual(block.attn_residual(x, attn.o_proj(out)))
   return _head(model, x)[:, 0], dict(layers=new_layers, slot_pos=slot_pos)
 
 
 def _embed(model: DecoderLM, tokens: Array, pos: Array) -> Array:
   cfg = model.config
-  x = model.embed(tokens)
+  x = model.embed_tokens(tokens)
   if cfg.absolute == "sinusoidal":
     x = x + positional.sinusoidal_embedding(pos, cfg.d_model).astype(x.dtype)
   elif cfg.absolute == "learned":
@@ -193,8 +192,7 @@ def prefill(model: DecoderLM, cache, tokens: Array, start, policy: CachePolicy,
         name: layer_cache[name].at[:, slots].set(
             new.astype(layer_cache[name].dtype), mode="drop")
         for name, new in (("k", k), ("v", v))})
-    x = x + attn.o_proj(out)
-    x = x + block.mlp(block.mlp_norm(x))
+    x = block.mlp_residual(block.attn_residual(x, attn.o_proj(out)))
   slot_pos = old_pos.at[:, slots].set(q_pos, mode="drop")
   return _head(model, x), dict(layers=new_layers, slot_pos=slot_pos)
 

@@ -1,8 +1,11 @@
 """The decoder-only LM in flax.nnx.
 
-Token embedding (tied or not) -> optional absolute positions -> layers of
-[pre-norm RMSNorm -> grouped-query attention -> residual, pre-norm RMSNorm ->
-SwiGLU MLP -> residual] -> final RMSNorm -> logits (float32).
+Token embedding (tied or not; optionally scaled by sqrt(d_model)) ->
+optional absolute positions -> layers of [pre-norm RMSNorm -> grouped-query
+attention (-> post-norm) -> residual, pre-norm RMSNorm -> gated MLP (SwiGLU or
+GeGLU) (-> post-norm) -> residual] -> final RMSNorm -> logits (float32,
+optionally soft-capped). The post-norms, GeGLU, the embedding scale and the
+logit cap are Gemma 2/3's; the rest is Llama's.
 
 ``model(tokens, *, positions=None, segment_ids=None)``: packed rows pass
 per-document positions (restarting at 0) and segment ids; each document then
@@ -55,11 +58,16 @@ def _dtype(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
+_ACTIVATIONS = {"silu": jax.nn.silu,
+                "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
 class SwiGLU(nnx.Module):
-  """down(silu(gate(x)) * up(x))."""
+  """down(act(gate(x)) * up(x)); act silu (SwiGLU) or tanh-GELU (GeGLU)."""
 
   def __init__(self, d_model: int, hidden: int, *, dtype, param_dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, activation: str = "silu"):
+    self.activation = activation
     dense = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype,
                                     param_dtype=param_dtype, rngs=rngs)
     self.gate = dense(d_model, hidden)
@@ -67,7 +75,7 @@ class SwiGLU(nnx.Module):
     self.down = dense(hidden, d_model)
 
   def __call__(self, x: Array) -> Array:
-    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+    return self.down(_ACTIVATIONS[self.activation](self.gate(x)) * self.up(x))
 
 
 class Block(nnx.Module):
@@ -93,12 +101,30 @@ class Block(nnx.Module):
         param_dtype=param_dtype, rngs=rngs)
     self.mlp_norm = norm()
     self.mlp = SwiGLU(config.d_model, config.mlp_dim, dtype=dtype,
-                      param_dtype=param_dtype, rngs=rngs)
+                      param_dtype=param_dtype, rngs=rngs,
+                      activation=config.mlp_activation)
+    if config.post_norms:
+      self.post_attn_norm = norm()
+      self.post_mlp_norm = norm()
+
+  def attn_residual(self, x, attn_out):
+    """x + the attention's output (o_proj applied), post-normed if set."""
+    if hasattr(self, "post_attn_norm"):
+      attn_out = self.post_attn_norm(attn_out)
+    return x + attn_out
+
+  def mlp_residual(self, x):
+    """x + MLP(pre-norm(x)), post-normed if set."""
+    out = self.mlp(self.mlp_norm(x))
+    if hasattr(self, "post_mlp_norm"):
+      out = self.post_mlp_norm(out)
+    return x + out
 
   def __call__(self, x, positions, segment_ids):
-    x = x + self.attn(self.attn_norm(x), positions=positions,
-                      segment_ids=segment_ids)
-    return x + self.mlp(self.mlp_norm(x))
+    x = self.attn_residual(x, self.attn(self.attn_norm(x),
+                                        positions=positions,
+                                        segment_ids=segment_ids))
+    return self.mlp_residual(x)
 
 
 class DecoderLM(nnx.Module):
@@ -137,7 +163,7 @@ class DecoderLM(nnx.Module):
       raise ValueError(f"tokens must be an int array [batch, seq], got "
                        f"{tokens.dtype}{list(tokens.shape)}")
     b, t = tokens.shape
-    x = self.embed(tokens)
+    x = self.embed_tokens(tokens)
     abs_positions = (jnp.arange(t, dtype=jnp.int32) if positions is None
                      else jnp.asarray(positions, jnp.int32))
     abs_positions = jnp.broadcast_to(abs_positions, (b, t))
@@ -152,13 +178,24 @@ class DecoderLM(nnx.Module):
         x = constrain_activations(block(x, positions, segment_ids))
     return self.final_norm(x)
 
+  def embed_tokens(self, tokens: Array) -> Array:
+    """int tokens [...] -> embeddings [..., d_model] (scaled if set)."""
+    x = self.embed(tokens)
+    if self.config.scale_embeddings:   # Gemma: the normalizer in x's dtype
+      x = x * jnp.asarray(self.config.d_model ** 0.5, x.dtype)
+    return x
+
   def head(self, x: Array) -> Array:
     """Final-normed hidden states [..., d_model] -> logits float32."""
     if self.config.tie_embeddings:
       logits = self.embed.attend(x)
     else:
       logits = self.lm_head(x)
-    return logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    cap = self.config.final_logit_soft_cap
+    if cap is not None:
+      logits = cap * jnp.tanh(logits / cap)
+    return logits
 
 
 def num_params(model: nnx.Module) -> int:

@@ -261,3 +261,33 @@ def test_generate_zero_steps_returns_the_prompt():
   np.testing.assert_array_equal(
       np.asarray(generate(model_of(AttentionSpec()), prompt, 0)),
       np.asarray(prompt))
+
+
+def test_gemma_style_model_decodes_like_forward():
+  """Sandwich norms, GeGLU, scaled embeddings and both soft caps: the
+  KV-cache decode (token by token and prefilled) gives the forward's
+  logits."""
+  model = model_of(
+      AttentionSpec(mask="sliding_window", window=6, logits_soft_cap=2.0),
+      AttentionSpec(logits_soft_cap=2.0), post_norms=True,
+      mlp_activation="gelu_tanh", scale_embeddings=True,
+      final_logit_soft_cap=1.5)
+  prompt = tokens(2, 20)
+  want = np.asarray(model(prompt))
+  assert np.abs(want).max() < 1.5   # the final cap holds
+  got = decoded_logits(model, prompt, CachePolicy.full(21))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  stepped, prefilled = [generate(model, prompt, 3, return_logits=True,
+                                 use_prefill=p)[1] for p in (False, True)]
+  np.testing.assert_allclose(np.asarray(prefilled), np.asarray(stepped),
+                             rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("mlp_activation", "relu", "mlp_activation"),
+    ("post_norms", 1, "post_norms must be a bool"),
+    ("final_logit_soft_cap", -1.0, "final_logit_soft_cap"),
+])
+def test_gemma_fields_refuse_bad_values(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    ModelConfig(**{field: value})

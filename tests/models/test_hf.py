@@ -81,9 +81,31 @@ CASES = {
         sliding_window=24, rope_scaling={
             "type": "su", "short_factor": [1.0, 1.2, 1.6, 2.5],
             "long_factor": [1.0, 1.8, 3.5, 8.0]}), (12, T)),
+    # Gemma 2: GeGLU, sandwich norms with (1 + w), sqrt(d) embeddings,
+    # local (window 16) / global layers, soft caps small enough to bite, and
+    # query_pre_attn_scalar != head_dim.
+    "gemma2": ("gemma2", dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=16,
+        num_hidden_layers=3, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0), (T,)),
+    "gemma2_untied_bias_nocap": ("gemma2", dict(
+        head_dim=24, query_pre_attn_scalar=24, sliding_window=16,
+        tie_word_embeddings=False, attention_bias=True,
+        attn_logit_softcapping=None, final_logit_softcapping=None), (T,)),
+    # Gemma 3: QK-norm, 2 local layers per global one, local base 1e4 and a
+    # linearly scaled global base.
+    "gemma3": ("gemma3_text", dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=12,
+        num_hidden_layers=3, sliding_window_pattern=3,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0,
+                               "rope_theta": 50000.0},
+            "sliding_attention": {"rope_type": "default",
+                                  "rope_theta": 10000.0}}), (T,)),
 }
 _CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2",
-            "qwen3": "Qwen3", "phi3": "Phi3"}
+            "qwen3": "Qwen3", "phi3": "Phi3", "gemma2": "Gemma2",
+            "gemma3_text": "Gemma3Text"}
 
 
 def _hf_config(model_type, **overrides):
@@ -96,7 +118,7 @@ def _hf_model(config, state_dict=None, seed=0):
   randomised too so that their mapping is tested."""
   torch.manual_seed(seed)
   cls = getattr(transformers, type(config).__name__.replace(
-      "Config", "ForCausalLM"))
+      "TextConfig", "Config").replace("Config", "ForCausalLM"))
   config._attn_implementation = "eager"  # pylint: disable=protected-access
   model = cls(config).eval()
   if state_dict is not None:
@@ -194,6 +216,24 @@ def test_phi3_config_and_fused_tensors(saved, tmp_path):
   with pytest.raises(ValueError, match=r"partial_rotary_factor must be in"):
     hf.config_from_hf(dict(LLAMA_DICT, model_type="phi3",
                            partial_rotary_factor=1.5))
+
+
+def test_gemma2_config(saved):
+  config = hf.load_hf(saved("gemma2")[0]).config
+  assert [config.layer_spec(i).window for i in range(3)] == [16, None, 16]
+  assert config.post_norms and config.scale_embeddings
+  assert config.mlp_activation == "gelu_tanh"
+  assert config.final_logit_soft_cap == 3.0
+  assert config.layer_spec(0).logits_soft_cap == 5.0
+  gemma3 = hf.load_hf(saved("gemma3")[0]).config
+  specs = [gemma3.layer_spec(i) for i in range(3)]
+  assert [s.window for s in specs] == [12, 12, None]
+  assert [s.rope_base for s in specs] == [10000.0, 10000.0, 50000.0]
+  assert specs[2].rope_scaling["factor"] == 2.0 and specs[0].qk_norm
+  assert specs[0].rope_scaling is None
+  with pytest.raises(ValueError, match="hidden_activation='gelu'"):
+    hf.config_from_hf(dict(LLAMA_DICT, model_type="gemma2", head_dim=16,
+                           hidden_activation="gelu"))
 
 
 def test_both_config_layouts(saved, tmp_path):
