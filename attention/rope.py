@@ -36,6 +36,11 @@ transformers 5). Key policy:
   (DeepSeek-V3 style). yarn's ``truncate`` follows transformers' truthiness,
   so ``None`` turns truncation off.
 
+``proportional`` (transformers' newest type, Gemma 4's p-RoPE) is the one
+method whose frequencies span the whole head whatever the rotary fraction:
+the fraction sets how many of the ``H / 2`` pairs get a non-zero frequency
+(the rest stay unrotated), so its ``inv_freq`` is ``[H / 2]``.
+
 ``seq_len`` only matters for ``dynamic`` and ``longrope``; it may be a traced
 JAX scalar, so those two methods compute their seq_len-dependent part with
 ``jnp`` ops. All other work is done once in float64 NumPy and rounded to a
@@ -315,6 +320,21 @@ def _longrope_factors(inputs: _RopeInputs, key: str) -> np.ndarray:
   return factors
 
 
+def _proportional(inputs: _RopeInputs):
+  """Proportional RoPE (transformers' "proportional", Gemma 4's p-RoPE):
+  frequencies over the whole head, ``base ** (-2i / H)`` for the first
+  ``int(p * H // 2)`` pairs and 0 (no rotation) for the rest, all divided
+  by ``factor`` (default 1). Here ``rot_dim`` is the whole head and ``p``
+  comes through ``params['_proportion']`` (see rope_frequencies)."""
+  factor = _number(inputs, "factor", 1.0, positive=True)
+  head_dim = inputs.rot_dim
+  angles = int(inputs.params["_proportion"] * head_dim // 2)
+  inv_freq = np.zeros(head_dim // 2, np.float64)
+  inv_freq[:angles] = inputs.base ** (
+      -np.arange(0, 2 * angles, 2, dtype=np.float64) / head_dim)
+  return inv_freq / factor, 1.0
+
+
 def _longrope(inputs: _RopeInputs):
   """LongRoPE: long_factor when seq_len > original length, else short."""
   short_factor = _longrope_factors(inputs, "short_factor")
@@ -359,6 +379,8 @@ _ROPE_METHODS: dict[str, _RopeMethod] = {
     "llama3": _RopeMethod(
         _llama3, frozenset({"factor", "low_freq_factor", "high_freq_factor"}),
         frozenset({"original_max_position_embeddings"})),
+    "proportional": _RopeMethod(_proportional, frozenset(),
+                                frozenset({"factor"})),
     "longrope": _RopeMethod(
         _longrope, frozenset({"short_factor", "long_factor"}),
         frozenset({"factor", "attention_factor",
@@ -510,6 +532,11 @@ def rope_frequencies(
         "partial_rotary_factor must be a number in (0, 1]; got "
         f"{partial_rotary_factor!r}")
   rot_dim = int(head_dim * partial_rotary_factor)
+  if rope_type == "proportional":
+    # The whole head carries frequencies; the fraction only decides how
+    # many of them are non-zero.
+    rot_dim = head_dim
+    params["_proportion"] = float(partial_rotary_factor)
   if rot_dim <= 0 or rot_dim % 2:
     raise ValueError(
         f"rot_dim = int(head_dim * partial_rotary_factor) = int({head_dim} * "

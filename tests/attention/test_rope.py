@@ -32,7 +32,8 @@ def _close(actual, expected, rtol=1e-6, atol=0.0):
 
 def test_rope_types_registry():
   assert set(rope.ROPE_TYPES) == {
-      "default", "linear", "dynamic", "ntk", "yarn", "llama3", "longrope"}
+      "default", "linear", "dynamic", "ntk", "yarn", "llama3", "longrope",
+      "proportional"}
 
 
 def test_default_golden():

@@ -283,3 +283,27 @@ def test_interleaved_layout_matches_gptj(rotary_dim):
   np.testing.assert_allclose(np.asarray(inv_freq), gptj_inv_freq, rtol=1e-6)
   # ... and the half layout is a different rotation of the same dims.
   assert not np.allclose(_ours(x, positions, gptj_inv_freq), hf, atol=1e-2)
+
+
+@pytest.mark.parametrize("partial", [0.25, 0.5, 1.0])
+@pytest.mark.parametrize("factor", [None, 2.0])
+def test_proportional_matches_transformers(partial, factor):
+  """transformers' "proportional" (Gemma 4's p-RoPE): frequencies over the
+  whole head, the lowest (1 - p) of them zero, divided by the factor."""
+  scaling = {"rope_type": "proportional"}
+  if factor is not None:
+    scaling["factor"] = factor
+  config = _hf_config(scaling, 10000.0, partial)
+  hf_inv_freq, hf_factor = (
+      modeling_rope_utils.ROPE_INIT_FUNCTIONS["proportional"](config, None))
+  hf_inv_freq = hf_inv_freq.numpy()
+  assert hf_inv_freq.shape == (_HEAD_DIM // 2,)
+  for ours in (rope.rope_frequencies(_HEAD_DIM, base=10000.0,
+                                     rope_scaling=scaling,
+                                     partial_rotary_factor=partial),
+               rope.rope_frequencies(_HEAD_DIM,
+                                     rope_scaling=_hf_rope_dict(config))):
+    np.testing.assert_allclose(np.asarray(ours[0]), hf_inv_freq, rtol=1e-6)
+    assert ours[1] == hf_factor == 1.0
+  zeros = _HEAD_DIM // 2 - int(partial * _HEAD_DIM // 2)
+  assert (hf_inv_freq == 0).sum() == zeros   # the NoPE pairs
