@@ -17,6 +17,7 @@ from extrapolax.experiments import configs
 from extrapolax.experiments import extrapolation
 from extrapolax.experiments import records
 from extrapolax.experiments import report
+from extrapolax.experiments import seeds
 from extrapolax.experiments import trainer
 
 # The quick study with the variants in another order (a comma-separated
@@ -209,4 +210,81 @@ def test_bad_config_values_are_named(override, message):
       node = node[p]
     node[leaf] = value
   with pytest.raises(ValueError, match=message):
+    extrapolation.validate_config(config)
+
+
+def test_two_seeds_end_to_end_then_rerun_reuses(tmp_path, capsys):
+  workdir = str(tmp_path / "seeds")
+  args = ["--config=extrapolation.py:quick", "--config.variants=rope",
+          "--config.seeds=0,1", "--config.evals.rope_scaling.models=none",
+          "--config.evals.mask.models=none",
+          "--config.evals.passkey.models=none", f"--workdir={workdir}"]
+  out = _main(args, capsys)
+  assert "trained 2 model(s) ['rope/seed0', 'rope/seed1']" in out
+  runs = os.path.join(workdir, "runs", "rope")
+  assert sorted(os.listdir(runs)) == ["seed0", "seed1"]
+  for seed in (0, 1):
+    with open(os.path.join(runs, f"seed{seed}", "config.json")) as f:
+      assert json.load(f)["seed"] == seed
+
+  results = records.read(os.path.join(workdir, "results.jsonl"))
+  ppl = {(r["seed"], r["eval_len"]): r["value"] for r in results
+         if r["metric"] == "perplexity"}
+  assert sorted(ppl) == [(0, 16), (0, 64), (1, 16), (1, 64)]
+  assert ppl[(0, 16)] != ppl[(1, 16)]      # two seeds, two models
+  # The table: mean ± sample std of the two seeds, and n.
+  for length in (16, 64):
+    pair = np.array([ppl[(0, length)], ppl[(1, length)]])
+    label = f"{length}" + (" (train)" if length == 16 else "")
+    assert (f"| {label} | {pair.mean():.2f} ± {pair.std(ddof=1):.2f} |"
+            in out)
+  assert "(mean ± sample std over n=2 seeds)" in out
+  with open(os.path.join(workdir, "report.md")) as f:
+    assert "n=2 seeds" in f.read()
+  assert os.path.getsize(
+      os.path.join(workdir, "length_perplexity_nonoverlap.png")) > 1000
+  with open(os.path.join(workdir, "evaluations.json")) as f:
+    assert sorted(json.load(f)["evaluations"]) == [
+        "length/rope/seed0", "length/rope/seed1"]
+
+  # Again: both seeds reused, nothing re-evaluated, no new record.
+  out = _main(args, capsys)
+  assert ("trained 0 model(s) [], reused 2; ran 0 evaluation(s), skipped 2"
+          in out)
+  assert len(records.read(os.path.join(workdir, "results.jsonl"))) == len(
+      results)
+
+  # A third seed trains and evaluates only that one.
+  out = _main([a.replace("0,1", "0,1,2") for a in args], capsys)
+  assert "trained 1 model(s) ['rope/seed2']" in out
+  assert "ran 1 evaluation(s), skipped 2" in out
+  assert "n=3 seeds" in out
+
+
+@pytest.mark.parametrize("value, message", [
+    ((0, 0), r"config.seeds=\(0, 0\): a tuple of distinct"),
+    ((-1,), r"config.seeds=\(-1,\)"),
+    (0, r"config.seeds=0: a tuple"),
+    ("0,1", r"config.seeds='0,1'"),
+])
+def test_bad_seeds_are_named(value, message):
+  config = configs.get_config("extrapolation.py:quick")
+  with config.ignore_type():   # a config file may set any type
+    config.seeds = value
+  with pytest.raises(ValueError, match=message):
+    extrapolation.validate_config(config)
+
+
+def test_seeds_count_and_zoo_refusal():
+  config = configs.get_config("extrapolation.py:quick,seed=3,seeds=2")
+  assert tuple(config.seeds) == (3, 4)
+  with config.ignore_type():   # an int count in a config file
+    config.seeds = 3
+  assert seeds.study_seeds(config) == (3, 4, 5)
+  assert seeds.run_dir("/w", "rope", 4) == "/w/runs/rope/seed4"
+  assert seeds.run_dir("/w", "rope", None) == "/w/runs/rope"
+  config = configs.get_config("extrapolation.py:quick,from_zoo")
+  config.seeds = (0, 1)
+  with pytest.raises(ValueError, match=r"config.seeds=\(0, 1\) with "
+                     r"config.from_zoo=True"):
     extrapolation.validate_config(config)
