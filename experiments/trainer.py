@@ -16,6 +16,10 @@ orbax checkpoints that include the data position, metrics and resume.
                      (sha256 of each file, the run's fixed config)
   .lock              held while a run trains (workdir_lock: one run only)
 
+A config with ``init_from`` (a trained workdir or a zoo checkpoint) starts
+from those weights instead of fresh ones, at its own train_len and position
+settings (``experiments.finetune``: fine-tuning to a longer context).
+
 Rerunning with the same workdir resumes from the latest checkpoint. Batches
 are a pure function of (seed, step) and the step is deterministic, so a run
 killed part-way and resumed logs the same losses, bit for bit on the CPU, as
@@ -63,6 +67,7 @@ from flax import nnx
 
 from extrapolax.common import checks
 from extrapolax.experiments import checkpoints
+from extrapolax.experiments import finetune
 from extrapolax.experiments import modeling
 from extrapolax.experiments import run_config
 from extrapolax.experiments import runlog
@@ -125,6 +130,7 @@ def validate_config(config) -> None:
   modeling.model_config(config)
   validate_data_config(config)
   sharding.validate_mesh_config(config)
+  finetune.validate(config)
 
 
 def learning_rate_schedule(config, *, xp=jnp) -> Callable[[Any], Any]:
@@ -496,6 +502,8 @@ def _train(config, workdir: str, source) -> TrainResult:
     if start:
       params, opt_state = _resume(manager, start, params, opt_state, config,
                                   source, workdir)
+    elif config.get("init_from") is not None:   # a fine-tune's first start
+      params, opt_state = finetune.initial_state(config, params, opt_state)
     log = stack.enter_context(runlog.RunLog(
         workdir, config, start, learning_rate_schedule(config, xp=np)))
     pending: list[tuple[int, dict]] = []
