@@ -18,7 +18,9 @@ orbax checkpoints that include the data position, metrics and resume.
 
 A config with ``init_from`` (a trained workdir or a zoo checkpoint) starts
 from those weights instead of fresh ones, at its own train_len and position
-settings (``experiments.finetune``: fine-tuning to a longer context).
+settings (``experiments.finetune``: fine-tuning to a longer context). A
+config with ``curriculum`` trains in stages of (length, batch size) at a
+fixed number of tokens per step (``experiments.curriculum``).
 
 Rerunning with the same workdir resumes from the latest checkpoint. Batches
 are a pure function of (seed, step) and the step is deterministic, so a run
@@ -67,6 +69,7 @@ from flax import nnx
 
 from extrapolax.common import checks
 from extrapolax.experiments import checkpoints
+from extrapolax.experiments import curriculum
 from extrapolax.experiments import finetune
 from extrapolax.experiments import modeling
 from extrapolax.experiments import run_config
@@ -131,6 +134,7 @@ def validate_config(config) -> None:
   validate_data_config(config)
   sharding.validate_mesh_config(config)
   finetune.validate(config)
+  curriculum.validate(config)
 
 
 def learning_rate_schedule(config, *, xp=jnp) -> Callable[[Any], Any]:
@@ -479,8 +483,10 @@ def train(config, workdir: str, *, source=None) -> TrainResult:
 
 def _train(config, workdir: str, source) -> TrainResult:
   run_config.write_config(config, workdir)
+  schedule = curriculum.stages(config)
   if source is None:
-    source = make_source(config, workdir)
+    source = (curriculum.make_source(config, workdir, make_source) if schedule
+              else make_source(config, workdir))
 
   mesh = sharding.mesh_from_config(config)
   if mesh.size > 1:
@@ -511,6 +517,9 @@ def _train(config, workdir: str, source) -> TrainResult:
     fixed = run_config.fixed_fields(run_config.config_json(config))
     for index in range(start, config.train_steps):
       step = index + 1
+      if schedule:   # a length curriculum: this step's stage
+        stage = curriculum.stage_at(schedule, index)[1]
+        shape = (stage.batch_size, stage.train_len)
       batch = sharding.host_batch(
           functools.partial(_source_rows, source, takes_rows, index, shape),
           shardings[2], shape)
