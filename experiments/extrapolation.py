@@ -51,6 +51,11 @@ training field makes the trainer refuse the workdir.
 ``python -m extrapolax.experiments.report --workdir=WORKDIR`` re-reports
 without JAX.
 
+Fine-tuned variants: ``config.finetunes`` (``experiments.study_finetune``)
+continues a trained variant at a longer length with PI, YaRN, NTK-by-parts
+or ABF; each is a variant the evaluations can name, beside the zero-shot
+scalings of its base.
+
 Seeds: ``--config.seeds=0,1,2`` trains and evaluates every variant once per
 seed, in ``WORKDIR/runs/<variant>/seed<k>`` (``experiments.seeds``; with no
 seeds, one run per variant in ``runs/<variant>`` as before); the records
@@ -101,6 +106,7 @@ from extrapolax.experiments import records as records_lib
 from extrapolax.experiments import report as report_lib
 from extrapolax.experiments import runlog
 from extrapolax.experiments import seeds as seeds_lib
+from extrapolax.experiments import study_finetune
 from extrapolax.experiments import trainer
 from extrapolax.experiments import workdir_lock
 from extrapolax.experiments import zoo_build
@@ -133,7 +139,7 @@ class _Entry:
 
 def _entries(config) -> list[_Entry]:
   """config.evals, validated by each entry's evaluator."""
-  variants = split_names(config.variants)
+  variants = study_finetune.all_variants(config)
   evaluations_config = config.get("evals")
   if evaluations_config is None:
     raise ValueError("config.evals is missing; see "
@@ -204,6 +210,7 @@ def validate_config(config) -> None:
   seeds_lib.study_seeds(config)
   if model_source(config) is not None:
     _validate_source(config, variants)
+    study_finetune.validate(config, variants, variant_config)
     _entries(config)
     return
   choices = variant_choices()
@@ -223,6 +230,7 @@ def validate_config(config) -> None:
     trainer.validate_config(variant_config(config, variant, workdir=""))
     if config.get("from_zoo"):
       zoo_build.study_preset(variant_config(config, variant, ""), variant)
+  study_finetune.validate(config, variants, variant_config)
   _entries(config)
 
 
@@ -294,7 +302,7 @@ def evaluations(config) -> list[Evaluation]:
   each variant's config.evals entries in name order."""
   entries = [e for e in _entries(config) if e.settings is not None]
   out = []
-  for variant in split_names(config.variants):
+  for variant in study_finetune.all_variants(config):
     for entry in entries:
       if variant in entry.models:
         out.append(Evaluation(
@@ -499,7 +507,7 @@ def _run_study(config, workdir: str, started: float) -> StudyResult:
   for evaluation in evaluations(config):
     by_variant.setdefault(evaluation.variant, []).append(evaluation)
   seeds = seeds_lib.study_seeds(config)
-  for variant in split_names(config.variants):
+  for variant in study_finetune.all_variants(config):   # fine-tunes after their bases
     for seed in seeds or (None,):
       _run_variant(config, workdir, variant, seed,
                    by_variant.get(variant, ()), done, result, documents)
@@ -526,8 +534,12 @@ def _run_variant(config, workdir: str, variant: str, seed: Optional[int],
   if source is not None:   # a loaded model: nothing to train
     train, step, finished = _source_fields(config), 0, True
   else:
-    train = variant_config(config, variant, workdir)
-    train.seed = seeds_lib.seed_of(config, seed)
+    if variant in study_finetune.names(config):
+      train = study_finetune.train_config(config, variant, workdir, seed,
+                                          variant_config)
+    else:
+      train = variant_config(config, variant, workdir)
+      train.seed = seeds_lib.seed_of(config, seed)
     if config.get("from_zoo"):   # the shipped weights, no training
       preset, step = zoo_build.study_preset(train, variant)
     else:

@@ -34,6 +34,7 @@ field. ``configs/finetune.py`` builds such a config from a trained workdir.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Optional
 
@@ -49,7 +50,7 @@ from extrapolax.experiments import modeling
 from extrapolax.experiments import run_config
 
 __all__ = ["OPTIMIZER_CHOICES", "METHODS", "SIZE_FIELDS", "validate",
-           "scaling", "initial_state"]
+           "scaling", "finetune_config", "initial_state"]
 
 OPTIMIZER_CHOICES = ("reset", "keep")
 METHODS = ("pi", "yarn", "ntk_by_parts", "abf")
@@ -119,6 +120,43 @@ def scaling(method: str, factor: float, original_len: int, *,
   if method == "ntk_by_parts":
     rope_scaling["attention_factor"] = 1.0
   return {"rope_scaling": rope_scaling, "rope_base": float(base)}
+
+
+def finetune_config(config, init_from: Optional[str], *, method: str,
+                    factor: float = 4.0, train_len: int = 0,
+                    steps: int = 200, learning_rate: float = 0.0,
+                    warmup_steps: int = 20, batch_size: int = 0,
+                    optimizer: str = "reset", base_factor: float = 100.0):
+  """A copy of the training ``config`` (the run it starts from) fine-tuned
+  with ``method`` to ``train_len`` (0: factor x its train_len).
+
+  The batch shrinks by the length factor (tokens per step kept; at least
+  1) unless ``batch_size`` is given; ``learning_rate`` 0 means a tenth of
+  the run's; log and checkpoint intervals are capped at ``steps``.
+  """
+  config = config.copy_and_resolve_references()
+  config.unlock()
+  old_len = int(config.train_len)
+  new_len = int(train_len) or int(round(factor * old_len))
+  settings = scaling(method, new_len / old_len, old_len,
+                     base=float(config.model.get("rope_base", 10000.0)),
+                     base_factor=base_factor)
+  rope_scaling = settings["rope_scaling"]
+  config.model.rope_scaling = (None if rope_scaling is None
+                               else json.dumps(rope_scaling))
+  config.model.rope_base = settings["rope_base"]
+  config.train_len = new_len
+  config.batch_size = int(batch_size) or max(
+      1, int(config.batch_size) * old_len // new_len)
+  config.train_steps = int(steps)
+  config.warmup_steps = min(int(warmup_steps), int(steps))
+  config.learning_rate = float(learning_rate) or config.learning_rate / 10
+  config.log_every = max(1, min(int(config.log_every), int(steps)))
+  config.checkpoint_every = max(1, min(int(config.checkpoint_every),
+                                       int(steps)))
+  config.init_from = init_from
+  config.init_from_optimizer = optimizer
+  return config
 
 
 def _source_config(source: str):

@@ -42,6 +42,9 @@ Fields:
     runs/<variant>/seed<k>); () (the default): one run per variant with
     train.seed, in runs/<variant>. The report shows mean, std and n over
     seeds (``experiments.seeds``).
+  finetunes: optional (absent here): fine-tuned variants, each a dict of
+    base, method (pi, yarn, ntk_by_parts, abf), factor, steps, ...
+    (``experiments.study_finetune``), trained from their base's checkpoint.
   evals: the evaluations, by name; each entry's type is an evaluator
     (``extrapolax.experiments.evals``: length, rope_scaling, mask, passkey,
     algorithmic) or "package.module:function", models picks the variants

@@ -32,7 +32,6 @@ The zero-shot version of the same scaling is this config's model at step 0
 settings; the study's rope_scaling evaluation).
 """
 
-import json
 import os
 
 from extrapolax.experiments import configs
@@ -50,28 +49,9 @@ def get_config(arg=None):
     raise ValueError("finetune.py needs init_from=WORKDIR (a trained run: "
                      "config.json and checkpoints/)")
   workdir = os.path.abspath(os.path.expanduser(arg.init_from))
-  config = run_config.read_config(workdir)
-  config.unlock()
-  old_len = int(config.train_len)
-  new_len = arg.train_len or int(round(arg.factor * old_len))
-  factor = new_len / old_len
-  settings = finetune.scaling(arg.method, factor, old_len,
-                              base=float(config.model.get("rope_base",
-                                                          10000.0)),
-                              base_factor=arg.base_factor)
-  rope_scaling = settings["rope_scaling"]
-  config.model.rope_scaling = (None if rope_scaling is None
-                               else json.dumps(rope_scaling))
-  config.model.rope_base = settings["rope_base"]
-  config.train_len = new_len
-  config.batch_size = arg.batch_size or max(
-      1, int(config.batch_size * old_len // new_len))
-  config.train_steps = arg.steps
-  config.warmup_steps = min(arg.warmup_steps, arg.steps)
-  config.learning_rate = arg.learning_rate or config.learning_rate / 10
-  config.log_every = max(1, min(int(config.log_every), arg.steps))
-  config.checkpoint_every = max(1, min(int(config.checkpoint_every),
-                                       arg.steps))
-  config.init_from = workdir
-  config.init_from_optimizer = arg.optimizer
-  return config
+  return finetune.finetune_config(
+      run_config.read_config(workdir), workdir, method=arg.method,
+      factor=arg.factor, train_len=arg.train_len, steps=arg.steps,
+      learning_rate=arg.learning_rate, warmup_steps=arg.warmup_steps,
+      batch_size=arg.batch_size, optimizer=arg.optimizer,
+      base_factor=arg.base_factor)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 
 import pytest
@@ -287,4 +288,53 @@ def test_seeds_count_and_zoo_refusal():
   config.seeds = (0, 1)
   with pytest.raises(ValueError, match=r"config.seeds=\(0, 1\) with "
                      r"config.from_zoo=True"):
+    extrapolation.validate_config(config)
+
+
+def _finetune_study():
+  config = configs.get_config("extrapolation.py:quick")
+  config.variants = "rope"
+  config.evals.mask.models = "none"
+  config.evals.passkey.models = "none"
+  config.finetunes = ml_collections.ConfigDict()
+  config.finetunes.rope_pi4 = dict(base="rope", method="pi", factor=4,
+                                   steps=3, learning_rate=1e-3)
+  return config
+
+
+def test_finetuned_variant_beside_zero_shot(tmp_path):
+  workdir = str(tmp_path / "ft")
+  result = extrapolation.run_study(_finetune_study(), workdir)
+  assert result.trained == ["rope", "rope_pi4"]
+  saved = trainer.read_config(os.path.join(workdir, "runs", "rope_pi4"))
+  assert saved.init_from == os.path.join(workdir, "runs", "rope")
+  assert saved.train_len == 64 and saved.train_steps == 3
+  assert json.loads(saved.model.rope_scaling) == {"rope_type": "linear",
+                                                  "factor": 4.0}
+  ppl = {(r["model"], r["eval_len"]): r for r in result.records
+         if r["experiment"] == "length" and r["metric"] == "perplexity"}
+  # Both measured at the study's lengths (multiples of its train_len).
+  assert sorted(ppl) == [("rope", 16), ("rope", 64), ("rope_pi4", 16),
+                         ("rope_pi4", 64)]
+  assert ppl[("rope_pi4", 64)]["step"] == 3
+  assert ppl[("rope_pi4", 64)]["value"] != ppl[("rope", 64)]["value"]
+  text = open(result.report).read()
+  assert "rope_pi4" in text and "rope linear matched" in text
+  again = extrapolation.run_study(_finetune_study(), workdir)
+  assert again.trained == [] and again.evaluated == []
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(base="alibi"), r"finetunes.rope_pi4.base='alibi' must be one of"),
+    (dict(method="pip"), r"finetunes.rope_pi4.method='pip' must be one of"),
+    (dict(factor=1), r"finetunes.rope_pi4.factor=1 must be a number > 1"),
+    (dict(steps=0), r"finetunes.rope_pi4.steps=0 must be a number > 0"),
+    (dict(lr=1.0), r"finetunes.rope_pi4: unknown settings \['lr'\]"),
+])
+def test_bad_finetunes_are_named(change, message):
+  config = _finetune_study()
+  entry = config.finetunes.rope_pi4.to_dict()
+  entry.update(change)
+  config.finetunes = ml_collections.ConfigDict({"rope_pi4": entry})
+  with pytest.raises(ValueError, match=message):
     extrapolation.validate_config(config)
