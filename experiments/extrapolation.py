@@ -51,6 +51,17 @@ training field makes the trainer refuse the workdir.
 ``python -m extrapolax.experiments.report --workdir=WORKDIR`` re-reports
 without JAX.
 
+Fine-tuned variants: ``config.finetunes`` (``experiments.study_finetune``)
+continues a trained variant at a longer length with PI, YaRN, NTK-by-parts
+or ABF; each is a variant the evaluations can name, beside the zero-shot
+scalings of its base.
+
+Seeds: ``--config.seeds=0,1,2`` trains and evaluates every variant once per
+seed, in ``WORKDIR/runs/<variant>/seed<k>`` (``experiments.seeds``; with no
+seeds, one run per variant in ``runs/<variant>`` as before); the records
+carry their seed, and the report's tables and plots show the mean over
+seeds with its spread (sample std, n; a band in the plots).
+
 A study of a loaded model instead: ``config.model_source`` names a
 pretrained model (a zoo name such as "smollm2-135m-instruct", a GGUF file,
 a Hugging Face folder or a zoo checkpoint folder); nothing is trained.
@@ -94,6 +105,8 @@ from extrapolax.experiments import modeling
 from extrapolax.experiments import records as records_lib
 from extrapolax.experiments import report as report_lib
 from extrapolax.experiments import runlog
+from extrapolax.experiments import seeds as seeds_lib
+from extrapolax.experiments import study_finetune
 from extrapolax.experiments import trainer
 from extrapolax.experiments import workdir_lock
 from extrapolax.experiments import zoo_build
@@ -126,7 +139,7 @@ class _Entry:
 
 def _entries(config) -> list[_Entry]:
   """config.evals, validated by each entry's evaluator."""
-  variants = split_names(config.variants)
+  variants = study_finetune.all_variants(config)
   evaluations_config = config.get("evals")
   if evaluations_config is None:
     raise ValueError("config.evals is missing; see "
@@ -194,8 +207,10 @@ def _validate_source(config, variants: tuple) -> None:
 def validate_config(config) -> None:
   """Raises ValueError naming the first bad field of a study config."""
   variants = split_names(config.variants)
+  seeds_lib.study_seeds(config)
   if model_source(config) is not None:
     _validate_source(config, variants)
+    study_finetune.validate(config, variants, variant_config)
     _entries(config)
     return
   choices = variant_choices()
@@ -215,6 +230,7 @@ def validate_config(config) -> None:
     trainer.validate_config(variant_config(config, variant, workdir=""))
     if config.get("from_zoo"):
       zoo_build.study_preset(variant_config(config, variant, ""), variant)
+  study_finetune.validate(config, variants, variant_config)
   _entries(config)
 
 
@@ -286,7 +302,7 @@ def evaluations(config) -> list[Evaluation]:
   each variant's config.evals entries in name order."""
   entries = [e for e in _entries(config) if e.settings is not None]
   out = []
-  for variant in split_names(config.variants):
+  for variant in study_finetune.all_variants(config):
     for entry in entries:
       if variant in entry.models:
         out.append(Evaluation(
@@ -486,61 +502,15 @@ def _run_study(config, workdir: str, started: float) -> StudyResult:
   done, committed = _read_done(workdir)
   _drop_unfinished(results_path, committed)
   result = StudyResult([], "", [], [], [], [], 0.0, _types(config))
-  documents = None
-  source = model_source(config)
+  documents = {}   # the eval documents, read once when first needed
   by_variant: dict[str, list[Evaluation]] = {}
   for evaluation in evaluations(config):
     by_variant.setdefault(evaluation.variant, []).append(evaluation)
-  for variant in split_names(config.variants):
-    run_dir = os.path.join(workdir, "runs", variant)
-    preset = None
-    if source is not None:   # a loaded model: nothing to train
-      train, step, finished = _source_fields(config), 0, True
-    else:
-      train = variant_config(config, variant, workdir)
-      if config.get("from_zoo"):   # the shipped weights, no training
-        preset, step = zoo_build.study_preset(train, variant)
-      else:
-        step = _latest_checkpoint(run_dir)
-      finished = step >= train.train_steps
-    pending = [e for e in by_variant.get(variant, ())
-               if done.get(e.name) != _fingerprint(e, train, step)]
-    if finished and not pending:
-      logging.info("%s: trained (step %d) and evaluated; reusing", variant,
-                   step)
-      result.reused.append(variant)
-      result.skipped += [e.name for e in by_variant.get(variant, ())]
-      continue
-    if source is not None:
-      clock = time.perf_counter()
-      model = load_source(source)
-      result.reused.append(variant)
-      logging.info("%s: loaded %s (%.1fs)", variant, source,
-                   time.perf_counter() - clock)
-    elif preset is not None:
-      logging.info("%s: the zoo's %s (step %d)", variant, preset, step)
-      model = zoo.from_pretrained(preset)
-      result.reused.append(variant)
-    else:
-      model, step = _trained_model(train, run_dir, variant, step, result)
-    labels = dict(model=variant, seed=int(config.train.get("seed", 0)),
-                  step=int(step))
-    for evaluation in by_variant.get(variant, ()):
-      fingerprint = _fingerprint(evaluation, train, step)
-      if done.get(evaluation.name) == fingerprint:
-        result.skipped.append(evaluation.name)
-        continue
-      if documents is None and evaluation.needs_documents:
-        documents = _eval_documents(config, workdir)
-      clock = time.perf_counter()
-      new = evaluation.evaluate(model, documents, labels)
-      records_lib.append(results_path, new)
-      done[evaluation.name] = fingerprint
-      _write_done(workdir, done, _count_lines(results_path))
-      runlog.write_eval_scalars(workdir, new)
-      result.evaluated.append(evaluation.name)
-      logging.info("%s: %d records in %.1fs", evaluation.name, len(new),
-                   time.perf_counter() - clock)
+  seeds = seeds_lib.study_seeds(config)
+  for variant in study_finetune.all_variants(config):   # fine-tunes after their bases
+    for seed in seeds or (None,):
+      _run_variant(config, workdir, variant, seed,
+                   by_variant.get(variant, ()), done, result, documents)
   if committed is None:   # an older workdir: start counting
     _write_done(workdir, done, _count_lines(results_path))
   result.records = records_lib.read(results_path)
@@ -548,6 +518,70 @@ def _run_study(config, workdir: str, started: float) -> StudyResult:
                                           types=result.types)
   result.seconds = time.perf_counter() - started
   return result
+
+
+def _run_variant(config, workdir: str, variant: str, seed: Optional[int],
+                 pending_evaluations, done: dict, result: StudyResult,
+                 documents: dict) -> None:
+  """Trains (or reuses) one run of a variant, seed None: the single-seed
+  layout, and runs its evaluations not done yet."""
+  run_dir = seeds_lib.run_dir(workdir, variant, seed)
+  name = seeds_lib.done_key(variant, seed)   # in the logs and the result
+  key = lambda e: seeds_lib.done_key(e.name, seed)
+  results_path = os.path.join(workdir, RESULTS_FILE)
+  source = model_source(config)
+  preset = None
+  if source is not None:   # a loaded model: nothing to train
+    train, step, finished = _source_fields(config), 0, True
+  else:
+    if variant in study_finetune.names(config):
+      train = study_finetune.train_config(config, variant, workdir, seed,
+                                          variant_config)
+    else:
+      train = variant_config(config, variant, workdir)
+      train.seed = seeds_lib.seed_of(config, seed)
+    if config.get("from_zoo"):   # the shipped weights, no training
+      preset, step = zoo_build.study_preset(train, variant)
+    else:
+      step = _latest_checkpoint(run_dir)
+    finished = step >= train.train_steps
+  pending = [e for e in pending_evaluations
+             if done.get(key(e)) != _fingerprint(e, train, step)]
+  if finished and not pending:
+    logging.info("%s: trained (step %d) and evaluated; reusing", name, step)
+    result.reused.append(name)
+    result.skipped += [key(e) for e in pending_evaluations]
+    return
+  if source is not None:
+    clock = time.perf_counter()
+    model = load_source(source)
+    result.reused.append(name)
+    logging.info("%s: loaded %s (%.1fs)", name, source,
+                 time.perf_counter() - clock)
+  elif preset is not None:
+    logging.info("%s: the zoo's %s (step %d)", name, preset, step)
+    model = zoo.from_pretrained(preset)
+    result.reused.append(name)
+  else:
+    model, step = _trained_model(train, run_dir, name, step, result)
+  labels = dict(model=variant, seed=seeds_lib.seed_of(config, seed),
+                step=int(step))
+  for evaluation in pending_evaluations:
+    fingerprint = _fingerprint(evaluation, train, step)
+    if done.get(key(evaluation)) == fingerprint:
+      result.skipped.append(key(evaluation))
+      continue
+    if "documents" not in documents and evaluation.needs_documents:
+      documents["documents"] = _eval_documents(config, workdir)
+    clock = time.perf_counter()
+    new = evaluation.evaluate(model, documents.get("documents"), labels)
+    records_lib.append(results_path, new)
+    done[key(evaluation)] = fingerprint
+    _write_done(workdir, done, _count_lines(results_path))
+    runlog.write_eval_scalars(seeds_lib.scalars_dir(workdir, seed), new)
+    result.evaluated.append(key(evaluation))
+    logging.info("%s: %d records in %.1fs", key(evaluation), len(new),
+                 time.perf_counter() - clock)
 
 
 def _trained_model(train, run_dir: str, variant: str, step: int,

@@ -12,7 +12,10 @@ The helpers the sections share are public here (``length_table``,
 package too.
 
 A record is a cell; when a (variant, length) cell has several records, the
-last one per seed wins (reruns append) and seeds are averaged.
+last one per seed wins (reruns append) and seeds are averaged: a table cell
+with n > 1 seeds reads "mean ± std" (the sample standard deviation, n - 1
+in the denominator; the table notes n), and a plot draws the mean with a
+band of mean ± std (``cell_stats``).
 
 Command line (re-report a workdir from its results.jsonl; the evaluator of
 each experiment is read from the workdir's config.json)::
@@ -23,6 +26,7 @@ each experiment is read from the workdir's config.json)::
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -38,7 +42,7 @@ from extrapolax.experiments import records as records_lib
 __all__ = ["load_records", "group_records", "markdown_tables",
            "summary_tables", "write_report", "main", "evaluator_types",
            "generic_section", "length_table", "line_plot", "group_title",
-           "slug", "readable", "cells", "fmt", "variants", "train_lens",
+           "slug", "readable", "cells", "cell_stats", "CellStats", "fmt", "variants", "train_lens",
            "markdown", "save_figure"]
 
 RESULTS_FILE = "results.jsonl"
@@ -115,9 +119,36 @@ def slug(key: GroupKey) -> str:
   return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
 
 
-def cells(records: Sequence[Mapping[str, Any]], *, by=("eval_len",)):
-  """({(variant, *by): mean over seeds of the last value per seed},
-  the largest number of seeds of a cell)."""
+@dataclasses.dataclass(frozen=True)
+class CellStats:
+  """A cell's values over seeds (the last value per seed).
+
+  Attributes:
+    mean: their mean.
+    std: their sample standard deviation (n - 1 in the denominator); None
+      for one seed or a non-finite value.
+    n: how many seeds.
+    low, high: the smallest and largest value.
+  """
+  mean: float
+  std: Optional[float]
+  n: int
+  low: float
+  high: float
+
+
+def _stats(values: Sequence[float]) -> CellStats:
+  n = len(values)
+  mean = sum(values) / n
+  std = None
+  if n > 1 and all(math.isfinite(v) for v in values):
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+  return CellStats(mean, std, n, min(values), max(values))
+
+
+def cell_stats(records: Sequence[Mapping[str, Any]], *, by=("eval_len",)
+               ) -> dict[tuple, CellStats]:
+  """{(variant, *by): CellStats over seeds of the last value per seed}."""
   last = collections.OrderedDict()
   for r in records:
     key = (records_lib.variant_label(r),) + tuple(r[b] for b in by)
@@ -125,8 +156,15 @@ def cells(records: Sequence[Mapping[str, Any]], *, by=("eval_len",)):
   values = collections.OrderedDict()
   for key, value in last.items():
     values.setdefault(key[:-1], []).append(value)
-  return {k: sum(v) / len(v) for k, v in values.items()}, max(
-      (len(v) for v in values.values()), default=0)
+  return {k: _stats(v) for k, v in values.items()}
+
+
+def cells(records: Sequence[Mapping[str, Any]], *, by=("eval_len",)):
+  """({(variant, *by): mean over seeds of the last value per seed},
+  the largest number of seeds of a cell)."""
+  stats = cell_stats(records, by=by)
+  return {k: s.mean for k, s in stats.items()}, max(
+      (s.n for s in stats.values()), default=0)
 
 
 def fmt(value: Optional[float], digits: int = 2) -> str:
@@ -162,21 +200,37 @@ def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
   return "\n".join(lines)
 
 
+def _cell_text(stats: Optional[CellStats], digits: int, seeds: int) -> str:
+  """"mean", or "mean ± std" over several seeds ("(n=k)" added where a cell
+  has fewer seeds than the table's most)."""
+  if stats is None:
+    return ""
+  text = fmt(stats.mean, digits)
+  if stats.std is not None:
+    text += f" ± {fmt(stats.std, digits)}"
+  if seeds > 1 and stats.n != seeds:
+    text += f" (n={stats.n})"
+  return text
+
+
 def length_table(records, metric: str, columns=None, *,
                  digits: int = 2) -> str:
   """A markdown table of ``metric``: rows evaluation length, columns
-  variant, ``digits`` decimals per cell."""
+  variant, ``digits`` decimals per cell; over several seeds each cell is
+  "mean ± std" (sample std) and a note gives n."""
   del metric  # the records' metric; kept for the callers' readability
-  values, seeds = cells(records)
+  stats = cell_stats(records)
+  seeds = max((s.n for s in stats.values()), default=0)
   columns = columns or variants(records)
   lengths = sorted({r["eval_len"] for r in records})
   train = train_lens(records)
   rows = []
   for length in lengths:
     label = f"{length}" + (" (train)" if length in train else "")
-    rows.append([label] + [fmt(values.get((c, length)), digits)
+    rows.append([label] + [_cell_text(stats.get((c, length)), digits, seeds)
                            for c in columns])
-  note = f"\n\n(mean over {seeds} seeds)" if seeds > 1 else ""
+  note = (f"\n\n(mean ± sample std over n={seeds} seeds)" if seeds > 1
+          else "")
   return markdown(["eval length"] + list(columns), rows) + note
 
 
@@ -221,25 +275,33 @@ def line_plot(records, title, ylabel, out_dir, name, *, logy=False,
               xlabel="evaluation length (tokens)", past_train=True) -> str:
   """A line per variant (distinct marker and line style each) of the mean
   value vs ``x_of(cell key)``; the training length as a dashed line (or
-  ``shade``: a (lo, hi) range). Returns the PNG's name."""
-  values, _ = cells(records, by=by)
+  ``shade``: a (lo, hi) range); over several seeds a band of mean ± std
+  (sample std) around each line. Returns the PNG's name."""
+  stats = cell_stats(records, by=by)
+  seeds = max((s.n for s in stats.values()), default=0)
   fig = Figure(figsize=(7, 4.2), layout="constrained")
   ax = fig.subplots()
   past = max(train_lens(records)) if past_train and by == ("eval_len",) \
       else None
   drawn = {}
   for i, variant in enumerate(variants(records)):
-    points = sorted((x_of(k), v) for k, v in values.items()
+    points = sorted((x_of(k), v) for k, v in stats.items()
                     if k[0] == variant)
-    xs, ys = _finite([p[0] for p in points], [p[1] for p in points])
+    xs, ys = _finite([p[0] for p in points], [p[1].mean for p in points])
     label = _legend_label(variant, xs, ys, drawn, past)
     # Later lines are drawn thinner with hollow markers, so one under an
     # equal earlier line still shows.
-    ax.plot(xs, ys, marker=MARKERS[i % len(MARKERS)],
+    (line,) = ax.plot(xs, ys, marker=MARKERS[i % len(MARKERS)],
             linestyle=LINESTYLES[i % len(LINESTYLES)],
             markersize=max(7 - i, 3), linewidth=max(2.2 - 0.3 * i, 1.0),
             markerfacecolor="none" if i % 2 else None, label=label)
     drawn[variant] = (xs, ys)
+    band = [(x, s.mean - s.std, s.mean + s.std) for x, s in points
+            if s.std is not None]
+    if band:
+      ax.fill_between([b[0] for b in band], [b[1] for b in band],
+                      [b[2] for b in band], color=line.get_color(),
+                      alpha=0.18, linewidth=0)
   if shade:
     ax.axvspan(shade[0], shade[1], color="tab:green", alpha=0.12,
                label="training range")
@@ -259,6 +321,8 @@ def line_plot(records, title, ylabel, out_dir, name, *, logy=False,
     ax.tick_params(axis="y", which="minor", labelsize=7)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
+  if seeds > 1:
+    title += f"\nmean over n={seeds} seeds, band: ± sample std"
   ax.set_title(title, fontsize=10)
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize=7)

@@ -16,6 +16,12 @@ orbax checkpoints that include the data position, metrics and resume.
                      (sha256 of each file, the run's fixed config)
   .lock              held while a run trains (workdir_lock: one run only)
 
+A config with ``init_from`` (a trained workdir or a zoo checkpoint) starts
+from those weights instead of fresh ones, at its own train_len and position
+settings (``experiments.finetune``: fine-tuning to a longer context). A
+config with ``curriculum`` trains in stages of (length, batch size) at a
+fixed number of tokens per step (``experiments.curriculum``).
+
 Rerunning with the same workdir resumes from the latest checkpoint. Batches
 are a pure function of (seed, step) and the step is deterministic, so a run
 killed part-way and resumed logs the same losses, bit for bit on the CPU, as
@@ -63,6 +69,8 @@ from flax import nnx
 
 from extrapolax.common import checks
 from extrapolax.experiments import checkpoints
+from extrapolax.experiments import curriculum
+from extrapolax.experiments import finetune
 from extrapolax.experiments import modeling
 from extrapolax.experiments import run_config
 from extrapolax.experiments import runlog
@@ -125,6 +133,8 @@ def validate_config(config) -> None:
   modeling.model_config(config)
   validate_data_config(config)
   sharding.validate_mesh_config(config)
+  finetune.validate(config)
+  curriculum.validate(config)
 
 
 def learning_rate_schedule(config, *, xp=jnp) -> Callable[[Any], Any]:
@@ -473,8 +483,10 @@ def train(config, workdir: str, *, source=None) -> TrainResult:
 
 def _train(config, workdir: str, source) -> TrainResult:
   run_config.write_config(config, workdir)
+  schedule = curriculum.stages(config)
   if source is None:
-    source = make_source(config, workdir)
+    source = (curriculum.make_source(config, workdir, make_source) if schedule
+              else make_source(config, workdir))
 
   mesh = sharding.mesh_from_config(config)
   if mesh.size > 1:
@@ -496,6 +508,8 @@ def _train(config, workdir: str, source) -> TrainResult:
     if start:
       params, opt_state = _resume(manager, start, params, opt_state, config,
                                   source, workdir)
+    elif config.get("init_from") is not None:   # a fine-tune's first start
+      params, opt_state = finetune.initial_state(config, params, opt_state)
     log = stack.enter_context(runlog.RunLog(
         workdir, config, start, learning_rate_schedule(config, xp=np)))
     pending: list[tuple[int, dict]] = []
@@ -503,6 +517,9 @@ def _train(config, workdir: str, source) -> TrainResult:
     fixed = run_config.fixed_fields(run_config.config_json(config))
     for index in range(start, config.train_steps):
       step = index + 1
+      if schedule:   # a length curriculum: this step's stage
+        stage = curriculum.stage_at(schedule, index)[1]
+        shape = (stage.batch_size, stage.train_len)
       batch = sharding.host_batch(
           functools.partial(_source_rows, source, takes_rows, index, shape),
           shardings[2], shape)

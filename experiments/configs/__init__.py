@@ -144,6 +144,9 @@ def base_config() -> ml_collections.ConfigDict:
       split the batch, fsdp shards parameters and optimizer state, tensor
       shards heads / MLP width / vocabulary, context splits the sequence
       (``sharding`` module). A run may resume on another mesh.
+    init_from, init_from_optimizer: optional, absent here (set them in a
+      config file): start from a checkpoint's weights, optimizer state
+      "reset" or "keep" (``experiments.finetune``, ``configs/finetune.py``).
   """
   config = ml_collections.ConfigDict()
   config.seed = 0

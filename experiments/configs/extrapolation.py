@@ -21,6 +21,7 @@ Variants (``:key=value,...``)::
   --config=experiments/configs/extrapolation.py:steps=2000,train_len=128
   --config=experiments/configs/extrapolation.py:from_zoo  # zoo weights,
                                                    # no training (seconds)
+  --config=experiments/configs/extrapolation.py:seeds=3  # seeds 0, 1, 2
 
 Any field can be overridden too: ``--config.variants=rope,alibi``,
 ``--config.train.model.d_model=128``,
@@ -37,6 +38,13 @@ Fields:
     (``extrapolax.models.zoo``; the default training recipe only).
   variants: the models, one per position encoding (nope, sinusoidal,
     learned, rope, alibi, t5, kerple, fire).
+  seeds: the training seeds each variant runs with (``--config.seeds=0,1,2``;
+    runs/<variant>/seed<k>); () (the default): one run per variant with
+    train.seed, in runs/<variant>. The report shows mean, std and n over
+    seeds (``experiments.seeds``).
+  finetunes: optional (absent here): fine-tuned variants, each a dict of
+    base, method (pi, yarn, ntk_by_parts, abf), factor, steps, ...
+    (``experiments.study_finetune``), trained from their base's checkpoint.
   evals: the evaluations, by name; each entry's type is an evaluator
     (``extrapolax.experiments.evals``: length, rope_scaling, mask, passkey,
     algorithmic) or "package.module:function", models picks the variants
@@ -74,15 +82,18 @@ def _perplexity() -> dict:
 
 
 def get_config(arg=None):
-  """The study config; ``arg``: quick, steps, train_len, seed, from_zoo."""
+  """The study config; ``arg``: quick, steps, train_len, seed, from_zoo,
+  seeds (a count: seeds=3 runs seeds seed, seed + 1, seed + 2)."""
   arg = configs.parse_arg(arg, quick=False, steps=1000, train_len=64, seed=0,
-                          from_zoo=False)
+                          from_zoo=False, seeds=0)
   config = ml_collections.ConfigDict()
   config.train = tiny.get_config(
       f"steps={arg.steps},train_len={arg.train_len},seed={arg.seed}")
   config.train.log_every = 100
   config.train.checkpoint_every = 100
   config.variants = "nope,sinusoidal,learned,rope,alibi,t5"
+  # The training seeds of every variant; (): one run with train.seed.
+  config.seeds = tuple(range(arg.seed, arg.seed + arg.seeds))
   # True: evaluate the zoo's shipped tiny presets (the same models, trained
   # with this recipe) instead of training them.
   config.from_zoo = arg.from_zoo

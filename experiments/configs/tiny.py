@@ -35,9 +35,11 @@ from extrapolax.experiments import configs
 
 
 def get_config(arg=None):
-  """The tiny config; ``arg``: pe, steps, train_len, batch_size, seed."""
+  """The tiny config; ``arg``: pe, steps, train_len, batch_size, seed,
+  curriculum (``experiments.curriculum``: "0:32x64;300:128x16", stages
+  separated by semicolons; the field is set only when given)."""
   arg = configs.parse_arg(arg, pe="rope", steps=600, train_len=128,
-                          batch_size=16, seed=0)
+                          batch_size=16, seed=0, curriculum="")
   config = configs.base_config()
   config.seed = arg.seed
   config.model.pe = arg.pe
@@ -49,4 +51,6 @@ def get_config(arg=None):
   config.train_len = arg.train_len
   config.batch_size = arg.batch_size
   config.train_steps = arg.steps
+  if arg.curriculum:
+    config.curriculum = arg.curriculum
   return config

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 
 import pytest
@@ -17,6 +18,7 @@ from extrapolax.experiments import configs
 from extrapolax.experiments import extrapolation
 from extrapolax.experiments import records
 from extrapolax.experiments import report
+from extrapolax.experiments import seeds
 from extrapolax.experiments import trainer
 
 # The quick study with the variants in another order (a comma-separated
@@ -208,5 +210,131 @@ def test_bad_config_values_are_named(override, message):
     for p in parents:
       node = node[p]
     node[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    extrapolation.validate_config(config)
+
+
+def test_two_seeds_end_to_end_then_rerun_reuses(tmp_path, capsys):
+  workdir = str(tmp_path / "seeds")
+  args = ["--config=extrapolation.py:quick", "--config.variants=rope",
+          "--config.seeds=0,1", "--config.evals.rope_scaling.models=none",
+          "--config.evals.mask.models=none",
+          "--config.evals.passkey.models=none", f"--workdir={workdir}"]
+  out = _main(args, capsys)
+  assert "trained 2 model(s) ['rope/seed0', 'rope/seed1']" in out
+  runs = os.path.join(workdir, "runs", "rope")
+  assert sorted(os.listdir(runs)) == ["seed0", "seed1"]
+  for seed in (0, 1):
+    with open(os.path.join(runs, f"seed{seed}", "config.json")) as f:
+      assert json.load(f)["seed"] == seed
+
+  results = records.read(os.path.join(workdir, "results.jsonl"))
+  ppl = {(r["seed"], r["eval_len"]): r["value"] for r in results
+         if r["metric"] == "perplexity"}
+  assert sorted(ppl) == [(0, 16), (0, 64), (1, 16), (1, 64)]
+  assert ppl[(0, 16)] != ppl[(1, 16)]      # two seeds, two models
+  # The table: mean ± sample std of the two seeds, and n.
+  for length in (16, 64):
+    pair = np.array([ppl[(0, length)], ppl[(1, length)]])
+    label = f"{length}" + (" (train)" if length == 16 else "")
+    assert (f"| {label} | {pair.mean():.2f} ± {pair.std(ddof=1):.2f} |"
+            in out)
+  assert "(mean ± sample std over n=2 seeds)" in out
+  with open(os.path.join(workdir, "report.md")) as f:
+    assert "n=2 seeds" in f.read()
+  assert os.path.getsize(
+      os.path.join(workdir, "length_perplexity_nonoverlap.png")) > 1000
+  with open(os.path.join(workdir, "evaluations.json")) as f:
+    assert sorted(json.load(f)["evaluations"]) == [
+        "length/rope/seed0", "length/rope/seed1"]
+
+  # Again: both seeds reused, nothing re-evaluated, no new record.
+  out = _main(args, capsys)
+  assert ("trained 0 model(s) [], reused 2; ran 0 evaluation(s), skipped 2"
+          in out)
+  assert len(records.read(os.path.join(workdir, "results.jsonl"))) == len(
+      results)
+
+  # A third seed trains and evaluates only that one.
+  out = _main([a.replace("0,1", "0,1,2") for a in args], capsys)
+  assert "trained 1 model(s) ['rope/seed2']" in out
+  assert "ran 1 evaluation(s), skipped 2" in out
+  assert "n=3 seeds" in out
+
+
+@pytest.mark.parametrize("value, message", [
+    ((0, 0), r"config.seeds=\(0, 0\): a tuple of distinct"),
+    ((-1,), r"config.seeds=\(-1,\)"),
+    (0, r"config.seeds=0: a tuple"),
+    ("0,1", r"config.seeds='0,1'"),
+])
+def test_bad_seeds_are_named(value, message):
+  config = configs.get_config("extrapolation.py:quick")
+  with config.ignore_type():   # a config file may set any type
+    config.seeds = value
+  with pytest.raises(ValueError, match=message):
+    extrapolation.validate_config(config)
+
+
+def test_seeds_count_and_zoo_refusal():
+  config = configs.get_config("extrapolation.py:quick,seed=3,seeds=2")
+  assert tuple(config.seeds) == (3, 4)
+  with config.ignore_type():   # an int count in a config file
+    config.seeds = 3
+  assert seeds.study_seeds(config) == (3, 4, 5)
+  assert seeds.run_dir("/w", "rope", 4) == "/w/runs/rope/seed4"
+  assert seeds.run_dir("/w", "rope", None) == "/w/runs/rope"
+  config = configs.get_config("extrapolation.py:quick,from_zoo")
+  config.seeds = (0, 1)
+  with pytest.raises(ValueError, match=r"config.seeds=\(0, 1\) with "
+                     r"config.from_zoo=True"):
+    extrapolation.validate_config(config)
+
+
+def _finetune_study():
+  config = configs.get_config("extrapolation.py:quick")
+  config.variants = "rope"
+  config.evals.mask.models = "none"
+  config.evals.passkey.models = "none"
+  config.finetunes = ml_collections.ConfigDict()
+  config.finetunes.rope_pi4 = dict(base="rope", method="pi", factor=4,
+                                   steps=3, learning_rate=1e-3)
+  return config
+
+
+def test_finetuned_variant_beside_zero_shot(tmp_path):
+  workdir = str(tmp_path / "ft")
+  result = extrapolation.run_study(_finetune_study(), workdir)
+  assert result.trained == ["rope", "rope_pi4"]
+  saved = trainer.read_config(os.path.join(workdir, "runs", "rope_pi4"))
+  assert saved.init_from == os.path.join(workdir, "runs", "rope")
+  assert saved.train_len == 64 and saved.train_steps == 3
+  assert json.loads(saved.model.rope_scaling) == {"rope_type": "linear",
+                                                  "factor": 4.0}
+  ppl = {(r["model"], r["eval_len"]): r for r in result.records
+         if r["experiment"] == "length" and r["metric"] == "perplexity"}
+  # Both measured at the study's lengths (multiples of its train_len).
+  assert sorted(ppl) == [("rope", 16), ("rope", 64), ("rope_pi4", 16),
+                         ("rope_pi4", 64)]
+  assert ppl[("rope_pi4", 64)]["step"] == 3
+  assert ppl[("rope_pi4", 64)]["value"] != ppl[("rope", 64)]["value"]
+  text = open(result.report).read()
+  assert "rope_pi4" in text and "rope linear matched" in text
+  again = extrapolation.run_study(_finetune_study(), workdir)
+  assert again.trained == [] and again.evaluated == []
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(base="alibi"), r"finetunes.rope_pi4.base='alibi' must be one of"),
+    (dict(method="pip"), r"finetunes.rope_pi4.method='pip' must be one of"),
+    (dict(factor=1), r"finetunes.rope_pi4.factor=1 must be a number > 1"),
+    (dict(steps=0), r"finetunes.rope_pi4.steps=0 must be a number > 0"),
+    (dict(lr=1.0), r"finetunes.rope_pi4: unknown settings \['lr'\]"),
+])
+def test_bad_finetunes_are_named(change, message):
+  config = _finetune_study()
+  entry = config.finetunes.rope_pi4.to_dict()
+  entry.update(change)
+  config.finetunes = ml_collections.ConfigDict({"rope_pi4": entry})
   with pytest.raises(ValueError, match=message):
     extrapolation.validate_config(config)

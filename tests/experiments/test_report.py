@@ -119,8 +119,55 @@ def test_reruns_and_seeds(tmp_path):
           rec(model="alibi", pe="alibi", value=4.0),
           rec(model="alibi", pe="alibi", value=6.0, seed=1)]
   text = open(report.write_report(rows, str(tmp_path))).read()
-  assert "| 64 (train) | 12.00 | 5.00 |" in text
-  assert "(mean over 2 seeds)" in text
+  # alibi: seeds 0 and 1 (mean 5, sample std sqrt(2)); rope: one seed.
+  assert "| 64 (train) | 12.00 (n=1) | 5.00 ± 1.41 |" in text
+  assert "(mean ± sample std over n=2 seeds)" in text
+
+
+def test_seed_spread_tables_and_bands(tmp_path, monkeypatch):
+  # Three seeds at two lengths, values recomputed here with numpy.
+  values = {(64, 0): 10.0, (64, 1): 13.0, (64, 2): 11.5,
+            (256, 0): 30.0, (256, 1): 50.0, (256, 2): 37.0}
+  rows = [rec(eval_len=length, seed=seed, value=value, experiment="length")
+          for (length, seed), value in values.items()]
+  rows.append(rec(eval_len=256, seed=1, value=44.0, experiment="length"))
+  values[(256, 1)] = 44.0   # a rerun of seed 1: its last value wins
+  stats = report.cell_stats(rows)
+  for length in (64, 256):
+    seeds = np.array([values[(length, k)] for k in range(3)])
+    got = stats[("rope", length)]
+    assert got.n == 3
+    np.testing.assert_allclose(got.mean, seeds.mean(), rtol=1e-12)
+    np.testing.assert_allclose(got.std, seeds.std(ddof=1), rtol=1e-12)
+    assert (got.low, got.high) == (seeds.min(), seeds.max())
+  table = report.length_table(rows, "perplexity")
+  assert "| 64 (train) | 11.50 ± 1.50 |" in table
+  assert f"| 256 | 37.00 ± {np.std([30.0, 44.0, 37.0], ddof=1):.2f} |" in table
+  assert "n=3 seeds" in table
+
+  # The plot: the mean line and a band from mean - std to mean + std.
+  figures = []
+  monkeypatch.setattr(report, "save_figure",
+                      lambda fig, out_dir, name: figures.append(fig) or name)
+  report.line_plot(rows, "t", "perplexity", str(tmp_path), "p.png",
+                   logy=True)
+  (ax,) = figures[0].axes
+  line = [l for l in ax.get_lines() if l.get_label().startswith("rope")][0]
+  np.testing.assert_allclose(line.get_ydata(), [11.5, 37.0])
+  (band,) = ax.collections
+  ys = band.get_paths()[0].vertices[:, 1]
+  for length in (64, 256):
+    s = stats[("rope", length)]
+    assert np.isclose(ys, s.mean - s.std).any()
+    assert np.isclose(ys, s.mean + s.std).any()
+  assert "n=3 seeds" in ax.get_title()
+
+  # One seed: no band, no spread.
+  figures.clear()
+  one = [r for r in rows if r["seed"] == 0]
+  report.line_plot(one, "t", "perplexity", str(tmp_path), "q.png")
+  assert not figures[0].axes[0].collections
+  assert "±" not in report.length_table(one, "perplexity")
 
 
 def test_report_from_results_file_and_cli(tmp_path):
