@@ -34,7 +34,9 @@ Limits: the layout is contiguous, so a causal ring is unbalanced (device
 device's; no zigzag / striped layout). Self-attention only (T == S, T a
 multiple of C); no dense bias over keys (a per-query bias ``[.., T, 1]`` is
 fine). A per-head mask (``masks.PerHead``) keeps the heads whole on every
-device (no split over the head axis).
+device (no split over the head axis). Learned sinks (``sink_logits``) are
+merged after the keys on every strategy, so the inner implementation need
+not take them.
 
 Every device's local call is ``dot_product_attention`` with explicit global
 positions, so masks, ALiBi and the far query see the same geometry as one
@@ -396,6 +398,17 @@ def _ring_with_sinks(st: _Static, plan: RingPlan, q, k, v, slopes, bias,
   return out.astype(q.dtype), lse
 
 
+def _add_sinks(out, lse, sink_logits):
+  """Learned sinks (gpt-oss) joined after the keys: a key set of its own
+  whose log-sum-exp is the sink logit and whose value is zero, merged like
+  any other block (so every strategy and inner implementation serves them,
+  and autodiff gives the sinks' gradient)."""
+  lse_s = jnp.broadcast_to(sink_logits.astype(jnp.float32)[None, :, None],
+                           lse.shape)
+  merged, lse = merge(out, lse, jnp.zeros_like(out), lse_s)
+  return merged.astype(out.dtype), lse
+
+
 def _all_gather(st: _Static, q, k, v, slopes, bias, far_q, far_k, q_pos,
                 k_pos, q_seg, kv_seg):
   gather = lambda x: None if x is None else jax.lax.all_gather(
@@ -430,6 +443,7 @@ class ContextParallel(core.Implementation):
       multiples of its size.
   """
   name = "context_parallel"
+  takes_sink_logits = True     # merged after the ring (``_add_sinks``)
 
   def __init__(self, inner=None, *, axis_name: str = core.CONTEXT_AXIS,
                strategy: str = "ring", mesh=None,
@@ -537,7 +551,8 @@ class ContextParallel(core.Implementation):
                 q_pos=request.query_positions, k_pos=request.key_positions,
                 q_seg=request.q_segment_ids, kv_seg=request.kv_segment_ids,
                 slopes=request.alibi_slopes, bias=request.bias,
-                far_q=request.far_query, far_k=request.far_key)
+                far_q=request.far_query, far_k=request.far_key,
+                sinks=request.sink_logits)
     args = {name: x for name, x in args.items() if x is not None}
     specs = {}
     for name, x in args.items():
@@ -545,6 +560,8 @@ class ContextParallel(core.Implementation):
         specs[name] = P(batch, ctx, head, None)
       elif name in ("q_pos", "k_pos", "q_seg", "kv_seg"):
         specs[name] = P(by_batch(x), ctx)
+      elif name == "sinks":   # [N]
+        specs[name] = P(head)
       elif name == "slopes":
         specs[name] = P(by_batch(x), head if x.shape[1] == n else None)
       else:  # bias [Bb, Nb, Tb, 1]
@@ -556,12 +573,17 @@ class ContextParallel(core.Implementation):
       common = (get("slopes"), get("bias"), get("far_q"), get("far_k"),
                 get("q_pos"), get("k_pos"))
       if self.strategy == "all_gather":
-        return _all_gather(st, a["q"], a["k"], a["v"], *common, get("q_seg"),
-                           get("kv_seg"))
-      if plan.sinks:
-        return _ring_with_sinks(st, plan, a["q"], a["k"], a["v"], *common)
-      return _ring(st, a["q"], a["k"], a["v"], *common, get("q_seg"),
-                   get("kv_seg"))
+        out, lse = _all_gather(st, a["q"], a["k"], a["v"], *common,
+                               get("q_seg"), get("kv_seg"))
+      elif plan.sinks:
+        out, lse = _ring_with_sinks(st, plan, a["q"], a["k"], a["v"],
+                                    *common)
+      else:
+        out, lse = _ring(st, a["q"], a["k"], a["v"], *common, get("q_seg"),
+                         get("kv_seg"))
+      if "sinks" in a:
+        out, lse = _add_sinks(out, lse, a["sinks"])
+      return out, lse
 
     if any(kind == jax.sharding.AxisType.Explicit
            for kind in mesh.axis_types):
