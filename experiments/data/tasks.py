@@ -293,19 +293,36 @@ PASSKEY_ASSISTANT = "The pass key is"
 _SLOT = "\x00passkey-content\x00"
 
 
-def _chat_frame(tokenizer) -> tuple[np.ndarray, np.ndarray]:
+def piece_encoder(tokenizer):
+  """``text -> int32 ids`` without a BOS token, and the ids a prompt starts
+  with (the tokenizer's BOS when it adds one, else none).
+
+  Prompt builders encode their pieces separately with it and concatenate
+  them, so a prompt's length is exact for any tokenizer (for bytes the ids
+  are those of the joined text).
+  """
+  if bool(getattr(tokenizer, "add_bos", False)):
+    encode = lambda text: np.asarray(tokenizer.encode(text, add_bos=False),
+                                     np.int32)
+    return encode, np.asarray([tokenizer.bos_id], np.int32)
+  encode = lambda text: np.asarray(tokenizer.encode(text), np.int32)
+  return encode, np.zeros(0, np.int32)
+
+
+def chat_frame(tokenizer, assistant: str = PASSKEY_ASSISTANT
+               ) -> tuple[np.ndarray, np.ndarray]:
   """The chat template's token ids before and after one user message (the
   generation prompt included), and the assistant's opening words."""
   text = tokenizer.apply_chat_template([{"role": "user", "content": _SLOT}],
                                        add_generation_prompt=True)
   if text.count(_SLOT) != 1:
     raise ValueError("the chat template does not place the user message "
-                     "once; cannot frame a passkey prompt with it")
+                     "once; cannot frame a prompt with it")
   before, after = text.split(_SLOT)
   # The template writes the BOS token itself when the model wants one.
   encode = lambda t: np.asarray(tokenizer.encode(t, add_bos=False) if t
                                 else [], np.int32)
-  return encode(before), encode(after + PASSKEY_ASSISTANT)
+  return encode(before), encode(after + assistant)
 
 
 def passkey_prompt(num_tokens: int, depth: float, key: str,
@@ -345,23 +362,18 @@ def passkey_prompt(num_tokens: int, depth: float, key: str,
   key = str(key)
   if not key or "\n" in key:
     raise ValueError(f"key must be a non-empty single line, got {key!r}")
-  add_bos = bool(getattr(tokenizer, "add_bos", False))
-  if add_bos:   # pieces without BOS; the prompt's own BOS once, below
-    encode = lambda text: np.asarray(tokenizer.encode(text, add_bos=False),
-                                     np.int32)
-  else:
-    encode = lambda text: np.asarray(tokenizer.encode(text), np.int32)
+  # Pieces without BOS; the prompt's own BOS once, below.
+  encode, bos = piece_encoder(tokenizer)
   head = encode(PASSKEY_INSTRUCTION + "\n")
   needle = encode(f"\nThe pass key is {key}. Remember it. {key} is the pass "
                   "key.\n")
   if chat:
-    opening, closing = _chat_frame(tokenizer)
+    opening, closing = chat_frame(tokenizer)
     question = PASSKEY_QUESTION[:-len(PASSKEY_ASSISTANT)].rstrip()
     head = np.concatenate([opening, head])
     tail = np.concatenate([encode("\n" + question), closing])
   else:
-    if add_bos:
-      head = np.concatenate([[tokenizer.bos_id], head]).astype(np.int32)
+    head = np.concatenate([bos, head]).astype(np.int32)
     tail = encode("\n" + PASSKEY_QUESTION)
   budget = num_tokens - len(head) - len(needle) - len(tail)
   if budget < 0:
