@@ -138,7 +138,8 @@ def _words(rng: np.random.Generator, n: int, *, syllables=(2, 3, 4)
   return list(out)
 
 
-def _distinct(rng: np.random.Generator, n: int, draw) -> list[str]:
+def _distinct(n: int, draw) -> list[str]:
+  """``n`` distinct values of ``draw()``, in first-drawn order."""
   out: dict[str, None] = {}
   while len(out) < n:
     out[draw()] = None
@@ -150,7 +151,7 @@ def _number(rng: np.random.Generator, digits: int) -> str:
 
 
 def _names(rng: np.random.Generator, n: int) -> list[str]:
-  return _distinct(rng, n, lambda: "".join(
+  return _distinct(n, lambda: "".join(
       chr(ord("A") + int(i)) for i in rng.integers(0, 26, 5)))
 
 
@@ -187,7 +188,7 @@ def _haystack(encode, num_tokens: int, head, tail,
 
 def _niah_multikey(rng, encode, num_tokens, depth, num_keys):
   keys = _words(rng, num_keys)
-  values = _distinct(rng, num_keys, lambda: _number(rng, 7))
+  values = _distinct(num_keys, lambda: _number(rng, 7))
   needles = [(encode(f"\nThe special magic number for {k} is: {v}.\n"),
               depth if i == 0 else float(rng.random()))
              for i, (k, v) in enumerate(zip(keys, values))]
@@ -198,7 +199,7 @@ def _niah_multikey(rng, encode, num_tokens, depth, num_keys):
 
 def _niah_multivalue(rng, encode, num_tokens, depth, num_values):
   key = _words(rng, 1)[0]
-  values = _distinct(rng, num_values, lambda: _number(rng, 7))
+  values = _distinct(num_values, lambda: _number(rng, 7))
   depths = [depth] + [float(d) for d in rng.random(num_values - 1)]
   needles = [(encode(f"\nThe special magic number for {key} is: {v}.\n"),
               d) for v, d in zip(values, depths)]
@@ -209,7 +210,7 @@ def _niah_multivalue(rng, encode, num_tokens, depth, num_values):
 
 def _variable_tracking(rng, encode, num_tokens, depth, num_hops, num_chains):
   names = _names(rng, num_chains * (num_hops + 1))
-  values = _distinct(rng, num_chains, lambda: _number(rng, 5))
+  values = _distinct(num_chains, lambda: _number(rng, 5))
   needles = []
   for c in range(num_chains):
     chain = names[c * (num_hops + 1):(c + 1) * (num_hops + 1)]

@@ -3,8 +3,9 @@
 One evaluator for the RULER families (``data.ruler``): ``tasks`` picks them
 (comma-separated names of niah_multikey, niah_multivalue,
 variable_tracking, common_words, kv_retrieval; default all). Settings:
-``lengths`` (prompt lengths in tokens; () for none: skipped; each task's
-fixed text needs a few hundred), ``depths`` (fractions in [0, 1]),
+``lengths`` (prompt lengths in tokens; () for none: skipped; in bytes the
+default sizes need up to 380 tokens for the needle tasks, 420 for
+common_words; a byte-level length too short is refused here), ``depths`` (fractions in [0, 1]),
 ``trials`` (examples per cell), ``seed``, the task sizes (``num_keys``,
 ``num_values``, ``num_hops``, ``num_chains``, ``num_common``,
 ``common_freq``, ``uncommon_freq``: each set for the task that has it),
