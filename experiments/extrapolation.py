@@ -223,15 +223,23 @@ def validate_config(config) -> None:
                      f"{choices}{checks.close_matches(bad[0], choices)}")
   if len(set(variants)) != len(variants):
     raise ValueError(f"config.variants={variants!r} repeats a name")
+  entries = _entries(config)
   if config.train.data.task is not None:
-    raise ValueError(f"config.train.data.task={config.train.data.task!r}: "
-                     "the study models text; use None")
+    # A task-trained study (configs/algorithmic_study.py) has no held-out
+    # text: only evaluations without documents can run on it.
+    text = [e.name for e in entries if e.evaluator.needs_documents
+            and e.settings is not None and e.models]
+    if text:
+      raise ValueError(f"config.train.data.task={config.train.data.task!r}: "
+                       f"the study models text: the evaluations {text} "
+                       "score held-out documents; use None, or only "
+                       "evaluations without documents (algorithmic, passkey, "
+                       "ruler)")
   for variant in variants:
     trainer.validate_config(variant_config(config, variant, workdir=""))
     if config.get("from_zoo"):
       zoo_build.study_preset(variant_config(config, variant, ""), variant)
   study_finetune.validate(config, variants, variant_config)
-  _entries(config)
 
 
 def variant_choices() -> tuple[str, ...]:

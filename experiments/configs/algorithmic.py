@@ -2,8 +2,10 @@ r"""Tiny model trained on a synthetic task (byte-level; loss on answers only).
 
 The tiny model (2 layers, d_model 64, byte vocabulary) trained on one of the
 length-controlled tasks of ``extrapolax.experiments.data`` (copy, reverse,
-addition, parity, associative_recall, flip_flop), each row one example padded
-to train_len; the loss covers only the answer tokens. Sizes are drawn from
+addition, parity, associative_recall, flip_flop; Deletang et al.'s
+multiplication, sorting, duplicate_string, modular_arithmetic, even_pairs;
+Chiang & Cholak's first), each row one example padded to train_len; the
+loss covers only the answer tokens. Sizes are drawn from
 the task's smallest up to max_size (default: the largest that fits
 train_len), so an evaluator can then test sizes past the trained range.
 

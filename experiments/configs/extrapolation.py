@@ -47,7 +47,7 @@ Fields:
     (``experiments.study_finetune``), trained from their base's checkpoint.
   evals: the evaluations, by name; each entry's type is an evaluator
     (``extrapolax.experiments.evals``: length, rope_scaling, mask, passkey,
-    algorithmic) or "package.module:function", models picks the variants
+    algorithmic, ruler) or "package.module:function", models picks the variants
     ("" every one, "none" none), the other keys are the evaluator's
     settings (its module docstring lists them).
   evals.length: perplexity vs length of every variant.

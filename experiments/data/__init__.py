@@ -6,8 +6,9 @@ tokenizer (``get_tokenizer``) -> token store on disk (``build_store``,
 batches as a pure function of (seed, step) (``TrainSource``), optionally
 with sampled training positions (``positions``: randomized, PoSE, CREAM,
 E^2-LLM; ``PositionSampling``). Synthetic
-tasks (``get_task``, ``TaskSource``) and the passkey prompt
-(``passkey_prompt``) are byte-level text. ``eval_documents(config,
+tasks (``get_task``, ``TaskSource``), the passkey prompt
+(``passkey_prompt``) and the RULER-style prompts (``ruler.ruler_prompt``)
+are byte-level text. ``eval_documents(config,
 workdir=...)``: a run's held-out documents, as its evaluators score them.
 """
 
@@ -18,6 +19,7 @@ from .held_out import eval_documents
 from .packing import (PACKING_METHODS, PackedBatch, Packing, materialize,
                       pack, pack_documents)
 from . import positions
+from . import ruler
 from .pipeline import TaskSource, TrainSource
 from .positions import PositionSampling
 from .positions import from_text as position_sampler
@@ -32,7 +34,7 @@ __all__ = [
     "split_documents", "split_indices", "eval_documents",
     "PACKING_METHODS", "PackedBatch", "Packing", "materialize", "pack",
     "pack_documents",
-    "TaskSource", "TrainSource", "positions", "PositionSampling",
+    "TaskSource", "TrainSource", "positions", "ruler", "PositionSampling",
     "position_sampler",
     "SPLITS", "TokenStore", "build_store", "default_store_path",
     "TASK_NAMES", "Task", "TaskExample", "examples_to_batch", "get_task",

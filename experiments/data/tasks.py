@@ -24,7 +24,24 @@ flip_flop                ``w1i0...r1``: n instructions, w then   bits after
                          (n - 2) of w / i / r with probabilities ``r``
                          (1-p)/2, p, (1-p)/2, then r; ``r`` is
                          followed by the last written bit
+multiplication           ``a*b=c\n``, a, b: n bits each, least  ``c\n``
+                         significant first; c = a * b, the same
+                         order, no high zeros
+sorting                  ``s=t\n``, s: n digits 0-4, t sorted   ``t\n``
+duplicate_string         ``s=ss\n``, s: n letters of a, b       ``ss\n``
+modular_arithmetic       ``1+2*3=2\n``: n digits 0-4, n - 1 of  ``r\n``
+                         + - *; r the value mod 5 (* first)
+even_pairs               ``s=e\n``, s: n letters of a, b; e = 1  ``e\n``
+                         iff ab and ba occur an even number of
+                         times in total
+first                    ``bits=b\n``, n bits, b the first one   ``b\n``
 =======================  =====================================  ===========
+
+The last six are the tasks of Deletang et al. (2023) that the Randomized PE
+paper (Ruoss et al., 2023) trains (binary multiplication, bucket sort,
+duplicate string, modular arithmetic (simple), even pairs) and Chiang &
+Cholak's FIRST, as byte text; sizes count symbols (operands: bits each)
+rather than Deletang's total input length.
 
 ``passkey_prompt`` builds the Landmark-Attention passkey prompt (REFERENCE.md)
 with an exact number of tokens.
@@ -261,14 +278,138 @@ class FlipFlop(Task):
     return 2 * length
 
 
+# --- Deletang et al. (2023), "Neural networks and the Chomsky hierarchy",
+# the tasks of the Randomized PE paper (Ruoss et al., 2023); FIRST from
+# Chiang & Cholak (2022).
+
+
+class Multiplication(Task):
+  """Binary multiplication, little-endian (Deletang et al.): two n-bit
+  numbers in [1, 2^n) written with exactly n bits, least significant bit
+  first; the product little-endian without trailing (high) zeros."""
+  name = "multiplication"
+
+  def _segments(self, rng, length):
+    def number() -> str:     # n little-endian bits, not all zero
+      while True:
+        bits = "".join(str(b) for b in rng.integers(0, 2, length))
+        if "1" in bits:
+          return bits
+    a, b = number(), number()
+    product = int(a[::-1], 2) * int(b[::-1], 2)
+    return [(f"{a}*{b}=", False), (bin(product)[2:][::-1] + "\n", True)]
+
+  def max_tokens(self, length):
+    return 4 * length + 3
+
+
+class Sorting(Task):
+  """Bucket sort (Deletang et al.): n tokens of 0..vocab_size-1, the answer
+  the same tokens in increasing order."""
+  name = "sorting"
+
+  def __init__(self, vocab_size: int = 5):
+    if not 2 <= vocab_size <= 10:
+      raise ValueError(f"vocab_size must lie in [2, 10], got {vocab_size}")
+    self.vocab_size = int(vocab_size)
+
+  def params(self):
+    return {"vocab_size": self.vocab_size}
+
+  def _segments(self, rng, length):
+    tokens = rng.integers(0, self.vocab_size, length)
+    text = lambda t: "".join(str(d) for d in t)
+    return [(text(tokens) + "=", False), (text(np.sort(tokens)) + "\n", True)]
+
+  def max_tokens(self, length):
+    return 2 * length + 2
+
+
+class DuplicateString(Task):
+  """Duplicate string (Deletang et al.): n symbols of {a, b}; the answer the
+  string twice."""
+  name = "duplicate_string"
+
+  def _segments(self, rng, length):
+    s = "".join("ab"[i] for i in rng.integers(0, 2, length))
+    return [(s + "=", False), (s + s + "\n", True)]
+
+  def max_tokens(self, length):
+    return 3 * length + 2
+
+
+class ModularArithmetic(Task):
+  """Modular arithmetic, simple (Deletang et al.): n numbers of 0..modulus-1
+  joined by n - 1 operators of +, -, *; the answer the value modulo
+  ``modulus``, * before + and - (``1-1-1`` is -1 = 4 mod 5)."""
+  name = "modular_arithmetic"
+
+  def __init__(self, modulus: int = 5):
+    if not 2 <= modulus <= 10:
+      raise ValueError(f"modulus must lie in [2, 10], got {modulus}")
+    self.modulus = int(modulus)
+
+  def params(self):
+    return {"modulus": self.modulus}
+
+  def _segments(self, rng, length):
+    numbers = rng.integers(0, self.modulus, length)
+    ops = ["+-*"[i] for i in rng.integers(0, 3, length - 1)]
+    text = str(numbers[0]) + "".join(f"{o}{n}" for o, n in
+                                     zip(ops, numbers[1:]))
+    # Sum of products: each + or - starts a signed term.
+    total, term = 0, int(numbers[0])
+    for op, n in zip(ops, numbers[1:]):
+      if op == "*":
+        term *= int(n)
+      else:
+        total += term
+        term = int(n) if op == "+" else -int(n)
+    return [(text + "=", False),
+            (f"{(total + term) % self.modulus}\n", True)]
+
+  def max_tokens(self, length):
+    return 2 * length + 2
+
+
+class EvenPairs(Task):
+  """Even pairs (Deletang et al.): n symbols of {a, b}; the answer 1 if the
+  number of ``ab`` and ``ba`` substrings is even (the first symbol equals
+  the last), else 0."""
+  name = "even_pairs"
+
+  def _segments(self, rng, length):
+    s = "".join("ab"[i] for i in rng.integers(0, 2, length))
+    changes = sum(x != y for x, y in zip(s, s[1:]))
+    return [(s + "=", False), (f"{int(changes % 2 == 0)}\n", True)]
+
+  def max_tokens(self, length):
+    return length + 3
+
+
+class First(Task):
+  """FIRST (Chiang & Cholak, 2022): n bits; the answer the first bit."""
+  name = "first"
+
+  def _segments(self, rng, length):
+    bits = "".join(str(b) for b in rng.integers(0, 2, length))
+    return [(bits + "=", False), (bits[0] + "\n", True)]
+
+  def max_tokens(self, length):
+    return length + 3
+
+
 _TASKS = {cls.name: cls for cls in (Copy, Reverse, Addition, Parity,
-                                    AssociativeRecall, FlipFlop)}
+                                    AssociativeRecall, FlipFlop,
+                                    Multiplication, Sorting, DuplicateString,
+                                    ModularArithmetic, EvenPairs, First)}
 TASK_NAMES = tuple(_TASKS)
 
 
 def get_task(name: str, **params) -> Task:
   """The task ``name`` (one of TASK_NAMES), with its keyword parameters
-  (addition: reversed_digits; flip_flop: ignore_prob)."""
+  (addition: reversed_digits; flip_flop: ignore_prob; sorting: vocab_size;
+  modular_arithmetic: modulus)."""
   if name not in _TASKS:
     raise ValueError(f"unknown task {name!r}; allowed: {TASK_NAMES}")
   try:
@@ -293,19 +434,36 @@ PASSKEY_ASSISTANT = "The pass key is"
 _SLOT = "\x00passkey-content\x00"
 
 
-def _chat_frame(tokenizer) -> tuple[np.ndarray, np.ndarray]:
+def piece_encoder(tokenizer):
+  """``text -> int32 ids`` without a BOS token, and the ids a prompt starts
+  with (the tokenizer's BOS when it adds one, else none).
+
+  Prompt builders encode their pieces separately with it and concatenate
+  them, so a prompt's length is exact for any tokenizer (for bytes the ids
+  are those of the joined text).
+  """
+  if bool(getattr(tokenizer, "add_bos", False)):
+    encode = lambda text: np.asarray(tokenizer.encode(text, add_bos=False),
+                                     np.int32)
+    return encode, np.asarray([tokenizer.bos_id], np.int32)
+  encode = lambda text: np.asarray(tokenizer.encode(text), np.int32)
+  return encode, np.zeros(0, np.int32)
+
+
+def chat_frame(tokenizer, assistant: str = PASSKEY_ASSISTANT
+               ) -> tuple[np.ndarray, np.ndarray]:
   """The chat template's token ids before and after one user message (the
   generation prompt included), and the assistant's opening words."""
   text = tokenizer.apply_chat_template([{"role": "user", "content": _SLOT}],
                                        add_generation_prompt=True)
   if text.count(_SLOT) != 1:
     raise ValueError("the chat template does not place the user message "
-                     "once; cannot frame a passkey prompt with it")
+                     "once; cannot frame a prompt with it")
   before, after = text.split(_SLOT)
   # The template writes the BOS token itself when the model wants one.
   encode = lambda t: np.asarray(tokenizer.encode(t, add_bos=False) if t
                                 else [], np.int32)
-  return encode(before), encode(after + PASSKEY_ASSISTANT)
+  return encode(before), encode(after + assistant)
 
 
 def passkey_prompt(num_tokens: int, depth: float, key: str,
@@ -345,23 +503,18 @@ def passkey_prompt(num_tokens: int, depth: float, key: str,
   key = str(key)
   if not key or "\n" in key:
     raise ValueError(f"key must be a non-empty single line, got {key!r}")
-  add_bos = bool(getattr(tokenizer, "add_bos", False))
-  if add_bos:   # pieces without BOS; the prompt's own BOS once, below
-    encode = lambda text: np.asarray(tokenizer.encode(text, add_bos=False),
-                                     np.int32)
-  else:
-    encode = lambda text: np.asarray(tokenizer.encode(text), np.int32)
+  # Pieces without BOS; the prompt's own BOS once, below.
+  encode, bos = piece_encoder(tokenizer)
   head = encode(PASSKEY_INSTRUCTION + "\n")
   needle = encode(f"\nThe pass key is {key}. Remember it. {key} is the pass "
                   "key.\n")
   if chat:
-    opening, closing = _chat_frame(tokenizer)
+    opening, closing = chat_frame(tokenizer)
     question = PASSKEY_QUESTION[:-len(PASSKEY_ASSISTANT)].rstrip()
     head = np.concatenate([opening, head])
     tail = np.concatenate([encode("\n" + question), closing])
   else:
-    if add_bos:
-      head = np.concatenate([[tokenizer.bos_id], head]).astype(np.int32)
+    head = np.concatenate([bos, head]).astype(np.int32)
     tail = encode("\n" + PASSKEY_QUESTION)
   budget = num_tokens - len(head) - len(needle) - len(tail)
   if budget < 0:

@@ -7,7 +7,7 @@ A study config holds a ConfigDict of named evaluations (big_vision's
   config.evals.mine = dict(type="my_pkg.my_module:my_eval", models="rope")
 
 ``type`` is a registered evaluator name (``names()``: length, perplexity,
-rope_scaling, mask, passkey, algorithmic) or ``"package.module:attribute"``,
+rope_scaling, mask, passkey, algorithmic, ruler) or ``"package.module:attribute"``,
 an :class:`Evaluator` or a plain function ``run(model, documents, settings,
 labels) -> records``. ``models`` (every evaluator has it) picks the trained
 variants the evaluation runs on: comma-separated names, "" for every
@@ -99,7 +99,7 @@ def _load_builtins() -> None:
     _BUILTINS_LOADED = True
     # Registration order is the report's section order.
     for module in ("length", "rope_scaling", "mask", "passkey",
-                   "algorithmic"):
+                   "algorithmic", "ruler"):
       importlib.import_module(f"{__name__}.{module}")
 
 

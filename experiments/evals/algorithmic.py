@@ -19,7 +19,8 @@ __all__ = ["EVALUATOR", "HELP"]
 HELP = {
     "models": length.HELP["models"],
     "task": "the synthetic task (copy, reverse, addition, parity, "
-            "associative_recall, flip_flop)",
+            "associative_recall, flip_flop, multiplication, sorting, "
+            "duplicate_string, modular_arithmetic, even_pairs, first)",
     "lengths": "task lengths to test",
     "train_len": "the longest task length trained on",
     "train_min_len": "the shortest (None: not recorded)",

@@ -172,7 +172,8 @@ def _depth_table(group) -> str:
                          rows)
 
 
-def _heatmap(group, out_dir, name) -> str:
+def _heatmap(group, out_dir, name, title="Passkey retrieval accuracy by "
+             "prompt length and key depth") -> str:
   variants = report.variants(group)
   values, _ = report.cells(group, by=("eval_len", "depth"))
   lengths = sorted({r["eval_len"] for r in group})
@@ -200,8 +201,7 @@ def _heatmap(group, out_dir, name) -> str:
           ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=6,
                   color="white" if v < 0.5 else "black")
   fig.colorbar(image, ax=list(axes), fraction=0.05, label="accuracy")
-  fig.suptitle("Passkey retrieval accuracy by prompt length and key depth",
-               fontsize=10)
+  fig.suptitle(title, fontsize=10)
   return report.save_figure(fig, out_dir, name)
 
 

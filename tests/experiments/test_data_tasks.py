@@ -95,6 +95,77 @@ def test_flip_flop():
     data.get_task("flip_flop").sample(np.random.default_rng(0), 1)
 
 
+def test_multiplication():
+  seen_short = False
+  for length, ex in _samples("multiplication"):
+    match = re.fullmatch(r"([01]+)\*([01]+)=([01]+)\n", ex.text)
+    assert match, ex.text
+    a, b, c = match.groups()
+    assert len(a) == len(b) == length and not c.endswith("0")
+    value = lambda bits: int(bits[::-1], 2)    # little-endian
+    assert value(a) >= 1 and value(b) >= 1
+    assert value(a) * value(b) == value(c)
+    assert _answer(ex) == c + "\n"
+    seen_short |= len(c) < 2 * length
+  assert seen_short
+
+
+def test_sorting():
+  for length, ex in _samples("sorting"):
+    match = re.fullmatch(r"([0-4]+)=([0-4]+)\n", ex.text)
+    assert match and len(match.group(1)) == length
+    assert match.group(2) == "".join(sorted(match.group(1)))
+    assert _answer(ex) == match.group(2) + "\n"
+  ex = data.get_task("sorting", vocab_size=10).sample(
+      np.random.default_rng(0), 200)
+  assert set(ex.text[:200]) == set("0123456789")
+  with pytest.raises(ValueError, match="vocab_size must lie in"):
+    data.get_task("sorting", vocab_size=11)
+
+
+def test_duplicate_string():
+  for length, ex in _samples("duplicate_string"):
+    match = re.fullmatch(r"([ab]+)=([ab]+)\n", ex.text)
+    assert match and len(match.group(1)) == length
+    assert match.group(2) == match.group(1) * 2
+    assert _answer(ex) == match.group(2) + "\n"
+
+
+def test_modular_arithmetic():
+  values = set()
+  for length, ex in _samples("modular_arithmetic", per_length=20):
+    match = re.fullmatch(r"([0-4](?:[-+*][0-4])*)=([0-4])\n", ex.text)
+    assert match, ex.text
+    expression, result = match.groups()
+    assert len(expression) == 2 * length - 1
+    # Python's own precedence and modulo (of a negative number too).
+    assert eval(expression) % 5 == int(result)  # pylint: disable=eval-used
+    assert _answer(ex) == result + "\n"
+    values.add(result)
+  assert values == set("01234")
+  ex = data.get_task("modular_arithmetic", modulus=7).sample(
+      np.random.default_rng(3), 30)
+  expression, result = ex.text.strip().split("=")
+  assert eval(expression) % 7 == int(result)  # pylint: disable=eval-used
+
+
+def test_even_pairs_and_first():
+  answers = set()
+  for length, ex in _samples("even_pairs"):
+    match = re.fullmatch(r"([ab]+)=([01])\n", ex.text)
+    assert match and len(match.group(1)) == length
+    s = match.group(1)
+    pairs = sum(s[i:i + 2] in ("ab", "ba") for i in range(len(s) - 1))
+    assert int(match.group(2)) == (pairs % 2 == 0) == (s[0] == s[-1])
+    answers.add(match.group(2))
+  assert answers == {"0", "1"}
+  for length, ex in _samples("first"):
+    match = re.fullmatch(r"([01]+)=([01])\n", ex.text)
+    assert match and len(match.group(1)) == length
+    assert match.group(2) == match.group(1)[0]
+    assert _answer(ex) == match.group(2) + "\n"
+
+
 def test_tasks_are_seeded_and_batched():
   for name in data.TASK_NAMES:
     task = data.get_task(name)

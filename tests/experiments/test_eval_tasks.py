@@ -175,3 +175,90 @@ def test_defaults_use_the_data_package():
   rng = np.random.default_rng([0, 4])     # the evaluator's examples
   examples = [data.get_task("copy").sample(rng, 4) for _ in range(4)]
   assert out[0]["n_tokens"] == sum(e.answer_mask[1:].sum() for e in examples)
+
+
+# -- the Deletang et al. tasks, scored by a solver that reads the question ----
+
+DELETANG_TASKS = ("multiplication", "sorting", "duplicate_string",
+                  "modular_arithmetic", "even_pairs", "first")
+
+
+def _solve(task, question):
+  """The answer (with its newline) to ``question`` ("...="), recomputed."""
+  s = question[:-1]
+  if task == "multiplication":
+    a, b = s.split("*")
+    answer = bin(int(a[::-1], 2) * int(b[::-1], 2))[2:][::-1]
+  elif task == "sorting":
+    answer = "".join(sorted(s))
+  elif task == "duplicate_string":
+    answer = s + s
+  elif task == "modular_arithmetic":
+    answer = str(eval(s) % 5)  # pylint: disable=eval-used
+  elif task == "even_pairs":
+    answer = str(int(sum(s[i:i + 2] in ("ab", "ba")
+                         for i in range(len(s) - 1)) % 2 == 0))
+  else:
+    answer = s[0]
+  return answer + "\n"
+
+
+def _solver_fn(task, corrupt):
+  """tokens [B, T] -> predictions [B, T]: the solver's answer after "=",
+  its first token changed with ``corrupt``."""
+
+  def predict(batch):
+    out = np.zeros(batch.shape, np.int32)
+    for row, tokens in enumerate(np.asarray(batch)):
+      text = bytes(tokens.astype(np.uint8)).decode().rstrip("\x00")
+      end = text.index("=") + 1
+      answer = np.frombuffer(_solve(task, text[:end]).encode(), np.uint8)
+      answer = answer.astype(np.int32)
+      if corrupt:
+        answer[0] += 1
+      out[row, end - 1:end - 1 + len(answer)] = answer
+    return out
+
+  return predict
+
+
+@pytest.mark.parametrize("task", DELETANG_TASKS)
+def test_deletang_tasks_scored_by_a_solver(task, monkeypatch):
+  for corrupt in (False, True):
+    monkeypatch.setattr(algorithmic, "model_logits_fn",
+                        lambda model, implementation, c=corrupt:
+                        _solver_fn(task, c))
+    out = algorithmic.algorithmic_accuracy(
+        MODEL, task, lengths=(3, 9), train_len=3, num_examples=5)
+    seq = [r["value"] for r in out if r["metric"] == "sequence_accuracy"]
+    tok = [r for r in out if r["metric"] == "token_accuracy"]
+    if not corrupt:
+      assert seq == [1.0, 1.0] and [r["value"] for r in tok] == [1.0, 1.0]
+    else:   # one wrong token per example
+      assert seq == [0.0, 0.0]
+      for r in tok:
+        assert r["value"] == pytest.approx(1 - r["n_trials"] / r["n_tokens"])
+
+
+def test_algorithmic_config_trains_the_new_tasks(tmp_path):
+  from extrapolax.experiments import configs  # pylint: disable=import-outside-toplevel
+  from extrapolax.experiments import trainer  # pylint: disable=import-outside-toplevel
+  for task in DELETANG_TASKS:
+    config = configs.get_config(f"algorithmic.py:task={task},train_len=32")
+    trainer.validate_config(config)
+    batch = trainer.make_source(config, str(tmp_path)).batch(0)
+    tokens, weights = np.asarray(batch["tokens"]), np.asarray(
+        batch["weights"])
+    for row in range(4):
+      text = bytes(tokens[row].astype(np.uint8)).decode().split("\x00")[0]
+      question = text[:text.index("=") + 1]
+      answer = _solve(task, question)
+      assert text == question + answer
+      assert weights[row].sum() == len(answer)
+  config = configs.get_config("algorithmic.py:task=modular_arithmetic,"
+                              "steps=2,train_len=32,batch_size=4")
+  config.model.num_layers = 1
+  result = trainer.train(config, str(tmp_path / "run"))
+  assert result is not None
+  losses = [r["loss"] for r in trainer.read_metrics(str(tmp_path / "run"))]
+  assert losses and all(np.isfinite(losses))
