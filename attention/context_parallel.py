@@ -398,7 +398,7 @@ def _ring_with_sinks(st: _Static, plan: RingPlan, q, k, v, slopes, bias,
   return out.astype(q.dtype), lse
 
 
-def _add_sinks(out, lse, sink_logits):
+def add_sinks(out, lse, sink_logits):
   """Learned sinks (gpt-oss) joined after the keys: a key set of its own
   whose log-sum-exp is the sink logit and whose value is zero, merged like
   any other block (so every strategy and inner implementation serves them,
@@ -443,7 +443,7 @@ class ContextParallel(core.Implementation):
       multiples of its size.
   """
   name = "context_parallel"
-  takes_sink_logits = True     # merged after the ring (``_add_sinks``)
+  takes_sink_logits = True     # merged after the ring (``add_sinks``)
 
   def __init__(self, inner=None, *, axis_name: str = core.CONTEXT_AXIS,
                strategy: str = "ring", mesh=None,
@@ -582,7 +582,7 @@ class ContextParallel(core.Implementation):
         out, lse = _ring(st, a["q"], a["k"], a["v"], *common, get("q_seg"),
                          get("kv_seg"))
       if "sinks" in a:
-        out, lse = _add_sinks(out, lse, a["sinks"])
+        out, lse = add_sinks(out, lse, a["sinks"])
       return out, lse
 
     if any(kind == jax.sharding.AxisType.Explicit

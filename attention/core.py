@@ -378,7 +378,8 @@ def serve(impl: Implementation, request: AttentionRequest):
   not declare ``takes_sink_logits`` (NotImplementedError, one line)."""
   if request.sink_logits is not None and not impl.takes_sink_logits:
     raise NotImplementedError(f"{impl.name} does not take sink_logits "
-                              "(xla and xla_chunked do)")
+                              "(xla, xla_chunked, pallas_gpu, pallas_tpu and "
+                              "context_parallel do)")
   return impl(request)
 
 

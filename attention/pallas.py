@@ -17,6 +17,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from . import context_parallel
 from . import core
 
 
@@ -68,6 +69,12 @@ class _Pallas(core.Implementation):
   block_sizes: Any = None
   interpret: Optional[bool] = None
   backend = "?"
+  # Learned sinks join after the kernel: its (out, lse) merged with a
+  # zero-value block whose lse is the sink (``context_parallel.add_sinks``);
+  # the kernels' backward takes the lse cotangent that merge sends, so q, k,
+  # v and the sinks all get exact gradients. One elementwise pass over the
+  # output, not a change inside the kernels' loops.
+  takes_sink_logits = True
 
   def _module(self):
     raise NotImplementedError
@@ -90,8 +97,11 @@ class _Pallas(core.Implementation):
                        f".BlockSizes, got {blocks!r}")
     if not interpret:
       blocks.check_hardware()
-    return _run(module, self._static_kwargs(request, blocks, interpret),
-                request)
+    out, lse = _run(module, self._static_kwargs(request, blocks, interpret),
+                    request)
+    if request.sink_logits is not None:
+      out, lse = context_parallel.add_sinks(out, lse, request.sink_logits)
+    return out, lse
 
 
 @dataclasses.dataclass(frozen=True)
