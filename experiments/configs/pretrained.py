@@ -16,7 +16,10 @@ source, KJV books, Shakespeare plays: held-out documents joined to at least
   with the distance ceiling at 8192), and Self-Extend (group 8, neighbour
   window 1024, plain causal mask; Self-Extend's settings for 4x extension of
   Llama-2: (32768 - 1024) / 8 + 1024 < 8192 keeps every grouped distance
-  inside the trained range).
+  inside the trained range), and STRING (An et al. 2024; local window 128,
+  shift matched to 2x and to 4x as N - 8192 + 128 so every far pair's
+  remapped distance is a trained one; the paper's S = L/3 targets the
+  effective context inside L, not extrapolation).
 
 Command (from the repository root)::
 
@@ -29,16 +32,17 @@ Arguments (``:key=value,...``):
     only at 2x (at or below 1x a matched scaling is the plain model and a
     8192-key band covers every key); scored tokens per length: one 8192
     window's worth (4 windows at 2048, 1 at 8192, 1 at 16384: the 16384
-    window scores all its 16384 tokens); Python source only; YaRN and
-    dynamic NTK (static NTK at the matched factor equals dynamic in a full
-    forward), StreamingLLM's Lambda mask, LM-Infinite and Self-Extend;
-    passkey (chat template) at 4096 and 16384, depths 0 / 0.5 / 1, one key
-    per cell, the model and Self-Extend, plus greedy decoding at 4096.
-    Measured: 4136 s (68.9 min) wall on the 2-core CPU shared with three
-    other jobs (load average 4-14), before the xla_chunked speed-up
-    (BENCHMARKS.md: the model's 8k forward 0.75x); passkey 2040 s of it.
-    Idle, with the faster attention, 15-25 minutes is an estimate. Numbers
-    in the README section "The long-context study on SmolLM2".
+    window scores all its 16384 tokens); Python source only; YaRN (matched),
+    LM-Infinite, Self-Extend and STRING (shift 8320, window 128); passkey
+    (chat template) at 4096 and 16384, depth 0.5, one key per cell, the
+    model and Self-Extend, plus greedy decoding at 4096.
+    Measured (commit 1ef52e8, `/usr/bin/time -v`): 27 min 17 s wall, 4.1 GB
+    max RSS, 1381 s of CPU time (user + system), on the 2-core CPU shared
+    with two other engineers' test runs (load average 5-7 most of the run,
+    2-7.5 overall; the job got 84% of one core on average). The 20-minute
+    target holds only on an idle machine, which is an estimate from the
+    CPU time (about 12-15 min with both cores), not a measurement.
+    Numbers in the README section "The long-context study on SmolLM2".
   smoke: seconds, for tests: a tiny model (``model=PATH`` of a GGUF, e.g.
     ``models.gguf.write_random_llama``), 64-token context, lengths 16..128,
     passkey at 384 and 512.
@@ -46,8 +50,11 @@ Arguments (``:key=value,...``):
   train_len: the model's trained context (the unit of the lengths).
 
 Full (no ``quick``): every arm at every length, 32768 scored tokens per
-length, all three corpora; on this CPU that is many hours (a 16384-token
-forward took several minutes here), so run it on a GPU.
+length, all three corpora; not run. CPU estimate from the quick run's
+measured forwards under the same load (a 16384-token forward 140-200 s,
+32768 about 3x that): perplexity about 3 hours (12 arms at 4x and 2x
+dominate), the passkey grid (5 lengths x 5 depths x 2 keys x 3 arms, plus
+greedy) about 8 hours: a GPU job.
 
 Full: passkey at every length, 5 depths, 2 keys per cell, for the model,
 Self-Extend and LM-Infinite (teacher-forced), and greedy with 1 key.
