@@ -49,6 +49,11 @@ transformers 4 ``rope_scaling`` + top-level ``rope_theta`` layout):
 * Missing config keys take the transformers config class's default
   (e.g. Mistral's ``num_key_value_heads`` is 8, its ``sliding_window`` 4096).
 
+gpt-oss: ``load_hf`` refuses it (its mixture-of-experts MLP); its attention
+layers import with ``attention_from_hf(config, tensors, layer)`` (learned
+sinks, the 128-key window on alternate layers, YaRN, q/k/v/o biases), equal
+to transformers' GptOssAttention.
+
 Anything the model here cannot express raises ``ValueError`` naming it:
 another ``model_type``, ``hidden_act`` other than silu, Llama's
 ``mlp_bias``, ``partial_rotary_factor`` != 1 outside Phi-3, quantized
@@ -92,13 +97,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from extrapolax.attention import layer as attn_layer
+
 from .config import ModelConfig
 from .hf_config import (KEEP, SUPPORTED_MODEL_TYPES, _DEFAULTS, _GEMMA,
-                        config_from_hf)
+                        config_from_hf, gpt_oss_attention)
 from .transformer import DecoderLM
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "KEEP", "build_model", "config_from_hf",
-           "load_hf", "weight_map"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "KEEP", "attention_from_hf",
+           "build_model", "config_from_hf", "load_hf", "weight_map"]
 
 # Non-persistent buffers some older checkpoints still carry; recomputed here.
 _IGNORED_TENSOR = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -315,6 +322,70 @@ def _gemma_adjust(config: ModelConfig, query_pre_attn_scalar):
       w = w * q_scale
     return w
   return adjust
+
+
+def attention_from_hf(hf_config: Mapping, tensors: Mapping[str, np.ndarray],
+                      layer: int, *, rope_scaling=KEEP,
+                      implementation: Optional[str] = None
+                      ) -> attn_layer.Attention:
+  """One gpt-oss attention layer as the library's nnx ``Attention`` (float32).
+
+  gpt-oss's mixture-of-experts MLP has no counterpart here (``load_hf``
+  refuses the model); its attention does: learned sinks, a 128-key window
+  on alternate layers, YaRN, biases (``hf_config.gpt_oss_attention``).
+
+  Args:
+    hf_config: the parsed config.json (model_type "gpt_oss").
+    tensors: transformers' tensors by name; those under
+      ``model.layers.{layer}.self_attn.`` are read (q/k/v/o weights and
+      biases, ``sinks``), others ignored.
+    layer: the layer index (its window comes from ``layer_types``).
+    rope_scaling, implementation: as ``load_hf``'s.
+
+  Returns:
+    ``Attention``: ``module(x, positions=...)`` gives the layer's output
+    (o_proj included), as transformers' GptOssAttention.
+  """
+  dims, specs = gpt_oss_attention(hf_config, rope_scaling=rope_scaling)
+  if isinstance(layer, bool) or not isinstance(layer, int) or not (
+      0 <= layer < len(specs)):
+    raise ValueError(f"layer must be an int in [0, {len(specs)}), got "
+                     f"{layer!r}")
+  spec = specs[layer]
+  d, n, k, h = (dims["d_model"], dims["num_heads"], dims["num_kv_heads"],
+                dims["head_dim"])
+  module = attn_layer.Attention(
+      d, n, num_kv_heads=k, head_dim=h, position=spec.to_position(),
+      mask=spec.to_mask(), implementation=implementation, sink_logits=True,
+      qkv_bias=dims["bias"], out_bias=dims["bias"], rngs=nnx.Rngs(0))
+  prefix = f"model.layers.{layer}.self_attn."
+  want = {"q_proj.weight": (n * h, d), "k_proj.weight": (k * h, d),
+          "v_proj.weight": (k * h, d), "o_proj.weight": (d, n * h),
+          "sinks": (n,)}
+  if dims["bias"]:
+    want.update({"q_proj.bias": (n * h,), "k_proj.bias": (k * h,),
+                 "v_proj.bias": (k * h,), "o_proj.bias": (d,)})
+  got = {}
+  for name, shape in want.items():
+    if prefix + name not in tensors:
+      raise ValueError(f"tensors lack {prefix + name!r}")
+    w = np.asarray(tensors[prefix + name], np.float32)
+    if w.shape != shape:
+      raise ValueError(f"tensor {prefix + name!r} has shape {w.shape}, "
+                       f"expected {shape} from config.json")
+    got[name] = w
+  for name, m in (("q", n), ("k", k), ("v", k)):
+    proj = getattr(module, f"{name}_proj")
+    proj.kernel[...] = jnp.asarray(
+        got[f"{name}_proj.weight"].reshape(m, h, d).transpose(2, 0, 1))
+    if dims["bias"]:
+      proj.bias[...] = jnp.asarray(got[f"{name}_proj.bias"].reshape(m, h))
+  module.o_proj.kernel[...] = jnp.asarray(
+      got["o_proj.weight"].reshape(d, n, h).transpose(1, 2, 0))
+  if dims["bias"]:
+    module.o_proj.bias[...] = jnp.asarray(got["o_proj.bias"])
+  module.sinks[...] = jnp.asarray(got["sinks"])
+  return module
 
 
 def load_hf(path, *, rope_scaling=KEEP, dtype: str = "float32",

@@ -319,6 +319,11 @@ def config_from_hf(hf_config: Mapping[str, Any], *,
   if not isinstance(hf_config, Mapping):
     raise ValueError(f"hf_config must be a dict, got {type(hf_config)}")
   model_type = hf_config.get("model_type")
+  if model_type == "gpt_oss":
+    raise ValueError(
+        "model_type 'gpt_oss': its mixture-of-experts MLP is not supported "
+        "(the model here has one dense MLP); hf.attention_from_hf imports its "
+        "attention layers (learned sinks, local/global, YaRN)")
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise ValueError(f"unsupported model_type {model_type!r}; load_hf reads "
                      f"{SUPPORTED_MODEL_TYPES}")
@@ -430,3 +435,67 @@ def config_from_hf(hf_config: Mapping[str, Any], *,
                      f"a valid model: {e}") from e
 
 
+
+
+# gpt-oss: the attention half (its MoE MLP is refused by config_from_hf).
+_GPT_OSS = dict(
+    hidden_size=2880, num_hidden_layers=36, head_dim=64,
+    num_attention_heads=64, num_key_value_heads=8, sliding_window=128,
+    max_position_embeddings=131072, attention_bias=True, layer_types=None)
+_GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                 "beta_slow": 1.0, "truncate": False,
+                 "original_max_position_embeddings": 4096,
+                 "rope_theta": 150000.0}
+
+
+def gpt_oss_attention(hf_config: Mapping[str, Any], *, rope_scaling=KEEP
+                      ) -> tuple[dict, tuple[AttentionSpec, ...]]:
+  """gpt-oss's attention layers from its config.json (GptOssConfig's
+  defaults for missing keys): ``(dims, specs)`` with dims ``d_model,
+  num_heads, num_kv_heads, head_dim, bias`` and one AttentionSpec per layer:
+  RoPE (YaRN x32 over 4096 by default, half-split, base 150000), learned
+  sinks (``sink_logits=True``), a 128-key sliding window on the layers
+  ``layer_types`` marks (default: local first, alternating), q/k/v/o biases
+  (``attention_bias``), logit scale ``head_dim ** -0.5``."""
+  if not isinstance(hf_config, Mapping) or hf_config.get(
+      "model_type") != "gpt_oss":
+    raise ValueError("gpt_oss_attention reads a gpt_oss config.json, got "
+                     f"model_type {dict(hf_config).get('model_type')!r}")
+  hf = {k: hf_config.get(k, v) for k, v in _GPT_OSS.items()}
+  d_model = _int("hidden_size", hf["hidden_size"])
+  num_heads = _int("num_attention_heads", hf["num_attention_heads"])
+  kv_heads = _int("num_key_value_heads", hf["num_key_value_heads"] or
+                  num_heads)
+  head_dim = _int("head_dim", hf["head_dim"] or d_model // num_heads)
+  num_layers = _int("num_hidden_layers", hf["num_hidden_layers"])
+  layer_types = hf["layer_types"] or [
+      "sliding_attention" if (i + 1) % 2 else "full_attention"
+      for i in range(num_layers)]
+  if not isinstance(layer_types, (list, tuple)) or len(layer_types) != (
+      num_layers) or any(t not in _ATTENTION_TYPES for t in layer_types):
+    raise ValueError(f"config.json layer_types must list {num_layers} "
+                     f"entries from {_ATTENTION_TYPES}, got {layer_types!r}")
+  window = hf["sliding_window"]
+  if "sliding_attention" in layer_types:
+    _int("sliding_window", window)
+  config = dict(hf_config)
+  rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or
+              _GPT_OSS_ROPE)
+  if rope.get("rope_theta") is None:   # GptOssConfig.default_theta
+    rope["rope_theta"] = config.get("rope_theta") or 150000.0
+  config.update(rope_parameters=rope, rope_scaling=None, rope_theta=None)
+  theta, scaling, fraction = _rope_settings(config, rope_scaling, "gpt_oss")
+  max_positions = _int("max_position_embeddings",
+                       hf["max_position_embeddings"])
+  specs = tuple(
+      AttentionSpec(position="rope", rope_base=theta, rope_scaling=scaling,
+                    rope_max_position_embeddings=max_positions,
+                    partial_rotary_factor=fraction,
+                    mask=("sliding_window" if t == "sliding_attention"
+                          else "causal"),
+                    window=window if t == "sliding_attention" else None,
+                    sink_logits=True)
+      for t in layer_types)
+  dims = dict(d_model=d_model, num_heads=num_heads, num_kv_heads=kv_heads,
+              head_dim=head_dim, bias=bool(hf["attention_bias"]))
+  return dims, specs

@@ -412,3 +412,47 @@ def test_bfloat16_load(saved):
   tokens = _tokens(T)
   got, want = _our_logits(model, tokens), _hf_logits(reference, tokens)
   assert np.abs(got - want).max() / np.abs(want).max() < 0.05
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_gpt_oss_attention_matches_transformers(layer):
+  """gpt-oss's attention (learned sinks, a window on layer 0, YaRN, biases)
+  against transformers' GptOssAttention on random weights; the whole model
+  is refused (its MoE MLP)."""
+  from transformers.models.gpt_oss import modeling_gpt_oss  # pylint: disable=g-import-not-at-top
+  config = transformers.GptOssConfig(
+      hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, head_dim=16, sliding_window=8,
+      max_position_embeddings=256, num_local_experts=2,
+      intermediate_size=32, vocab_size=100,
+      rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                       "beta_fast": 32.0, "beta_slow": 1.0,
+                       "truncate": False,
+                       "original_max_position_embeddings": 16,
+                       "rope_theta": 150000.0})
+  config._attn_implementation = "eager"  # pylint: disable=protected-access
+  torch.manual_seed(layer)
+  theirs = modeling_gpt_oss.GptOssAttention(config, layer).eval()
+  with torch.no_grad():
+    for p in theirs.parameters():
+      p.copy_(0.3 * torch.randn_like(p))
+    theirs.sinks.copy_(2.0 * torch.randn_like(theirs.sinks))
+  hf_dict = json.loads(config.to_json_string())
+  tensors = {f"model.layers.{layer}.self_attn.{name}": p.detach().numpy()
+             for name, p in theirs.named_parameters()}
+  ours = hf.attention_from_hf(hf_dict, tensors, layer)
+  assert getattr(ours.mask, "window", None) == (8 if layer == 0 else None)
+  t = 24
+  x = np.random.RandomState(layer).normal(size=(2, t, 64)).astype(np.float32)
+  rotary = modeling_gpt_oss.GptOssRotaryEmbedding(config)
+  pos = torch.arange(t)[None].expand(2, t)
+  cos, sin = rotary(torch.tensor(x), pos)
+  i, j = np.arange(t)[:, None], np.arange(t)[None]
+  visible = (j <= i) & ((i - j < 8) if layer == 0 else True)
+  mask = torch.tensor(np.where(visible, 0.0, -np.inf), dtype=torch.float32)
+  with torch.no_grad():
+    want = theirs(torch.tensor(x), (cos, sin), mask[None, None])[0].numpy()
+  got = np.asarray(ours(jnp.asarray(x)))
+  _assert_close(got, want)
+  with pytest.raises(ValueError, match="mixture-of-experts"):
+    hf.config_from_hf(hf_dict)
