@@ -86,7 +86,7 @@ def build(path, pass_, impl, t):
   return jax.jit(jax.grad(lambda *a: attn(*a).sum(), argnums=(0, 1, 2, 3)))
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--lengths", type=int, nargs="+",
                       default=[4096, 8192, 16384])
@@ -100,7 +100,7 @@ def main():
   parser.add_argument("--memory_only", action="store_true")
   parser.add_argument("--out", default=os.path.join(
       ROOT, "benchmarks", "results", "relative_bias_cpu.json"))
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   impl = XlaChunked()
   rows = []
   load_before = os.getloadavg()
@@ -146,6 +146,7 @@ def main():
                    .isoformat(), jax=jax.__version__, load_before=load_before,
                    load_after=load, args=vars(args), rows=rows), fh,
               indent=1)
+  return rows
 
 
 if __name__ == "__main__":
