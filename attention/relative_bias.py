@@ -203,9 +203,13 @@ class FireBias(RelativeBias):
   def tile(self, q_pos, k_pos):
     x = positional._fire_distance(self.c, self.threshold, q_pos, k_pos,
                                   self.eps)                  # [Bp, Tb, Sb]
-    hidden = jax.nn.relu(x[..., None] * _f32(self.w_in)[0] + _f32(self.b_in))
-    out = jnp.einsum("btsf,fn->bnts", hidden, _f32(self.w_out))
-    return out + _f32(self.b_out)[None, :, None, None]
+    # Hidden units first, as plain matmuls ([Hf, 1] x [1, P], then [N, Hf]
+    # x [Hf, P]): their VJPs are matmuls too, about 7x faster on the CPU
+    # than the same maths written pair-major with a broadcast product.
+    hidden = jax.nn.relu(_f32(self.w_in).T @ x.reshape(1, -1)
+                         + _f32(self.b_in)[:, None])            # [Hf, P]
+    out = _f32(self.w_out).T @ hidden + _f32(self.b_out)[:, None]  # [N, P]
+    return jnp.swapaxes(out.reshape((out.shape[0],) + x.shape), 0, 1)
 
 
 _pytree(FireBias, ["w_in", "b_in", "w_out", "b_out", "c", "threshold"],
