@@ -21,6 +21,13 @@ size > 1, ``implementation=None`` tries it first::
 ``context_parallel_attention(q, k, v, mesh=mesh, ...)`` is the explicit form.
 Not served (NotImplementedError; auto falls through): T != S, T not a
 multiple of the axis size, a dense bias over keys (T5, Kerple, FIRE).
+
+Relative biases per tile (``relative_bias``): ``T5BucketBias``,
+``KerpleBias``, ``FireBias`` and ``AlibiBias`` compute the bias of any
+(query position, key position) tile from their learned parameters; passed as
+``dot_product_attention(..., position_bias=...)``, xla_chunked evaluates
+them per block (forward and backward, parameter gradients included: memory
+linear in length) and the other implementations get them materialised.
 """
 
 from . import masks
@@ -36,6 +43,9 @@ from .pallas import PallasGpu, PallasTpu
 from . import context_parallel
 from .context_parallel import (ContextParallel, context_parallel_attention,
                                ring_plan, ring_steps)
+from . import relative_bias
+from .relative_bias import (AlibiBias, FireBias, KerpleBias, RelativeBias,
+                            T5BucketBias)
 from . import layer, positional
 from .layer import (Alibi, Attention, Fire, Kerple, LearnedPositionEmbedding,
                     NoPE, Rope, T5Bias)

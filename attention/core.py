@@ -43,6 +43,7 @@ import numpy as np
 
 from extrapolax.common.checks import check_int, check_number
 from . import masks as masks_lib
+from . import relative_bias
 
 Array = jax.Array
 
@@ -55,7 +56,8 @@ class AttentionRequest:
   q_segment_ids [B, T] and kv_segment_ids [B, S] or None; query_positions
   [Bp, T] and key_positions [Bp, S] int32 (Bp in {1, B}), always set;
   alibi_slopes [Ba, N] float32 (Ba in {1, B}) or None; bias 4-D and
-  broadcastable to [B, N, T, S] or None; far_query / far_key shaped like
+  broadcastable to [B, N, T, S] or None; position_bias a
+  ``relative_bias.RelativeBias`` with N heads or None; far_query / far_key shaped like
   query / key or None.
   """
   query: Array
@@ -75,6 +77,7 @@ class AttentionRequest:
   far_key: Optional[Array]
   far_window: Optional[int]
   sink_logits: Optional[Array] = None
+  position_bias: Optional[relative_bias.RelativeBias] = None
 
   @property
   def shape_info(self):
@@ -90,10 +93,14 @@ class Implementation:
   Raise NotImplementedError for a request it cannot serve. An
   implementation that reads ``request.sink_logits`` sets
   ``takes_sink_logits = True``; dispatch refuses sinks to any other (so a
-  new implementation cannot ignore them silently).
+  new implementation cannot ignore them silently). One that evaluates
+  ``request.position_bias`` itself (per tile) sets ``takes_position_bias =
+  True``; every other one is served it materialised into the dense
+  ``request.bias`` (quadratic memory, same values and gradients).
   """
   name: str = "?"
   takes_sink_logits: bool = False
+  takes_position_bias: bool = False
 
   def __call__(self, request: AttentionRequest):
     raise NotImplementedError
@@ -213,7 +220,8 @@ def make_request(query, key, value, *, mask=None, segment_ids=None,
                  alibi_slopes=None, bias=None, scale=None,
                  logits_soft_cap=None, query_positions=None,
                  key_positions=None, far_query=None, far_key=None,
-                 far_window=None, sink_logits=None) -> AttentionRequest:
+                 far_window=None, sink_logits=None,
+                 position_bias=None) -> AttentionRequest:
   """Validates the arguments of ``dot_product_attention``; see there."""
   for name, x in (("query", query), ("key", key), ("value", value)):
     if getattr(x, "ndim", None) != 4:
@@ -331,13 +339,28 @@ def make_request(query, key, value, *, mask=None, segment_ids=None,
     if concrete is not None and not np.all(np.isfinite(concrete)):
       raise ValueError(f"sink_logits must be finite, got {concrete}")
 
+  if position_bias is not None:
+    position_bias = relative_bias.check_position_bias(position_bias, n)
+
   return AttentionRequest(
       query=query, key=key, value=value, mask=mask, q_segment_ids=q_seg,
       kv_segment_ids=kv_seg, query_positions=q_pos, key_positions=k_pos,
       explicit_positions=explicit, alibi_slopes=alibi_slopes, bias=bias,
       scale=float(scale), logits_soft_cap=logits_soft_cap,
       far_query=far_query, far_key=far_key, far_window=far_window,
-      sink_logits=sink_logits)
+      sink_logits=sink_logits, position_bias=position_bias)
+
+
+def with_dense_position_bias(request: AttentionRequest) -> AttentionRequest:
+  """``request`` with its ``position_bias`` materialised into ``bias``
+  ([Bp, N, T, S] float32, added to a given bias); unchanged without one."""
+  pb = request.position_bias
+  if pb is None:
+    return request
+  dense = pb.tile(request.query_positions, request.key_positions)
+  bias = dense if request.bias is None else (
+      request.bias.astype(jnp.float32) + dense)
+  return dataclasses.replace(request, bias=bias, position_bias=None)
 
 
 # The mesh axis that context-parallel attention splits the sequence over.
@@ -375,7 +398,11 @@ def _auto_candidates(request: AttentionRequest) -> Sequence[str]:
 
 def serve(impl: Implementation, request: AttentionRequest):
   """``impl(request)``, refusing sink_logits to an implementation that does
-  not declare ``takes_sink_logits`` (NotImplementedError, one line)."""
+  not declare ``takes_sink_logits`` (NotImplementedError, one line), and
+  materialising a ``position_bias`` for one that does not declare
+  ``takes_position_bias``."""
+  if request.position_bias is not None and not impl.takes_position_bias:
+    request = with_dense_position_bias(request)
   if request.sink_logits is not None and not impl.takes_sink_logits:
     raise NotImplementedError(f"{impl.name} does not take sink_logits "
                               "(xla, xla_chunked, pallas_gpu, pallas_tpu and "
@@ -393,6 +420,7 @@ class Auto(Implementation):
   exclude: tuple[str, ...] = ()
   name = "auto"
   takes_sink_logits = True     # each candidate is checked by serve()
+  takes_position_bias = True
 
   def __call__(self, request: AttentionRequest):
     errors = []
@@ -423,6 +451,7 @@ def dot_product_attention(
     far_key: Optional[Array] = None,
     far_window: Optional[int] = None,
     sink_logits: Optional[Array] = None,
+    position_bias: Optional[relative_bias.RelativeBias] = None,
 ) -> Any:
   """Scaled dot-product attention with masks, ALiBi and relative biases.
 
@@ -438,6 +467,12 @@ def dot_product_attention(
       a query sees only keys with its own id.
     alibi_slopes: float [N] or [B, N]; adds ``-slope * |i - j|``.
     bias: float, broadcastable to [B, N, T, S]; added to the logits.
+    position_bias: a ``relative_bias.RelativeBias`` (T5BucketBias,
+      KerpleBias, FireBias, AlibiBias) with N heads: a bias computed from
+      (head, query position, key position) and learned parameters, added
+      like ``bias`` and differentiable in its parameters. "xla_chunked"
+      evaluates it per block (memory linear in length); the others get it
+      materialised as a dense bias.
     scale: logit scale; default 1 / sqrt(H).
     logits_soft_cap: c > 0 applies ``c * tanh(logits / c)`` before biases.
     implementation: None (the ``use_implementation`` block's, else automatic:
@@ -466,7 +501,8 @@ def dot_product_attention(
       alibi_slopes=alibi_slopes, bias=bias, scale=scale,
       logits_soft_cap=logits_soft_cap, query_positions=query_positions,
       key_positions=key_positions, far_query=far_query, far_key=far_key,
-      far_window=far_window, sink_logits=sink_logits)
+      far_window=far_window, sink_logits=sink_logits,
+      position_bias=position_bias)
   if implementation is None:
     impl = current_implementation() or Auto()
   else:

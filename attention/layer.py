@@ -16,8 +16,10 @@ before RoPE, Qwen3 / OLMo 2) and ``sink_logits`` (gpt-oss: a learned
 Absolute encodings are added to token embeddings, not inside attention:
 ``sinusoidal_embedding`` (positional.py) and ``LearnedPositionEmbedding`` here.
 
-Relative biases (T5, Kerple, FIRE) are materialised as a dense [B, N, T, S]
-bias, so their memory is quadratic in length whatever the implementation.
+Relative biases (T5, Kerple, FIRE) reach ``dot_product_attention`` as a
+``position_bias`` (``relative_bias.py``): xla_chunked computes them per block
+(memory linear in length, their parameters' gradients included); the other
+implementations get them materialised as a dense [B, N, T, S] bias.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from extrapolax.common.checks import check_int
 from . import core
 from . import masks as masks_lib
 from . import positional
+from . import relative_bias
 from . import rope as rope_lib
 from . import rope_remaps
 from . import temperature as temperature_lib
@@ -85,8 +88,11 @@ class PositionScheme:
   * ``init_params(layer, ...)``: learned parameters, set on the layer.
   * ``rotate(layer, q, k, q_pos, k_pos)``: q and k changed by position
     (RoPE), plus the far query/key inputs of an inference transform.
-  * ``bias(layer, q_pos, k_pos)`` / ``alibi_slopes(num_heads)``: what is
-    added to the logits.
+  * ``position_bias(layer)`` (a ``relative_bias.RelativeBias`` of the
+    layer's parameters, computed per tile where the implementation can),
+    ``bias(layer, q_pos, k_pos)`` (its dense form, or any dense bias) and
+    ``alibi_slopes(num_heads)``: what is added to the logits. The layer
+    passes ``position_bias`` when a scheme gives one, else ``bias``.
   """
   name: ClassVar[str] = ""
   spec_fields: ClassVar[Mapping[str, str]] = {}
@@ -102,9 +108,15 @@ class PositionScheme:
     del layer, q_positions, k_positions
     return q, k, {}
 
-  def bias(self, layer, q_positions, k_positions):
-    del layer, q_positions, k_positions
+  def position_bias(self, layer):
+    del layer
     return None
+
+  def bias(self, layer, q_positions, k_positions):
+    pb = self.position_bias(layer)
+    if pb is None:
+      return None
+    return pb.dense(q_positions, k_positions)
 
   def alibi_slopes(self, num_heads: int):
     del num_heads
@@ -360,18 +372,23 @@ class T5Bias(PositionScheme):
     layer.t5_table = nnx.Param(nnx.initializers.normal(0.02)(
         rngs.params(), (self.num_buckets, num_heads), param_dtype))
 
-  def bias(self, layer, q_positions, k_positions):
-    return positional.t5_bias(
-        layer.t5_table[...], q_positions, k_positions,
-        bidirectional=self.bidirectional, num_buckets=self.num_buckets,
+  def position_bias(self, layer):
+    return relative_bias.T5BucketBias(
+        layer.t5_table[...], bidirectional=self.bidirectional,
         max_distance=self.max_distance)
 
 
 @register_position
 @dataclasses.dataclass(frozen=True)
 class Kerple(PositionScheme):
-  """Kerple (log): ``-r1_h * log(1 + r2_h * |i - j|)``, r1, r2 learned > 0."""
+  """Kerple: ``-r1_h * log(1 + r2_h * |i - j|)`` (variant "log") or
+  ``-r1_h * |i - j| ** r2_h`` ("power", r2 capped at 2 as the paper's
+  constraint 0 < r2 <= 2); r1, r2 learned > 0 (softplus)."""
   name: ClassVar[str] = "kerple"
+  variant: str = "log"
+
+  def __post_init__(self):
+    checks.check_choice("variant", self.variant, relative_bias.KERPLE_VARIANTS)
 
   def init_params(self, layer, *, num_heads, rngs, param_dtype):
     del rngs
@@ -379,9 +396,10 @@ class Kerple(PositionScheme):
     layer.kerple_raw = nnx.Param(jnp.full((2, num_heads), 0.5413,
                                           param_dtype))
 
-  def bias(self, layer, q_positions, k_positions):
+  def position_bias(self, layer):
     r = jax.nn.softplus(layer.kerple_raw[...])
-    return positional.kerple_log_bias(r[0], r[1], q_positions, k_positions)
+    r2 = r[1] if self.variant == "log" else jnp.minimum(r[1], 2.0)
+    return relative_bias.KerpleBias(r[0], r2, variant=self.variant)
 
 
 @register_position
@@ -401,11 +419,12 @@ class Fire(PositionScheme):
     layer.fire_threshold = nnx.Param(
         jnp.asarray(self.init_threshold, param_dtype))
 
-  def bias(self, layer, q_positions, k_positions):
-    mlp = lambda d: layer.fire_out(jax.nn.relu(layer.fire_in(d)))
-    return positional.fire_bias(
-        mlp, jnp.abs(layer.fire_c[...]), jnp.abs(layer.fire_threshold[...]),
-        q_positions, k_positions)
+  def position_bias(self, layer):
+    # FireBias uses |c| and |threshold|, as positional.fire_bias.
+    return relative_bias.FireBias(
+        layer.fire_in.kernel[...], layer.fire_in.bias[...],
+        layer.fire_out.kernel[...], layer.fire_out.bias[...],
+        layer.fire_c[...], layer.fire_threshold[...])
 
 
 class LearnedPositionEmbedding(nnx.Module):
@@ -559,10 +578,17 @@ class Attention(nnx.Module):
     # The implementation chosen at call time (core.use_implementation) wins
     # over the one this layer was built with.
     implementation = core.current_implementation() or self.implementation
+    # A position_bias is evaluated per tile where the implementation can
+    # (xla_chunked), else materialised by dispatch; it is computed from
+    # the call's positions, which equal q_positions / k_positions (the
+    # default alignment is only used when they coincide).
+    pos_bias = p.position_bias(self)
     return core.dot_product_attention(
         q, k, v, mask=self.mask, segment_ids=segment_ids,
         alibi_slopes=p.alibi_slopes(self.num_heads),
-        bias=p.bias(self, q_positions, k_positions),
+        bias=None if pos_bias is not None else p.bias(
+            self, q_positions, k_positions),
+        position_bias=pos_bias,
         logits_soft_cap=self.logits_soft_cap,
         implementation=implementation,
         query_positions=q_positions if explicit else None,

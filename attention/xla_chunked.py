@@ -24,7 +24,12 @@ P^T.dO, dS^T.Q and K^T.dS^T for dQ^T, none contracting the leading axis of
 both operands, which XLA's CPU dot runs about 3x slower).
 
 A dense ``bias`` is read block by block (its own memory is the caller's), and
-gets a gradient like every other float input. ``sink_logits`` join the
+gets a gradient like every other float input. A ``position_bias``
+(``relative_bias.RelativeBias``: T5 buckets, Kerple, FIRE, ALiBi) is
+computed on each visited block from the block's positions, in the forward
+and again in the backward, where the VJP of that per-block computation
+gives its parameters' cotangent, summed over blocks in a carry of the
+parameters' size: T5, Kerple and FIRE run memory-linear. ``sink_logits`` join the
 softmax denominator at the final normalisation (the log-sum-exp the backward
 reads includes them) and get their gradient from the rows' delta.
 """
@@ -149,7 +154,8 @@ class _Layout:
   """Inputs padded and laid out in blocks, plus per-block helpers."""
 
   def __init__(self, st: _Static, q, k, v, q_pos, k_pos, q_seg, kv_seg,
-               slopes, bias, far_q, far_k, *, forward: bool = False):
+               slopes, bias, far_q, far_k, pos_bias=None, *,
+               forward: bool = False):
     bq, bk = st.block_q, st.block_k
     nq, nk = st.num_blocks
     tp, sp = nq * bq, nk * bk
@@ -192,8 +198,10 @@ class _Layout:
       if self.bias_full_s:
         bias = _pad_axis(bias, 4, sp)
       self.bias = bias
+    self.pos_bias = pos_bias
     call = st.call
     # Only the elementwise terms need finish_logits (and its VJP).
+    # (The position bias is added apart, see pos_tile.)
     self.plain = (far_q is None and call.soft_cap is None and slopes is None
                   and bias is None)
     if st.full_pairs is None:
@@ -255,6 +263,17 @@ class _Layout:
         s, s_far, self.q_pos[i], self.k_pos[j], soft_cap=call.soft_cap,
         slopes=slopes, bias=bias_blk, far_window=call.far_window)
 
+  def pos_tile(self, i, j, pos_bias, key_major=False):
+    """The position bias of block (i, j), float32 [Bp, K, G, bq, bk] (or
+    key-major [Bp, K, bk, G * bq], the backward's layout: the transpose
+    fuses into the bias's own elementwise computation). It is added after
+    the other elementwise terms (all of them additive after the soft
+    cap), so it needs no VJP of theirs."""
+    tile = pos_bias.tile(self.q_pos[i], self.k_pos[j])     # [Bp, N, bq, bk]
+    tile = tile.reshape((tile.shape[0], self.kv_heads, self.groups)
+                        + tile.shape[2:])
+    return self.to_kq(tile) if key_major else tile
+
   def visible(self, i, j):
     return xla_lib.block_visible(
         self.st.call.mask, self.q_pos[i], self.k_pos[j],
@@ -315,15 +334,17 @@ def _logits(lay, i, j, use_mask):
         _get(lay.far_q, i), _get(lay.far_k, j))
     s, vjp = jax.vjp(lay.finish(i, j), s, s_far, lay.slopes,
                      lay.bias_block(i, j))
+  if lay.pos_bias is not None:
+    s = s + lay.pos_tile(i, j, lay.pos_bias)
   if use_mask:
     s = jnp.where(lay.visible(i, j), s, -jnp.inf)
   return s, vjp
 
 
 def _forward(st: _Static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias,
-             far_q, far_k, sinks):
+             far_q, far_k, sinks, pos_bias):
   lay = _Layout(st, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias,
-                far_q, far_k, forward=True)
+                far_q, far_k, pos_bias, forward=True)
   b, kh, g, bq, hv = lay.b, lay.kv_heads, lay.groups, st.block_q, v.shape[-1]
 
   def body(i, j, use_mask, carry):
@@ -367,10 +388,10 @@ def _forward(st: _Static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias,
 
 def _backward(st: _Static, res, cotangents):
   (q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias, far_q, far_k, sinks,
-   out, lse) = res
+   pos_bias, out, lse) = res
   d_out, d_lse = cotangents
   lay = _Layout(st, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias,
-                far_q, far_k)
+                far_q, far_k, pos_bias)
   b, kh, g, bq = lay.b, lay.kv_heads, lay.groups, st.block_q
   do = _q_blocks(d_out, kh, bq, lay.tp)          # [nq, B, K, G * bq, Hv]
   o = _q_blocks(out, kh, bq, lay.tp)
@@ -398,7 +419,7 @@ def _backward(st: _Static, res, cotangents):
   fk_t = None if far_k is None else jnp.swapaxes(lay.far_k, -1, -2)
 
   def body(i, j, use_mask, carry):
-    dq_t, dk, dv, dfq_t, dfk, dsl, dbias = carry
+    dq_t, dk, dv, dfq_t, dfk, dsl, dbias, dpb = carry
     q_i, k_j, v_j, do_i = (_get(lay.q, i), _get(lay.k, j), _get(lay.v, j),
                            _get(do, i))
     s_t = mm("bksh,bkqh->bksq", k_j, q_i)
@@ -409,6 +430,11 @@ def _backward(st: _Static, res, cotangents):
       s, vjp = jax.vjp(lay.finish(i, j), lay.to_qk(s_t), s_far, lay.slopes,
                        lay.bias_block(i, j))
       s_t = lay.to_kq(s)
+    pb_vjp = None
+    if lay.pos_bias is not None:
+      tile_t, pb_vjp = jax.vjp(
+          lambda pb: lay.pos_tile(i, j, pb, key_major=True), lay.pos_bias)
+      s_t = s_t + tile_t
     if use_mask:
       shape = s_t.shape
       s_t = jnp.where(lay.visible_t(i, j), s_t.reshape(shape[:3] + (g, bq)),
@@ -416,7 +442,11 @@ def _backward(st: _Static, res, cotangents):
     p_t = jnp.exp(s_t - row(lse_safe, i))
     dv = _add(dv, j, mm("bksq,bkqh->bksh", p_t.astype(do.dtype), do_i))
     ds_t = p_t * (mm("bksh,bkqh->bksq", v_j, do_i) - row(delta, i))
-    ds_far = gsl = gbias = None
+    ds_far = gsl = gbias = gpb = None
+    if pb_vjp is not None:
+      # Summed over the batch where the positions are shared (Bp = 1).
+      (gpb,) = pb_vjp(ds_t if q_pos.shape[0] == b else ds_t.sum(
+          0, keepdims=True))
     if vjp is not None:
       ds, ds_far, gsl, gbias = vjp(lay.to_qk(ds_t))
       ds_t = lay.to_kq(ds)
@@ -432,14 +462,17 @@ def _backward(st: _Static, res, cotangents):
       dsl = dsl + gsl
     if gbias is not None:
       dbias = lay.bias_add(dbias, gbias.astype(jnp.float32), i, j)
-    return dq_t, dk, dv, dfq_t, dfk, dsl, dbias
+    if gpb is not None:
+      dpb = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), dpb, gpb)
+    return dq_t, dk, dv, dfq_t, dfk, dsl, dbias, dpb
 
   zeros = lambda x: None if x is None else jnp.zeros(x.shape, jnp.float32)
   zeros_t = lambda x: None if x is None else jnp.zeros(
       x.shape[:3] + x.shape[:2:-1], jnp.float32)
   init = (zeros_t(lay.q), zeros(lay.k), zeros(lay.v), zeros_t(lay.far_q),
-          zeros(lay.far_k), zeros(lay.slopes), zeros(lay.bias))
-  dq_t, dk, dv, dfq_t, dfk, dsl, dbias = lay.visit(body, init)
+          zeros(lay.far_k), zeros(lay.slopes), zeros(lay.bias),
+          jax.tree.map(zeros, pos_bias))
+  dq_t, dk, dv, dfq_t, dfk, dsl, dbias, dpb = lay.visit(body, init)
   scale = st.call.scale
 
   def unq(x_t, like):   # dS . k is d(scale * q): times scale for dq.
@@ -455,10 +488,12 @@ def _backward(st: _Static, res, cotangents):
     dbias = dbias[..., :bias.shape[2], :bias.shape[3]]
     d_bias = dbias.reshape(bias.shape).astype(bias.dtype)
   d_slopes = None if slopes is None else dsl.reshape(slopes.shape)
+  d_pos_bias = None if pos_bias is None else jax.tree.map(
+      lambda g, x: g.astype(x.dtype), dpb, pos_bias)
   return (unq(dq_t, q), unk(dk, k), unk(dv, v), None, None, None, None,
           d_slopes, d_bias, None if far_q is None else unq(dfq_t, far_q),
           None if far_k is None else unk(dfk, far_k),
-          _sink_grad(sinks, out, lse, d_out, d_lse))
+          _sink_grad(sinks, out, lse, d_out, d_lse), d_pos_bias)
 
 
 def _sink_grad(sinks, out, lse, d_out, d_lse):
@@ -479,9 +514,9 @@ def _sink_grad(sinks, out, lse, d_out, d_lse):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _chunked(st, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias, far_q,
-             far_k, sinks):
+             far_k, sinks, pos_bias):
   return _forward(st, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias,
-                  far_q, far_k, sinks)
+                  far_q, far_k, sinks, pos_bias)
 
 
 def _chunked_fwd(st, *args):
@@ -508,6 +543,7 @@ class XlaChunked(core.Implementation):
   schedule: str = "auto"
   name = "xla_chunked"
   takes_sink_logits = True
+  takes_position_bias = True
 
   def __post_init__(self):
     check_optional_int("block_q", self.block_q, 1)
@@ -534,7 +570,8 @@ class XlaChunked(core.Implementation):
                     request.query_positions, request.key_positions,
                     request.q_segment_ids, request.kv_segment_ids,
                     request.alibi_slopes, request.bias, request.far_query,
-                    request.far_key, request.sink_logits)
+                    request.far_key, request.sink_logits,
+                    request.position_bias)
 
 
 core.register_implementation("xla_chunked", XlaChunked)
