@@ -93,6 +93,10 @@ def get_config(arg=None):
   config.train.checkpoint_every = 100
   config.variants = "nope,sinusoidal,learned,rope,alibi,t5"
   # The training seeds of every variant; (): one run with train.seed.
+  if isinstance(arg.seeds, bool) or not isinstance(arg.seeds, int) or (
+      arg.seeds < 0):
+    raise ValueError(f"seeds={arg.seeds!r}: a count >= 1 of seeds (seeds=3 "
+                     "runs seed, seed + 1, seed + 2), or 0 for one run")
   config.seeds = tuple(range(arg.seed, arg.seed + arg.seeds))
   # True: evaluate the zoo's shipped tiny presets (the same models, trained
   # with this recipe) instead of training them.

@@ -279,6 +279,8 @@ def test_bad_seeds_are_named(value, message):
 def test_seeds_count_and_zoo_refusal():
   config = configs.get_config("extrapolation.py:quick,seed=3,seeds=2")
   assert tuple(config.seeds) == (3, 4)
+  with pytest.raises(ValueError, match="seeds=-1: a count"):
+    configs.get_config("extrapolation.py:quick,seeds=-1")
   with config.ignore_type():   # an int count in a config file
     config.seeds = 3
   assert seeds.study_seeds(config) == (3, 4, 5)
