@@ -231,6 +231,14 @@ def _gemma3_rope(hf: Mapping[str, Any], rope_scaling) -> dict:
                                           "gemma3_text")}
 
 
+def _check_layer_types(layer_types, num_layers: int) -> None:
+  if not isinstance(layer_types, (list, tuple)) or len(layer_types) != (
+      num_layers) or any(t not in _ATTENTION_TYPES for t in layer_types):
+    raise ValueError(
+        f"config.json layer_types must list {num_layers} entries from "
+        f"{_ATTENTION_TYPES}, got {layer_types!r}")
+
+
 def _layer_masks(hf: Mapping[str, Any], model_type: str,
                  num_layers: int) -> list[Optional[int]]:
   """Per layer: the sliding window, or None for full causal attention."""
@@ -246,11 +254,7 @@ def _layer_masks(hf: Mapping[str, Any], model_type: str,
     layer_types = hf["layer_types"] or [
         "sliding_attention" if (i + 1) % pattern else "full_attention"
         for i in range(num_layers)]
-    if not isinstance(layer_types, (list, tuple)) or len(layer_types) != (
-        num_layers) or any(t not in _ATTENTION_TYPES for t in layer_types):
-      raise ValueError(
-          f"config.json layer_types must list {num_layers} entries from "
-          f"{_ATTENTION_TYPES}, got {layer_types!r}")
+    _check_layer_types(layer_types, num_layers)
     if "sliding_attention" in layer_types:
       _int("sliding_window", window)
     return [window if t == "sliding_attention" else None for t in layer_types]
@@ -281,11 +285,7 @@ def _layer_masks(hf: Mapping[str, Any], model_type: str,
     layer_types = [
         "sliding_attention" if window is not None and i >= max_window_layers
         else "full_attention" for i in range(num_layers)]
-  if not isinstance(layer_types, (list, tuple)) or len(layer_types) != (
-      num_layers) or any(t not in _ATTENTION_TYPES for t in layer_types):
-    raise ValueError(
-        f"config.json layer_types must list {num_layers} entries from "
-        f"{_ATTENTION_TYPES}, got {layer_types!r}")
+  _check_layer_types(layer_types, num_layers)
   if "sliding_attention" in layer_types:
     if window is None:
       raise ValueError(
@@ -471,10 +471,7 @@ def gpt_oss_attention(hf_config: Mapping[str, Any], *, rope_scaling=KEEP
   layer_types = hf["layer_types"] or [
       "sliding_attention" if (i + 1) % 2 else "full_attention"
       for i in range(num_layers)]
-  if not isinstance(layer_types, (list, tuple)) or len(layer_types) != (
-      num_layers) or any(t not in _ATTENTION_TYPES for t in layer_types):
-    raise ValueError(f"config.json layer_types must list {num_layers} "
-                     f"entries from {_ATTENTION_TYPES}, got {layer_types!r}")
+  _check_layer_types(layer_types, num_layers)
   window = hf["sliding_window"]
   if "sliding_attention" in layer_types:
     _int("sliding_window", window)

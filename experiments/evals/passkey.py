@@ -66,13 +66,9 @@ def _tokenizer_setting(settings: dict, study) -> str:
   return name
 
 
-def _validate(settings: dict, study) -> Optional[dict]:
-  from extrapolax.experiments.evaluators import mask_sweep  # pylint: disable=import-outside-toplevel
-  settings = length.known_settings(settings, HELP)
-  lengths = evals.split_numbers(settings.get("lengths", ()))
-  if not lengths:
-    return None
-  length.check_positive("lengths", lengths, integer=True)
+def depths_and_trials(settings: dict) -> tuple:
+  """The ``depths`` (fractions in [0, 1], default 0 / 0.5 / 1) and ``trials``
+  (an int >= 1, default 4) settings of a retrieval evaluator."""
   depths = evals.split_numbers(settings.get("depths", (0.0, 0.5, 1.0)))
   try:
     ok = bool(depths) and all(0.0 <= float(d) <= 1.0 for d in depths)
@@ -82,6 +78,17 @@ def _validate(settings: dict, study) -> Optional[dict]:
     raise ValueError(f"depths={depths!r} must be fractions in [0, 1]")
   trials = settings.get("trials", 4)
   length.check_positive("trials", (trials,), integer=True)
+  return depths, trials
+
+
+def _validate(settings: dict, study) -> Optional[dict]:
+  from extrapolax.experiments.evaluators import mask_sweep  # pylint: disable=import-outside-toplevel
+  settings = length.known_settings(settings, HELP)
+  lengths = evals.split_numbers(settings.get("lengths", ()))
+  if not lengths:
+    return None
+  length.check_positive("lengths", lengths, integer=True)
+  depths, trials = depths_and_trials(settings)
   decode = checks.check_choice("decode",
                                settings.get("decode", "teacher_forced"),
                                DECODES)

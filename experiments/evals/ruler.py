@@ -82,15 +82,7 @@ def _validate(settings: dict, study) -> Optional[dict]:
   bad = [t for t in tasks if t not in TASKS]
   if bad:
     raise ValueError(f"tasks={settings.get('tasks')!r}: {bad} not in {TASKS}")
-  depths = evals.split_numbers(settings.get("depths", (0.0, 0.5, 1.0)))
-  try:
-    ok = bool(depths) and all(0.0 <= float(d) <= 1.0 for d in depths)
-  except ValueError:
-    ok = False
-  if not ok:
-    raise ValueError(f"depths={depths!r} must be fractions in [0, 1]")
-  trials = settings.get("trials", 4)
-  length.check_positive("trials", (trials,), integer=True)
+  depths, trials = passkey.depths_and_trials(settings)
   seed = checks.check_int("seed", settings.get("seed", 0), 0)
   task_params = {}
   for name, task in SIZES.items():
