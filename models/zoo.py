@@ -16,8 +16,9 @@ The tiny presets ship trained (``zoo_cards``: the package's
 ``models/pretrained/<name>/``, built by ``python -m
 extrapolax.experiments.zoo_build --all``); the small ones are built on demand
 with the same command. The hybrids of released models (``irope``: Llama 4,
-``gemma3``, ``qk-norm``: Qwen3 / OLMo 2) and the position / softmax methods
-of 2024-25 papers (``harpe``, ``p-rope``, ``ssmax``, ``head-scale``) ship
+``gemma3``, ``qk-norm``: Qwen3 / OLMo 2, ``rope-sinks``: gpt-oss's learned
+sinks) and the position / softmax methods of 2024-25 papers (``harpe``,
+``p-rope``, ``ssmax``, ``head-scale``) ship
 without weights in either size (``Info.shipped`` False; their card names
 the build command). A family's layer pattern repeats whole: its layer count
 is the size's, rounded up to a multiple of the pattern's length (irope-tiny

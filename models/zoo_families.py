@@ -135,6 +135,10 @@ FAMILIES: dict[str, Family] = {
         "base 10000) then 1 global layer (base 1e6), QK-norm", _gemma3,
         mask=lambda n: f"sliding_window({max(n // 4, 1)})+causal",
         shipped=False),
+    "rope-sinks": Family(
+        "rope", "RoPE with gpt-oss learned attention sinks (one logit per "
+        "query head in the softmax denominator, no value)",
+        lambda _: (AttentionSpec(sink_logits=True),), shipped=False),
     "qk-norm": Family(
         "rope", "RoPE with QK-norm (Qwen3 / OLMo 2: RMSNorm on each head's "
         "q and k before RoPE)", lambda _: (AttentionSpec(qk_norm=True),),

@@ -7,8 +7,9 @@ from extrapolax.experiments.evaluators import mask_sweep, variants
 from extrapolax.models import AttentionSpec, ModelConfig, zoo
 
 
-@pytest.mark.parametrize("family", ["irope", "gemma3", "qk-norm", "harpe",
-                                    "p-rope", "ssmax", "head-scale"])
+@pytest.mark.parametrize("family", ["irope", "gemma3", "qk-norm",
+                                    "rope-sinks", "harpe", "p-rope", "ssmax",
+                                    "head-scale"])
 def test_a_zoo_family_is_a_study_variant(family):
   config = configs.get_config("extrapolation.py")
   config.variants = f"rope,{family}"

@@ -3,18 +3,17 @@ methods: each builds with its per-layer pattern, trains a step, and decodes
 with the KV cache exactly like the full forward."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
 from extrapolax.attention import masks
-from extrapolax.models import zoo
+from extrapolax.models import AttentionSpec, zoo
 from extrapolax.models.generate import CachePolicy, generate
 
-NEW = ("irope", "gemma3", "qk-norm", "harpe", "p-rope", "ssmax",
-       "head-scale")
+NEW = ("irope", "gemma3", "qk-norm", "rope-sinks", "harpe", "p-rope",
+       "ssmax", "head-scale")
 
 
 def test_patterns_follow_the_released_models():
@@ -33,6 +32,11 @@ def test_patterns_follow_the_released_models():
   assert bases == [1e4] * 5 + [1e6] and windows == [16] * 5 + [None]
   assert all(gemma.layer_spec(i).qk_norm for i in range(6))
   assert zoo.config("qk-norm-tiny").attention[0].qk_norm
+  sinks = zoo.config("rope-sinks-tiny")
+  assert sinks.num_layers == 2 and sinks.attention == (
+      AttentionSpec(sink_logits=True),)
+  assert [block.attn.sinks.shape for block in zoo.create(
+      "rope-sinks-tiny").blocks] == [(4,), (4,)]   # one logit per query head
   for name in NEW:
     info = zoo.info(f"{name}-tiny")
     assert not info.shipped and not info.card["trained"]
