@@ -246,7 +246,8 @@ def _read_weights(path: str, config: ModelConfig,
     adjust = lambda _, w: w
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
 
-  expected = weight_map(config)
+  unfused = weight_map(config)
+  expected = dict(unfused)
   parts = fused_parts(config) if fused else {}
   d = config.d_model
   for name, pieces in parts.items():   # the fused tensor replaces its parts
@@ -288,7 +289,6 @@ def _read_weights(path: str, config: ModelConfig,
         raise ValueError(
             "tie_word_embeddings is true but tensor 'lm_head.weight' differs "
             "from 'model.embed_tokens.weight'")
-    unfused = weight_map(config)
     out = {}
     for name, (ours, _, layout) in expected.items():
       tensor = handles[where[name]].get_tensor(name)

@@ -175,6 +175,23 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def shrink_for_smoke(train: ml_collections.ConfigDict, *,
+                     model: bool = True) -> None:
+  """A study's ``quick`` training (a smoke test: seconds, not a result): 4
+  steps of batch 4, logged and checkpointed every 2, and with ``model`` the
+  1-layer, d_model-32 model."""
+  train.train_steps = 4
+  train.batch_size = 4
+  train.log_every = 2
+  train.checkpoint_every = 2
+  if model:
+    train.model.d_model = 32
+    train.model.num_layers = 1
+    train.model.num_heads = 2
+    train.model.num_kv_heads = 1
+    train.model.mlp_dim = 64
+
+
 def resolve_config_flag(argv):
   """Rewrites ``--config=PATH[:ARGS]`` whose PATH is missing to the packaged
   config file of the same name (``path``); other arguments pass unchanged.

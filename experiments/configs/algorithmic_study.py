@@ -76,15 +76,7 @@ def get_config(arg=None):
   sizes = sorted({max(task.min_length, round(m * largest))
                   for m in MULTIPLES})
   if arg.quick:
-    config.train.train_steps = 4
-    config.train.batch_size = 4
-    config.train.log_every = 2
-    config.train.checkpoint_every = 2
-    config.train.model.d_model = 32
-    config.train.model.num_layers = 1
-    config.train.model.num_heads = 2
-    config.train.model.num_kv_heads = 1
-    config.train.model.mlp_dim = 64
+    configs.shrink_for_smoke(config.train)
     sizes = sizes[::3]
   if arg.randomized:
     max_position = arg.max_position or 4 * task.max_tokens(max(sizes))

@@ -114,15 +114,7 @@ def get_config(arg=None):
       trials=4, implementation=config_dict.placeholder(str))
   if arg.quick:  # a smoke test: seconds, not a result
     config.train.train_len = 16
-    config.train.train_steps = 4
-    config.train.batch_size = 4
-    config.train.log_every = 2
-    config.train.checkpoint_every = 2
-    config.train.model.d_model = 32
-    config.train.model.num_layers = 1
-    config.train.model.num_heads = 2
-    config.train.model.num_kv_heads = 1
-    config.train.model.mlp_dim = 64
+    configs.shrink_for_smoke(config.train)
     config.variants = "rope,alibi"
     for name in ("length", "rope_scaling", "mask"):
       config.evals[name].multiples = (1, 4)

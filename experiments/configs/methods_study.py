@@ -95,10 +95,7 @@ def get_config(arg=None):
     # The zoo families train at the tiny sizes (a preset's sizes are its
     # own), so only the length, the steps and the evaluations shrink.
     config.train.train_len = 16
-    config.train.train_steps = 4
-    config.train.batch_size = 4
-    config.train.log_every = 2
-    config.train.checkpoint_every = 2
+    configs.shrink_for_smoke(config.train, model=False)
     for entry in (config.evals.length, config.evals.mask):
       entry.multiples = (1, 2)
       entry.max_tokens = 256

@@ -66,9 +66,15 @@ def _tokenizer_setting(settings: dict, study) -> str:
   return name
 
 
-def depths_and_trials(settings: dict) -> tuple:
-  """The ``depths`` (fractions in [0, 1], default 0 / 0.5 / 1) and ``trials``
-  (an int >= 1, default 4) settings of a retrieval evaluator."""
+def retrieval_grid(settings: dict) -> Optional[tuple]:
+  """A retrieval evaluator's ``(lengths, depths, trials)``, or None when
+  ``lengths`` is empty (the evaluation is skipped): lengths ints >= 1,
+  depths fractions in [0, 1] (default 0 / 0.5 / 1), trials an int >= 1
+  (default 4)."""
+  lengths = evals.split_numbers(settings.get("lengths", ()))
+  if not lengths:
+    return None
+  length.check_positive("lengths", lengths, integer=True)
   depths = evals.split_numbers(settings.get("depths", (0.0, 0.5, 1.0)))
   try:
     ok = bool(depths) and all(0.0 <= float(d) <= 1.0 for d in depths)
@@ -78,17 +84,16 @@ def depths_and_trials(settings: dict) -> tuple:
     raise ValueError(f"depths={depths!r} must be fractions in [0, 1]")
   trials = settings.get("trials", 4)
   length.check_positive("trials", (trials,), integer=True)
-  return depths, trials
+  return lengths, depths, trials
 
 
 def _validate(settings: dict, study) -> Optional[dict]:
   from extrapolax.experiments.evaluators import mask_sweep  # pylint: disable=import-outside-toplevel
   settings = length.known_settings(settings, HELP)
-  lengths = evals.split_numbers(settings.get("lengths", ()))
-  if not lengths:
+  grid = retrieval_grid(settings)
+  if grid is None:
     return None
-  length.check_positive("lengths", lengths, integer=True)
-  depths, trials = depths_and_trials(settings)
+  lengths, depths, trials = grid
   decode = checks.check_choice("decode",
                                settings.get("decode", "teacher_forced"),
                                DECODES)

@@ -74,15 +74,14 @@ HELP = {
 
 def _validate(settings: dict, study) -> Optional[dict]:
   settings = length.known_settings(settings, HELP)
-  lengths = evals.split_numbers(settings.get("lengths", ()))
-  if not lengths:
+  grid = passkey.retrieval_grid(settings)
+  if grid is None:
     return None
-  length.check_positive("lengths", lengths, integer=True)
+  lengths, depths, trials = grid
   tasks = evals.split_names(settings.get("tasks", "") or "") or TASKS
   bad = [t for t in tasks if t not in TASKS]
   if bad:
     raise ValueError(f"tasks={settings.get('tasks')!r}: {bad} not in {TASKS}")
-  depths, trials = passkey.depths_and_trials(settings)
   seed = checks.check_int("seed", settings.get("seed", 0), 0)
   task_params = {}
   for name, task in SIZES.items():
