@@ -25,9 +25,10 @@ multiple of the axis size, a dense bias over keys (T5, Kerple, FIRE).
 Relative biases per tile (``relative_bias``): ``T5BucketBias``,
 ``KerpleBias``, ``FireBias`` and ``AlibiBias`` compute the bias of any
 (query position, key position) tile from their learned parameters; passed as
-``dot_product_attention(..., position_bias=...)``, xla_chunked evaluates
-them per block (forward and backward, parameter gradients included: memory
-linear in length) and the other implementations get them materialised.
+``dot_product_attention(..., position_bias=...)``, xla_chunked and the
+Pallas kernels evaluate them per block (forward and backward, parameter
+gradients included: memory linear in length) and the other implementations
+get them materialised.
 """
 
 from . import masks

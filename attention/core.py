@@ -470,9 +470,9 @@ def dot_product_attention(
     position_bias: a ``relative_bias.RelativeBias`` (T5BucketBias,
       KerpleBias, FireBias, AlibiBias) with N heads: a bias computed from
       (head, query position, key position) and learned parameters, added
-      like ``bias`` and differentiable in its parameters. "xla_chunked"
-      evaluates it per block (memory linear in length); the others get it
-      materialised as a dense bias.
+      like ``bias`` and differentiable in its parameters. "xla_chunked",
+      "pallas_gpu" and "pallas_tpu" evaluate it per block (memory linear in
+      length); the others get it materialised as a dense bias.
     scale: logit scale; default 1 / sqrt(H).
     logits_soft_cap: c > 0 applies ``c * tanh(logits / c)`` before biases.
     implementation: None (the ``use_implementation`` block's, else automatic:

@@ -17,9 +17,10 @@ Absolute encodings are added to token embeddings, not inside attention:
 ``sinusoidal_embedding`` (positional.py) and ``LearnedPositionEmbedding`` here.
 
 Relative biases (T5, Kerple, FIRE) reach ``dot_product_attention`` as a
-``position_bias`` (``relative_bias.py``): xla_chunked computes them per block
-(memory linear in length, their parameters' gradients included); the other
-implementations get them materialised as a dense [B, N, T, S] bias.
+``position_bias`` (``relative_bias.py``): xla_chunked and the Pallas kernels
+compute them per block (memory linear in length, their parameters'
+gradients included); the other implementations get them materialised as a
+dense [B, N, T, S] bias.
 """
 
 from __future__ import annotations
@@ -579,7 +580,7 @@ class Attention(nnx.Module):
     # over the one this layer was built with.
     implementation = core.current_implementation() or self.implementation
     # A position_bias is evaluated per tile where the implementation can
-    # (xla_chunked), else materialised by dispatch; it is computed from
+    # (xla_chunked, pallas_gpu, pallas_tpu), else materialised by dispatch; it is computed from
     # the call's positions, which equal q_positions / k_positions (the
     # default alignment is only used when they coincide).
     pos_bias = p.position_bias(self)

@@ -4,9 +4,11 @@
 lowering) and ``pallas_tpu`` runs ``extrapolax.pallas_kernels.flash_tpu``
 (Pallas Mosaic TPU). On a machine without that accelerator the same kernel
 runs in Pallas interpret mode (slow; for tests). The kernels compute masks,
-segment ids, ALiBi, soft cap and the far query in the kernel; a dense
-``bias`` is not supported (NotImplementedError, so automatic dispatch falls
-through to an XLA path).
+segment ids, ALiBi, soft cap, the far query and a ``position_bias``
+(``relative_bias``: T5, Kerple, FIRE, ALiBi; per tile, with its parameters'
+gradients, never materialised) in the kernel; a dense ``bias`` is not
+supported (NotImplementedError, so automatic dispatch falls through to an
+XLA path).
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ def _unsupported(request: core.AttentionRequest) -> Optional[str]:
       request.far_query.dtype == request.far_key.dtype ==
       request.query.dtype):
     return "needs far_query and far_key in the query dtype"
+  pb = request.position_bias
+  if pb is not None and not pb.has_kernel_tile():
+    return (f"cannot evaluate a {type(pb).__name__} per tile (it defines no "
+            "kernel_tile)")
   b, t, s, n, k, h, hv = request.shape_info
   if t == 0 or s == 0:
     return "needs T > 0 and S > 0"
@@ -49,12 +55,12 @@ def _run(module, static_kwargs, request: core.AttentionRequest):
       has_segments=request.q_segment_ids is not None,
       has_slopes=request.alibi_slopes is not None,
       has_far=request.far_query is not None, q_len=t, kv_len=s,
-      num_kv_heads=k, **static_kwargs)
+      num_kv_heads=k, position_bias=request.position_bias, **static_kwargs)
   return module.flash_attention(
       static, request.query, request.key, request.value,
       request.query_positions, request.key_positions, request.q_segment_ids,
       request.kv_segment_ids, request.alibi_slopes, request.far_query,
-      request.far_key)
+      request.far_key, position_bias=request.position_bias)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +81,8 @@ class _Pallas(core.Implementation):
   # v and the sinks all get exact gradients. One elementwise pass over the
   # output, not a change inside the kernels' loops.
   takes_sink_logits = True
+  # A position_bias is evaluated per tile in the kernels (bias_params).
+  takes_position_bias = True
 
   def _module(self):
     raise NotImplementedError

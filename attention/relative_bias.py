@@ -7,12 +7,22 @@ parameters, so an implementation can evaluate it per tile:
 
   ``bias.tile(q_pos [Bp, Tb], k_pos [Bp, Sb]) -> float32 [Bp, N, Tb, Sb]``
 
-Pass one as ``dot_product_attention(..., position_bias=...)``. ``xla_chunked``
-evaluates it on each visited block in the forward and the backward and
-returns the gradient of its parameters (memory linear in length); every
-other implementation gets it materialised once as a dense ``bias`` (``xla``
-is the reference). The dense ``bias`` argument stays for arbitrary biases;
-both may be given (they add).
+Pass one as ``dot_product_attention(..., position_bias=...)``.
+``xla_chunked`` and the Pallas kernels (``pallas_gpu``, ``pallas_tpu``)
+evaluate it on each visited block in the forward and the backward and return
+the gradient of its parameters (memory linear in length); every other
+implementation gets it materialised once as a dense ``bias`` (``xla`` is the
+reference). The dense ``bias`` argument stays for arbitrary biases; both may
+be given (they add; the Pallas kernels take no dense bias).
+
+Inside a kernel a bias is evaluated one head at a time by ``kernel_tile``:
+the same values as ``tile`` written with elementwise maths and static loops
+only (no gather, no matmul, no reshape: T5's table lookup becomes a select
+over the buckets), reading its parameters through an accessor. ``head_axes``
+says, per parameter, which axis indexes heads (None: shared by all heads),
+so a kernel receives one row of scalars per head
+(``pallas_kernels/bias_params.py``). A bias without ``kernel_tile`` is
+refused by the Pallas kernels (NotImplementedError; auto falls through).
 
 A bias is a JAX pytree: its learned parameters are the leaves (arrays, any
 float dtype; they receive gradients), its settings (bucket counts, the
@@ -32,10 +42,12 @@ variant) are static. Values equal the dense helpers of ``positional``:
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+import functools
+from typing import Callable, ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from extrapolax.common import checks
 from . import positional
@@ -57,6 +69,12 @@ def _distance(q_pos, k_pos):
   return (q_pos[:, :, None] - k_pos[:, None, :]).astype(jnp.float32)
 
 
+# kernel_tile's parameter accessor: param(name, *index) -> float32 scalar,
+# entry ``index`` of parameter ``name`` for the current head (head axis
+# dropped).
+ParamFn = Callable[..., Array]
+
+
 class RelativeBias:
   """Base: a bias from (head, query position, key position) and parameters.
 
@@ -65,6 +83,9 @@ class RelativeBias:
   ``tile(q_pos, k_pos)`` and ``check()``.
   """
   param_names: ClassVar[tuple[str, ...]] = ()
+  # Per parameter (``param_names`` order): the axis that indexes heads, or
+  # None for a parameter every head shares.
+  head_axes: ClassVar[tuple[Optional[int], ...]] = ()
 
   @property
   def num_heads(self) -> int:
@@ -73,6 +94,27 @@ class RelativeBias:
   def tile(self, q_pos: Array, k_pos: Array) -> Array:
     """float32 [Bp, N, Tb, Sb] for int positions [Bp, Tb] / [Bp, Sb]."""
     raise NotImplementedError
+
+  def kernel_tile(self, param: ParamFn, q_pos: Array, k_pos: Array) -> Array:
+    """One head's bias inside a kernel: float32, the broadcast shape of
+    int32 ``q_pos`` and ``k_pos`` ([r, 1] and [1, c], or both [r, c]; the
+    maths is elementwise, so a transposed tile works too).
+
+    ``param(name, *index)`` returns entry ``index`` of parameter ``name``
+    for the current head (its head axis dropped) as a float32 scalar. Only
+    settings and shapes may be read from ``self`` (its leaves are shape
+    placeholders here), and only elementwise maths and static Python loops
+    used, so that the body lowers in Pallas (Triton, Mosaic TPU) and
+    ``jax.vjp`` of it with respect to the parameters does too. Values equal
+    ``tile`` (up to float rounding where a sum is reordered).
+    """
+    raise NotImplementedError(
+        f"{type(self).__name__} defines no kernel_tile (the Pallas kernels "
+        "cannot evaluate it per tile)")
+
+  @classmethod
+  def has_kernel_tile(cls) -> bool:
+    return cls.kernel_tile is not RelativeBias.kernel_tile
 
   def check(self) -> None:
     """Raises ValueError on bad parameter shapes or settings."""
@@ -104,6 +146,7 @@ class T5BucketBias(RelativeBias):
   bidirectional: bool = False
   max_distance: int = 128
   param_names: ClassVar[tuple[str, ...]] = ("table",)
+  head_axes: ClassVar[tuple[Optional[int], ...]] = (1,)
 
   @property
   def num_heads(self):
@@ -125,8 +168,46 @@ class T5BucketBias(RelativeBias):
     values = jnp.take(_f32(self.table).T, buckets, axis=1)
     return jnp.swapaxes(values, 0, 1)
 
+  def kernel_tile(self, param, q_pos, k_pos):
+    """``table[bucket(j - i)]`` by comparisons and selects: within a side
+    the bucket is a staircase in the distance, whose steps (``_t5_steps``)
+    are found once on the host by the same ``_t5_bucket``; the last step a
+    distance reaches picks the table entry, so values equal ``tile``'s
+    exactly. Cost: one compare and one or two selects per bucket."""
+    side, steps = _t5_steps(self.bidirectional, self.table.shape[0],
+                            self.max_distance)
+    rel = k_pos - q_pos
+    if self.bidirectional:
+      future = rel > 0
+      distance = jnp.abs(rel)
+      entry = lambda b: jnp.where(future, param("table", side + b),
+                                  param("table", b))
+    else:
+      distance = jnp.maximum(-rel, 0)
+      entry = lambda b: param("table", b)
+    out = jnp.broadcast_to(entry(0), distance.shape)
+    for b in range(1, side):
+      out = jnp.where(distance >= steps[b], entry(b), out)
+    return out
+
 
 _pytree(T5BucketBias, ["table"], ["bidirectional", "max_distance"])
+
+
+@functools.lru_cache(maxsize=None)
+def _t5_steps(bidirectional: bool, num_buckets: int, max_distance: int):
+  """(side, steps): ``steps[b]`` is the smallest distance whose bucket
+  within a side is >= b (b < side), from ``positional._t5_bucket`` itself
+  on distances 0..max_distance (the bucket is non-decreasing in the
+  distance and saturates at ``side - 1`` by max_distance)."""
+  side = num_buckets // 2 if bidirectional else num_buckets
+  distance = np.arange(max_distance + 1, dtype=np.int32)
+  with jax.ensure_compile_time_eval():
+    buckets = np.asarray(positional._t5_bucket(
+        jnp.asarray(-distance), bidirectional, num_buckets, max_distance))
+  steps = tuple(int(np.argmax(buckets >= b)) for b in range(side))
+  assert buckets[-1] == side - 1 and np.all(np.diff(buckets) >= 0), buckets
+  return side, steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +218,7 @@ class KerpleBias(RelativeBias):
   r2: Array
   variant: str = "log"
   param_names: ClassVar[tuple[str, ...]] = ("r1", "r2")
+  head_axes: ClassVar[tuple[Optional[int], ...]] = (0, 0)
 
   @property
   def num_heads(self):
@@ -153,12 +235,19 @@ class KerpleBias(RelativeBias):
     dist = jnp.abs(_distance(q_pos, k_pos))[:, None]       # [Bp, 1, Tb, Sb]
     r1 = _f32(self.r1)[None, :, None, None]
     r2 = _f32(self.r2)[None, :, None, None]
+    return self._formula(r1, r2, dist)
+
+  def _formula(self, r1, r2, dist):
     if self.variant == "log":
       return 0.0 - r1 * jnp.log1p(r2 * dist)
     # |d|^r2 with a finite gradient in r2 at d = 0 (where it is 0).
     positive = dist > 0
     safe = jnp.where(positive, dist, 1.0)
     return jnp.where(positive, 0.0 - r1 * jnp.exp(r2 * jnp.log(safe)), 0.0)
+
+  def kernel_tile(self, param, q_pos, k_pos):
+    dist = jnp.abs((q_pos - k_pos).astype(jnp.float32))
+    return self._formula(param("r1"), param("r2"), dist)
 
 
 _pytree(KerpleBias, ["r1", "r2"], ["variant"])
@@ -182,6 +271,8 @@ class FireBias(RelativeBias):
   eps: float = 1e-6
   param_names: ClassVar[tuple[str, ...]] = (
       "w_in", "b_in", "w_out", "b_out", "c", "threshold")
+  head_axes: ClassVar[tuple[Optional[int], ...]] = (
+      None, None, 1, 0, None, None)
 
   @property
   def num_heads(self):
@@ -211,6 +302,22 @@ class FireBias(RelativeBias):
     out = _f32(self.w_out).T @ hidden + _f32(self.b_out)[:, None]  # [N, P]
     return jnp.swapaxes(out.reshape((out.shape[0],) + x.shape), 0, 1)
 
+  def kernel_tile(self, param, q_pos, k_pos):
+    """The MLP as a static loop over hidden units (scalar weights times
+    the tile; ReLU as a select, whose gradient at 0 is 0 like relu's)."""
+    c = jnp.abs(param("c"))
+    threshold = jnp.abs(param("threshold"))
+    rel = (q_pos - k_pos).astype(jnp.float32)
+    query = q_pos.astype(jnp.float32)
+    psi_rel = jnp.log1p(c * jnp.maximum(rel, 0.0))
+    normaliser = jnp.log1p(c * jnp.maximum(query, threshold)) + self.eps
+    x = psi_rel / normaliser
+    out = jnp.broadcast_to(param("b_out"), x.shape)
+    for u in range(self.w_in.shape[1]):
+      h = param("w_in", 0, u) * x + param("b_in", u)
+      out = out + param("w_out", u) * jnp.where(h > 0, h, 0.0)
+    return out
+
 
 _pytree(FireBias, ["w_in", "b_in", "w_out", "b_out", "c", "threshold"],
         ["eps"])
@@ -221,6 +328,7 @@ class AlibiBias(RelativeBias):
   """ALiBi: ``-slope_h |i - j|``, slopes [N]."""
   slopes: Array
   param_names: ClassVar[tuple[str, ...]] = ("slopes",)
+  head_axes: ClassVar[tuple[Optional[int], ...]] = (0,)
 
   @property
   def num_heads(self):
@@ -235,6 +343,10 @@ class AlibiBias(RelativeBias):
   def tile(self, q_pos, k_pos):
     dist = jnp.abs(_distance(q_pos, k_pos))[:, None]
     return 0.0 - _f32(self.slopes)[None, :, None, None] * dist
+
+  def kernel_tile(self, param, q_pos, k_pos):
+    return 0.0 - param("slopes") * jnp.abs((q_pos - k_pos).astype(
+        jnp.float32))
 
 
 _pytree(AlibiBias, ["slopes"])

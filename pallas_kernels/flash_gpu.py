@@ -33,6 +33,7 @@ from jax.experimental.pallas import triton as pltriton
 import jax.numpy as jnp
 
 from extrapolax.common.checks import check_int
+from . import bias_params
 from . import tiles
 
 Array = jax.Array
@@ -101,6 +102,7 @@ class _Static:
   num_kv_heads: int
   interpret: bool
   debug: bool
+  bias: Optional[bias_params.BiasLayout] = None
 
 
 def _program(static: _Static, kind: str, body, grid, inputs, outputs,
@@ -132,8 +134,9 @@ class _Inputs:
   """Padded kernel inputs shared by the three passes."""
 
   def __init__(self, static: _Static, q, k, v, q_pos, k_pos, q_seg, kv_seg,
-               slopes, far_q, far_k):
+               slopes, far_q, far_k, bias_rows=None):
     blocks = static.blocks
+    self.bias, self.bias_rows = static.bias, bias_rows
     b, t, n, h = q.shape
     s, hv = k.shape[1], v.shape[-1]
     self.b, self.n, self.kh = b, n, k.shape[2]
@@ -217,6 +220,18 @@ class _Inputs:
   def slopes_spec(self):
     return pl.BlockSpec((self.slopes.shape[0],), lambda i, b, h: (0,))
 
+  def bias_spec(self):
+    """Query head h's packed bias parameters (bias_params), [width]."""
+    return pl.BlockSpec((None, self.bias.width), lambda i, b, h: (h, 0))
+
+  def bias_inputs(self):
+    if self.bias is None:
+      return []
+    return [("bias_rows", self.bias_rows, self.bias_spec())]
+
+  def bias_row(self, refs):
+    return refs["bias_rows"][...] if self.bias is not None else None
+
   def slope(self, refs):
     if self.slopes is None:
       return None
@@ -254,6 +269,7 @@ def _forward(static: _Static, x: _Inputs):
     q_seg = refs["q_seg"][...] if cfg.has_segments else None
     far_q = refs["far_q"][...] if cfg.has_far else None
     slope = x.slope(refs)
+    row = x.bias_row(refs)
     head = pl.program_id(2)
     q_index = i * bq + jnp.arange(bq)
     count, num_full = refs["sched"][0], refs["sched"][1]
@@ -265,9 +281,11 @@ def _forward(static: _Static, x: _Inputs):
       ks = pl.ds(start, bk)
       k_pos = refs["k_pos"][ks]
       dist = tiles.tile_distance(q_pos, k_pos)
+      bias = None if row is None else x.bias.tile(row, q_pos[:, None],
+                                                  k_pos[None, :])
       s, _ = tiles.tile_logits(
           cfg, q, refs["k"][ks, :], dist, slope=slope, far_q=far_q,
-          far_k=refs["far_k"][ks, :] if cfg.has_far else None,
+          far_k=refs["far_k"][ks, :] if cfg.has_far else None, bias=bias,
           precision=precision)
 
       def masked(s):
@@ -306,6 +324,7 @@ def _forward(static: _Static, x: _Inputs):
   if cfg.has_far:
     inputs += [("far_q", x.far_q, x.q_block(x.far_q, bq, x.hp)),
                ("far_k", x.far_k, x.kv_whole(x.hp))]
+  inputs += x.bias_inputs()
   outputs = [
       ("o", jax.ShapeDtypeStruct((x.b, x.tp, x.n, x.hvp), x.q.dtype),
        x.q_block(x.q, bq, x.hvp)),
@@ -336,12 +355,13 @@ def _backward_dq(static: _Static, x: _Inputs, do, lse, delta):
     q_seg = refs["q_seg"][...] if cfg.has_segments else None
     far_q = refs["far_q"][...] if cfg.has_far else None
     slope = x.slope(refs)
+    row = x.bias_row(refs)
     head = pl.program_id(2)
     q_index = i * bq + jnp.arange(bq)
     count, num_full = refs["sched"][0], refs["sched"][1]
 
     def step(masked_block, r, carry):
-      dq, dfq, dsl, visits = carry
+      dq, dfq, dsl, drow, visits = carry
       entry = refs["sched"][r + 2]
       start = pl.multiple_of(tiles.entry_block(entry) * bk, bk)
       ks = pl.ds(start, bk)
@@ -350,8 +370,12 @@ def _backward_dq(static: _Static, x: _Inputs, do, lse, delta):
       far_k = refs["far_k"][ks, :] if cfg.has_far else None
       k_pos = refs["k_pos"][ks]
       dist = tiles.tile_distance(q_pos, k_pos)
+      bias = bias_vjp = None
+      if row is not None:
+        bias, bias_vjp = x.bias.tile_and_vjp(row, q_pos[:, None],
+                                             k_pos[None, :])
       s, aux = tiles.tile_logits(cfg, q, k, dist, slope=slope, far_q=far_q,
-                                 far_k=far_k, precision=precision)
+                                 far_k=far_k, bias=bias, precision=precision)
 
       def masked(s):
         k_seg = refs["kv_seg"][ks] if cfg.has_segments else None
@@ -363,21 +387,29 @@ def _backward_dq(static: _Static, x: _Inputs, do, lse, delta):
       p = tiles.tile_probs(s, lse_)
       dp = tiles.dot_nt(do_, v, precision)
       ds = p * (dp - delta_[:, None])
+      if bias_vjp is not None:
+        # d(logits) is the bias tile's cotangent (it is added after the
+        # soft cap). Only this kernel emits it: each tile counted once.
+        drow = drow + bias_vjp(ds)
       ds, ds_far, dsl_rows = tiles.tile_dlogits(cfg, ds, aux, dist)
       dq = dq + tiles.dot_nn(ds.astype(k.dtype), k, precision)
       if cfg.has_far:
         dfq = dfq + tiles.dot_nn(ds_far.astype(k.dtype), far_k, precision)
       if cfg.has_slopes:
         dsl = dsl + dsl_rows
-      return dq, dfq, dsl, visits + 1
+      return dq, dfq, dsl, drow, visits + 1
 
     zeros = jnp.zeros((bq, x.hp), jnp.float32)
     init = (zeros, zeros if cfg.has_far else jnp.float32(0),
-            jnp.zeros((bq,), jnp.float32), jnp.int32(0))
+            jnp.zeros((bq,), jnp.float32),
+            jnp.float32(0) if row is None else jnp.zeros_like(row),
+            jnp.int32(0))
     carry = lax.fori_loop(0, num_full, functools.partial(step, False), init)
-    dq, dfq, dsl, visits = lax.fori_loop(num_full, count,
-                                         functools.partial(step, True), carry)
+    dq, dfq, dsl, drow, visits = lax.fori_loop(
+        num_full, count, functools.partial(step, True), carry)
     refs["dq"][...] = dq.astype(refs["dq"].dtype)
+    if row is not None:
+      refs["dbias_rows"][...] = drow
     if cfg.has_far:
       refs["dfar_q"][...] = dfq.astype(refs["dfar_q"].dtype)
     if cfg.has_slopes:
@@ -400,10 +432,17 @@ def _backward_dq(static: _Static, x: _Inputs, do, lse, delta):
   if cfg.has_far:
     inputs += [("far_q", x.far_q, x.q_block(x.far_q, bq, x.hp)),
                ("far_k", x.far_k, x.kv_whole(x.hp))]
+  inputs += x.bias_inputs()
   shape_q = jax.ShapeDtypeStruct((x.b, x.tp, x.n, x.hp), jnp.float32)
   outputs = [("dq", shape_q, x.q_block(x.q, bq, x.hp))]
   if cfg.has_far:
     outputs.append(("dfar_q", shape_q, x.q_block(x.q, bq, x.hp)))
+  if x.bias is not None:
+    # Per program (query block, batch, head): summed outside.
+    width = x.bias.width
+    outputs.append(("dbias_rows", jax.ShapeDtypeStruct(
+        (x.b, x.n, x.tp // bq, width), jnp.float32), pl.BlockSpec(
+            (None, None, None, width), lambda i, b, h: (b, h, i, 0))))
   stat = jax.ShapeDtypeStruct((x.b, x.n, x.tp), jnp.float32)
   if cfg.has_slopes:
     outputs.append(("dslope_rows", stat, x.stat_block(bq)))
@@ -431,6 +470,7 @@ def _backward_dkv(static: _Static, x: _Inputs, do, lse, delta):
     k_pos = refs["k_pos"][...]
     k_seg = refs["kv_seg"][...] if cfg.has_segments else None
     slope = x.slope(refs)
+    row = x.bias_row(refs)
     head = pl.program_id(2)
     k_index = j * bk + jnp.arange(bk)
     count, num_full = refs["sched"][0], refs["sched"][1]
@@ -445,8 +485,10 @@ def _backward_dkv(static: _Static, x: _Inputs, do, lse, delta):
       far_q = refs["far_q"][qs, :] if cfg.has_far else None
       q_pos = refs["q_pos"][qs]
       dist = tiles.tile_distance(q_pos, k_pos)
+      bias = None if row is None else x.bias.tile(row, q_pos[:, None],
+                                                  k_pos[None, :])
       s, aux = tiles.tile_logits(cfg, q, k, dist, slope=slope, far_q=far_q,
-                                 far_k=far_k, precision=precision)
+                                 far_k=far_k, bias=bias, precision=precision)
 
       def masked(s):
         q_seg = refs["q_seg"][qs] if cfg.has_segments else None
@@ -493,6 +535,7 @@ def _backward_dkv(static: _Static, x: _Inputs, do, lse, delta):
   if cfg.has_far:
     inputs += [("far_q", x.far_q, x.q_whole(x.hp)),
                ("far_k", x.far_k, x.kv_block(bk, x.hp))]
+  inputs += x.bias_inputs()
   # Per query head; the G heads sharing a key/value head are summed after.
   per_head = lambda hp: pl.BlockSpec((None, bk, None, hp),
                                      lambda j, b, h: (b, j, h, 0))
@@ -514,10 +557,10 @@ def _backward_dkv(static: _Static, x: _Inputs, do, lse, delta):
 
 
 def _run_forward(static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q,
-                 far_k):
+                 far_k, bias_rows):
   k, v, far_k = tiles.forward_keys(k, v, far_k)
   x = _Inputs(static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q,
-              far_k)
+              far_k, bias_rows)
   out, lse, visits = _forward(static, x)
   t, hv = q.shape[1], v.shape[-1]
   return out[:, :t, :, :hv], lse[:, :, :t], visits, (out, lse)
@@ -525,9 +568,9 @@ def _run_forward(static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q,
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q,
-           far_k):
+           far_k, bias_rows):
   out, lse, _, _ = _run_forward(static, q, k, v, q_pos, k_pos, q_seg, kv_seg,
-                                slopes, far_q, far_k)
+                                slopes, far_q, far_k, bias_rows)
   return out, lse
 
 
@@ -538,18 +581,18 @@ def _flash_fwd(static, *args):
 
 def _flash_bwd(static, res, cotangents):
   args, (out_p, lse_p) = res
-  q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q, far_k = args
   grads = _gradients(static, args, out_p, lse_p, cotangents)
   return (grads["dq"], grads["dk"], grads["dv"], None, None, None, None,
-          grads.get("dslopes"), grads.get("dfar_q"), grads.get("dfar_k"))
+          grads.get("dslopes"), grads.get("dfar_q"), grads.get("dfar_k"),
+          grads.get("dbias_rows"))
 
 
 def _gradients(static, args, out_p, lse_p, cotangents):
-  q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q, far_k = args
+  q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q, far_k, bias_rows = args
   d_out, d_lse = cotangents
   v = tiles.backward_values(v)
   x = _Inputs(static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q,
-              far_k)
+              far_k, bias_rows)
   b, t, n, h = q.shape
   s, kh, hv = k.shape[1], k.shape[2], v.shape[-1]
   do = tiles.pad_to(tiles.pad_to(d_out.astype(q.dtype), 1, x.tp), 3, x.hvp)
@@ -575,6 +618,8 @@ def _gradients(static, args, out_p, lse_p, cotangents):
   if slopes is not None:
     grads["dslopes"] = tiles.slopes_grad(dq_res["dslope_rows"][:, :, :t],
                                          slopes)
+  if bias_rows is not None:
+    grads["dbias_rows"] = dq_res["dbias_rows"].sum((0, 2))
   if static.debug:
     grads["visits_dq"] = dq_res["visits"]
     grads["visits_dkv"] = dkv_res["visits"]
@@ -586,32 +631,42 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def make_static(*, mask, scale, soft_cap, far_window, has_segments,
                 has_slopes, has_far, q_len, kv_len, num_kv_heads,
-                block_sizes: BlockSizes, interpret: bool, debug: bool = False):
+                block_sizes: BlockSizes, interpret: bool, debug: bool = False,
+                position_bias=None):
+  """Static configuration of one call. ``position_bias``: a RelativeBias
+  (its structure and shapes are kept; ``flash_attention`` takes its values)
+  or None."""
   cfg = tiles.TileConfig(mask=mask, scale=float(scale), soft_cap=soft_cap,
                          far_window=far_window, has_segments=has_segments,
                          has_slopes=has_slopes, has_far=has_far, q_len=q_len,
                          kv_len=kv_len)
+  # Triton tensors have power-of-two sizes.
+  bias = bias_params.layout_for(position_bias, lanes=16, power_of_2=True)
   return _Static(cfg=cfg, blocks=block_sizes, num_kv_heads=num_kv_heads,
-                 interpret=interpret, debug=debug)
+                 interpret=interpret, debug=debug, bias=bias)
 
 
 def flash_attention(static: _Static, q, k, v, q_pos, k_pos, q_seg=None,
-                    kv_seg=None, slopes=None, far_q=None, far_k=None):
+                    kv_seg=None, slopes=None, far_q=None, far_k=None,
+                    position_bias=None):
   """(out [B, T, N, Hv], lse float32 [B, N, T]); differentiable in q, k, v,
-  slopes, far_q and far_k."""
+  slopes, far_q, far_k and position_bias's parameters (the bias given to
+  make_static, evaluated per tile in the kernels)."""
   return _flash(static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q,
-                far_k)
+                far_k, bias_params.pack_for(static.bias, position_bias))
 
 
 def visit_counts(static: _Static, q, k, v, q_pos, k_pos, q_seg=None,
-                 kv_seg=None, slopes=None, far_q=None, far_k=None):
+                 kv_seg=None, slopes=None, far_q=None, far_k=None,
+                 position_bias=None):
   """Blocks each program of the three kernels actually computed (debug).
 
   Returns dict fwd [B, N, nq], dq [B, N, nq_dq], dkv [B, N, nk_dkv]: the
   loop-trip counters of the kernels, for tests that prove skipping.
   """
   static = dataclasses.replace(static, debug=True)
-  args = (q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q, far_k)
+  args = (q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q, far_k,
+          bias_params.pack_for(static.bias, position_bias))
   out, lse, visits, (out_p, lse_p) = _run_forward(static, *args)
   grads = _gradients(static, args, out_p, lse_p,
                      (jnp.ones_like(out), jnp.zeros_like(lse)))

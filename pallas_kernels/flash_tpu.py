@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from extrapolax.common.checks import check_int
+from . import bias_params
 from . import tiles
 
 Array = jax.Array
@@ -110,6 +111,7 @@ class _Static:
   interpret: Any
   debug: bool
   default_positions: bool
+  bias: Optional[bias_params.BiasLayout] = None
 
 
 def _round_up(x, m):
@@ -202,8 +204,11 @@ class _Inputs:
   """Padded, TPU-laid-out kernel inputs shared by the three passes."""
 
   def __init__(self, static: _Static, q, k, v, q_pos, k_pos, q_seg, kv_seg,
-               slopes, far_q, far_k):
+               slopes, far_q, far_k, bias_rows=None):
     b, t, n, h = q.shape
+    # Packed bias parameters [N, 1, width]: a head's row is a whole block.
+    self.bias = static.bias
+    self.bias_rows = None if bias_rows is None else bias_rows[:, None, :]
     s, hv = k.shape[1], v.shape[-1]
     self.cfg, self.default_positions = static.cfg, static.default_positions
     self.blocks = static.blocks.shrunk(
@@ -336,25 +341,37 @@ class _Pass:
     if cfg.has_far:
       ins += [("far_q", x.far_q, self.heads("q", x.hp)),
               ("far_k", x.far_k, self.heads("k", x.hp))]
+    if x.bias is not None:
+      ins.append(("bias_rows", x.bias_rows, pl.BlockSpec(
+          (None, 1, x.bias.width), lambda *a: (self.ids(*a)[1], 0, 0))))
     if do is not None:
       ins += [("do", do, self.heads("q", x.hvp)), ("lse", lse_rows,
                                                    self.stat()),
               ("delta", delta_rows, self.stat())]
     return ins
 
-  def tile(self, refs, masked, slope):
-    """(logits, backward aux, i - j) of the current tile."""
+  def tile(self, refs, masked, slope, bias_vjp=False):
+    """(logits, backward aux, i - j) of the current tile; with
+    ``bias_vjp``, also the position bias's VJP (d tile -> d row; None
+    without a bias)."""
     cfg, (rows, cols) = self.x.cfg, self.shape
     spread = lambda nm, axis: (_lanes(refs[nm][...], cols) if axis == 0 else
                                _sublanes(refs[nm][...], rows))
     qa, ka = self.q_axis, 1 - self.q_axis
     q_pos, k_pos = spread("q_pos", qa), spread("k_pos", ka)
     dist = q_pos - k_pos
+    bias = vjp = None
+    if self.x.bias is not None:
+      row = refs["bias_rows"][...]                        # (1, width)
+      if bias_vjp:
+        bias, vjp = self.x.bias.tile_and_vjp(row, q_pos, k_pos)
+      else:
+        bias = self.x.bias.tile(row, q_pos, k_pos)
     a, c = ("k", "q") if self.transpose else ("q", "k")
     far = lambda nm: refs[nm][...] if cfg.has_far else None
     s, aux = tiles.tile_logits(
         cfg, refs[a][...], refs[c][...], dist, slope=slope,
-        far_q=far("far_" + a), far_k=far("far_" + c),
+        far_q=far("far_" + a), far_k=far("far_" + c), bias=bias,
         precision=tiles.precision_for(self.x.q.dtype))
     if masked:
       qb, kb = refs["blocks"]
@@ -370,7 +387,7 @@ class _Pass:
         vis.append(index(kb * self.bk, ka) < cfg.kv_len)
       if vis:
         s = tiles.apply_visible(s, functools.reduce(jnp.logical_and, vis))
-    return s, aux, dist
+    return (s, aux, dist, vjp) if bias_vjp else (s, aux, dist)
 
   def call(self, static, kind, body, inputs, outputs, scratch):
     """pallas_call; body(refs, ids, step) with step(fn) running fn(masked)
@@ -502,20 +519,26 @@ def _backward_dq(static: _Static, x: _Inputs, do, lse_rows, delta_rows):
   acc_names = ["dq"] + (["dfar_q"] if cfg.has_far else [])
   no_slope_grad = dataclasses.replace(cfg, has_slopes=False)
 
+  has_bias = x.bias is not None
+
   def body(refs, ids, step):
     b, h, _, t = ids
     pl.when(t == 0)(lambda: _zero(refs, [nm + "_acc" for nm in acc_names] + (
-        ["dslope_acc"] if cfg.has_slopes else [])))
+        ["dslope_acc"] if cfg.has_slopes else []) + (
+            ["dbias_acc"] if has_bias else [])))
 
     @step
     def _(masked):
-      s, aux, dist = p.tile(refs, masked, x.slope(refs, b, h))
+      s, aux, dist, bias_vjp = p.tile(refs, masked, x.slope(refs, b, h),
+                                      bias_vjp=True)
       k, v, do_ = refs["k"][...], refs["v"][...], refs["do"][...]
       # Row statistics as (bq, 1) columns at once (the splash relayout), so
       # no elementwise maths runs on 1-D vectors.
       column = lambda nm: refs[nm][0][:, None]
       probs = jnp.exp(s - tiles.safe_max(column("lse")))
       ds = probs * (tiles.dot_nt(do_, v, precision) - column("delta"))
+      if has_bias:   # d(logits) is the bias tile's cotangent (dq pass only)
+        refs["dbias_acc"][...] += bias_vjp(ds)
       if cfg.has_slopes:     # tiles.tile_dlogits's d slope, kept 2-D
         refs["dslope_acc"][...] -= jnp.sum(
             ds * jnp.abs(dist).astype(jnp.float32), axis=1, keepdims=True)
@@ -531,6 +554,8 @@ def _backward_dq(static: _Static, x: _Inputs, do, lse_rows, delta_rows):
       _flush(refs, acc_names)
       if cfg.has_slopes:
         refs["dslope_rows"][...] = _as_rows(refs["dslope_acc"][...])
+      if has_bias:
+        refs["dbias_rows"][...] = refs["dbias_acc"][...]
 
   inputs = p.inputs(do, lse_rows, delta_rows)
   outputs = [(nm, jax.ShapeDtypeStruct(x.q.shape, x.q.dtype),
@@ -541,6 +566,14 @@ def _backward_dq(static: _Static, x: _Inputs, do, lse_rows, delta_rows):
     outputs.append(("dslope_rows", jax.ShapeDtypeStruct(
         lse_rows.shape, jnp.float32), p.stat()))
     scratch.append(("dslope_acc", pltpu.VMEM((p.bq, LANES), jnp.float32)))
+  if has_bias:
+    # Per program (batch, head, query block): summed outside.
+    width = x.bias.width
+    outputs.append(("dbias_rows", jax.ShapeDtypeStruct(
+        (x.b, x.n, p.nq, 1, width), jnp.float32), pl.BlockSpec(
+            (None, None, None, 1, width),
+            lambda *a: (a[0], p.ids(*a)[1], p.ids(*a)[2], 0, 0))))
+    scratch.append(("dbias_acc", pltpu.VMEM((1, width), jnp.float32)))
   return p.call(static, "dq", body, inputs, outputs, scratch)
 
 
@@ -595,10 +628,10 @@ def _unfuse(x, length, heads, width):
 
 
 def _run_forward(static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q,
-                 far_k):
+                 far_k, bias_rows):
   k, v, far_k = tiles.forward_keys(k, v, far_k)
   x = _Inputs(static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q,
-              far_k)
+              far_k, bias_rows)
   out, lse, visits = _forward(static, x)
   t, n, hv = q.shape[1], q.shape[2], v.shape[-1]
   return _unfuse(out, t, n, hv), lse[:, :, :t], visits, (out, lse)
@@ -618,15 +651,16 @@ def _flash_bwd(static, res, cotangents):
   args, (out_p, lse_p) = res
   grads = _gradients(static, args, out_p, lse_p, cotangents)
   return (grads["dq"], grads["dk"], grads["dv"], None, None, None, None,
-          grads.get("dslopes"), grads.get("dfar_q"), grads.get("dfar_k"))
+          grads.get("dslopes"), grads.get("dfar_q"), grads.get("dfar_k"),
+          grads.get("dbias_rows"))
 
 
 def _gradients(static, args, out_p, lse_p, cotangents):
-  q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q, far_k = args
+  q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q, far_k, bias_rows = args
   d_out, d_lse = cotangents
   v = tiles.backward_values(v)
   x = _Inputs(static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q,
-              far_k)
+              far_k, bias_rows)
   t, n, h = q.shape[1:]
   s, kh, hv = k.shape[1], k.shape[2], v.shape[-1]
   do = x.fuse(d_out.astype(q.dtype), x.tp, x.hvp)
@@ -650,6 +684,8 @@ def _gradients(static, args, out_p, lse_p, cotangents):
   if slopes is not None:
     grads["dslopes"] = tiles.slopes_grad(
         dq_res["dslope_rows"][:, :, 0, :t], slopes)
+  if bias_rows is not None:
+    grads["dbias_rows"] = dq_res["dbias_rows"].sum((0, 2, 3))
   if static.debug:
     grads["visits_dq"] = dq_res["visits"]
     grads["visits_dkv"] = dkv_res["visits"]
@@ -662,7 +698,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def make_static(*, mask, scale, soft_cap, far_window, has_segments,
                 has_slopes, has_far, q_len, kv_len, num_kv_heads,
                 block_sizes: BlockSizes, interpret, debug: bool = False,
-                default_positions: bool = False):
+                default_positions: bool = False, position_bias=None):
   """Static configuration of one call; validates the block sizes.
 
   interpret: False (Mosaic on a TPU), True (Pallas interpret mode on any
@@ -671,6 +707,8 @@ def make_static(*, mask, scale, soft_cap, far_window, has_segments,
   bottom-right alignment (no explicit positions); the grid then has only as
   many slots as the busiest row of the mask's static block layout (for a
   window mask far fewer than the key blocks), instead of one per key block.
+  position_bias: a RelativeBias evaluated per tile (its structure and
+  shapes are kept; ``flash_attention`` takes its values) or None.
   """
   if not isinstance(block_sizes, BlockSizes):
     raise ValueError(f"block_sizes must be a flash_tpu.BlockSizes, got "
@@ -681,24 +719,28 @@ def make_static(*, mask, scale, soft_cap, far_window, has_segments,
                          far_window=far_window, has_segments=has_segments,
                          has_slopes=has_slopes, has_far=has_far, q_len=q_len,
                          kv_len=kv_len)
+  bias = bias_params.layout_for(position_bias, lanes=LANES, power_of_2=False)
   return _Static(cfg=cfg, blocks=block_sizes, num_kv_heads=num_kv_heads,
                  interpret=interpret, debug=debug,
-                 default_positions=default_positions)
+                 default_positions=default_positions, bias=bias)
 
 
 def flash_attention(static: _Static, q, k, v, q_pos, k_pos, q_seg=None,
-                    kv_seg=None, slopes=None, far_q=None, far_k=None):
+                    kv_seg=None, slopes=None, far_q=None, far_k=None,
+                    position_bias=None):
   """(out [B, T, N, Hv], lse float32 [B, N, T]); differentiable in q, k, v,
-  slopes, far_q and far_k."""
+  slopes, far_q, far_k and position_bias's parameters (the bias given to
+  make_static, evaluated per tile in the kernels)."""
   if not static.interpret and q.dtype == jnp.float16:
     raise NotImplementedError("the Mosaic TPU kernels take float32 or "
                               "bfloat16, not float16")
   return _flash(static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q,
-                far_k)
+                far_k, bias_params.pack_for(static.bias, position_bias))
 
 
 def visit_counts(static: _Static, q, k, v, q_pos, k_pos, q_seg=None,
-                 kv_seg=None, slopes=None, far_q=None, far_k=None):
+                 kv_seg=None, slopes=None, far_q=None, far_k=None,
+                 position_bias=None):
   """Blocks each program of the three kernels actually computed (debug).
 
   Returns dict fwd [B, N, nq], dq [B, N, nq_dq], dkv [B, N, nk_dkv]: counters
@@ -706,7 +748,8 @@ def visit_counts(static: _Static, q, k, v, q_pos, k_pos, q_seg=None,
   skipping.
   """
   static = dataclasses.replace(static, debug=True)
-  args = (q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q, far_k)
+  args = (q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, far_q, far_k,
+          bias_params.pack_for(static.bias, position_bias))
   out, lse, visits, (out_p, lse_p) = _run_forward(static, *args)
   grads = _gradients(static, args, out_p, lse_p,
                      (jnp.ones_like(out), jnp.zeros_like(lse)))

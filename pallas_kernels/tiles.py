@@ -9,8 +9,9 @@ Mosaic GPU kernel share one copy of the maths:
   their FULL / PARTIAL label, non-empty first. A kernel loops over exactly
   ``count`` entries, so an EMPTY block is never loaded or computed.
 * ``tile_logits`` / ``tile_visible``: one tile's logits and visibility, in the
-  library's order of operations (``scale * q.k`` -> soft cap -> ALiBi ->
-  mask and segments), with LM-Infinite's far query for distant pairs.
+  library's order of operations (``scale * q.k`` -> soft cap -> relative
+  position bias (``bias_params``) and ALiBi -> mask and segments), with
+  LM-Infinite's far query for distant pairs.
 * ``online_softmax_step`` / ``finish``: the forward's running max/sum update.
 * ``tile_dlogits``: the backward from d(logits) to the inputs of the logits.
 """
@@ -141,8 +142,12 @@ def tile_distance(q_pos: Array, k_pos: Array) -> Array:
 
 
 def tile_logits(cfg: TileConfig, q, k, dist, *, slope=None, far_q=None,
-                far_k=None, precision=None):
+                far_k=None, bias=None, precision=None):
   """Float32 logits [bq, bk] of one tile before masking, plus backward aux.
+
+  ``bias``: a float32 tile added after the soft cap (a relative position
+  bias evaluated in the kernel, ``bias_params``); its gradient is the
+  logits' gradient, so tile_dlogits needs nothing of it.
 
   Returns (logits, aux) where aux = (capped, far) holds what tile_dlogits
   needs: the soft-capped scores (or None) and the far selector (or None).
@@ -156,6 +161,8 @@ def tile_logits(cfg: TileConfig, q, k, dist, *, slope=None, far_q=None,
   if cfg.soft_cap is not None:
     s = cfg.soft_cap * jnp.tanh(s / cfg.soft_cap)
     capped = s
+  if bias is not None:
+    s = s + bias
   if cfg.has_slopes:
     s = s - slope * jnp.abs(dist).astype(jnp.float32)
   return s, (capped, far)
