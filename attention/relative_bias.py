@@ -61,10 +61,15 @@ class RelativeBias:
   """Base: a bias from (head, query position, key position) and parameters.
 
   Subclasses are frozen dataclasses registered as pytrees (parameters as
-  data fields, settings as meta fields) and define ``num_heads``,
-  ``tile(q_pos, k_pos)`` and ``check()``.
+  data fields, named in ``param_names``; settings as meta fields) and define
+  ``num_heads``, ``tile(q_pos, k_pos)`` and ``check()``, and
+  ``param_head_axes`` (each parameter's head axis or None; without it,
+  context-parallel attention keeps the heads whole on every device).
   """
   param_names: ClassVar[tuple[str, ...]] = ()
+  # Per parameter: the axis that indexes the heads, or None (shared by all
+  # heads); context-parallel attention splits parameters along it.
+  param_head_axes: ClassVar[tuple] = ()
 
   @property
   def num_heads(self) -> int:
@@ -104,6 +109,7 @@ class T5BucketBias(RelativeBias):
   bidirectional: bool = False
   max_distance: int = 128
   param_names: ClassVar[tuple[str, ...]] = ("table",)
+  param_head_axes: ClassVar[tuple] = (1,)
 
   @property
   def num_heads(self):
@@ -137,6 +143,7 @@ class KerpleBias(RelativeBias):
   r2: Array
   variant: str = "log"
   param_names: ClassVar[tuple[str, ...]] = ("r1", "r2")
+  param_head_axes: ClassVar[tuple] = (0, 0)
 
   @property
   def num_heads(self):
@@ -182,6 +189,7 @@ class FireBias(RelativeBias):
   eps: float = 1e-6
   param_names: ClassVar[tuple[str, ...]] = (
       "w_in", "b_in", "w_out", "b_out", "c", "threshold")
+  param_head_axes: ClassVar[tuple] = (None, None, 1, 0, None, None)
 
   @property
   def num_heads(self):
@@ -221,6 +229,7 @@ class AlibiBias(RelativeBias):
   """ALiBi: ``-slope_h |i - j|``, slopes [N]."""
   slopes: Array
   param_names: ClassVar[tuple[str, ...]] = ("slopes",)
+  param_head_axes: ClassVar[tuple] = (0,)
 
   @property
   def num_heads(self):
