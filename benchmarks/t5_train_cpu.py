@@ -147,7 +147,7 @@ def run_length(args, length: int) -> dict:
     losses.append(float(jax.block_until_ready(metrics["loss"])))
     times.append(time.perf_counter() - start)
   record.update(losses=losses, step_s=times, peak_rss=rss(),
-                load_after=os.getloadavg())
+                load_after=list(os.getloadavg()))
   record["loss_finite_and_decreasing"] = bool(
       np.all(np.isfinite(losses)) and all(
           b < a for a, b in zip(losses, losses[1:])))
