@@ -33,14 +33,24 @@ Limits: the layout is contiguous, so a causal ring is unbalanced (device
 ``i`` computes ``i + 1`` of its C pairs and the step time is the busiest
 device's; no zigzag / striped layout). Self-attention only (T == S, T a
 multiple of C); no dense bias over keys (a per-query bias ``[.., T, 1]`` is
-fine). A per-head mask (``masks.PerHead``) keeps the heads whole on every
-device (no split over the head axis). Learned sinks (``sink_logits``) are
+fine; relative biases go as ``position_bias``, below). A per-head mask
+(``masks.PerHead``) keeps the heads whole on every device (no split over
+the head axis). Learned sinks (``sink_logits``) are
 merged after the keys on every strategy, so the inner implementation need
 not take them.
 
 Every device's local call is ``dot_product_attention`` with explicit global
 positions, so masks, ALiBi and the far query see the same geometry as one
 big call, and any implementation (xla, xla_chunked, pallas_*) can serve it.
+
+A ``position_bias`` (``relative_bias.RelativeBias``: T5, Kerple, FIRE) is
+passed to that local call too, so each device evaluates the bias only on
+its own shard pairs, at their global positions: per tile when the inner
+implementation takes it (xla_chunked), else materialised as the pair's
+[Bp, N, L, L] block, never the global [T, S] matrix. Its parameters are
+replicated over the context axis (split over the head axis with the heads);
+their gradient stays on the query's device and shard_map's transpose sums
+it over the context (and batch) axes once.
 """
 
 from __future__ import annotations
@@ -179,16 +189,20 @@ class _Static:
   steps: int
 
 
-def _local(st: _Static, q, k, v, slopes, bias, far_q, far_k, q_pos, k_pos,
-           q_seg, kv_seg):
-  """One shard pair through the inner implementation: (out, lse)."""
+def _local(st: _Static, q, k, v, slopes, bias, pb, far_q, far_k, q_pos,
+           k_pos, q_seg, kv_seg):
+  """One shard pair through the inner implementation: (out, lse).
+
+  ``pb`` (a RelativeBias or None) is evaluated at the pair's global
+  positions: per tile by an inner implementation that takes it, else
+  materialised by ``core.serve`` as this pair's [Bp, N, L, L] block."""
   segs = None if q_seg is None else (q_seg, kv_seg)
   return core.dot_product_attention(
       q, k, v, mask=st.call.mask, segment_ids=segs, alibi_slopes=slopes,
       bias=bias, scale=st.call.scale, logits_soft_cap=st.call.soft_cap,
       implementation=st.inner, return_residuals=True, query_positions=q_pos,
       key_positions=k_pos, far_query=far_q, far_key=far_k,
-      far_window=st.call.far_window)
+      far_window=st.call.far_window, position_bias=pb)
 
 
 def _visits(st: _Static, q_pos, k_pos, q_seg, kv_seg):
@@ -255,8 +269,8 @@ def _ring_loop(st: _Static, step, stay, moving, shard):
   return step(stay, moving, shard)
 
 
-def _ring_forward(st: _Static, q, k, v, slopes, bias, far_q, far_k, q_pos,
-                  k_pos, q_seg, kv_seg):
+def _ring_forward(st: _Static, q, k, v, slopes, bias, pb, far_q, far_k,
+                  q_pos, k_pos, q_seg, kv_seg):
   b, length, n, _ = q.shape
   out = jnp.zeros_like(q, jnp.float32, shape=(b, length, n, v.shape[-1]))
   lse = jnp.full_like(q, -jnp.inf, jnp.float32, shape=(b, n, length))
@@ -265,8 +279,8 @@ def _ring_forward(st: _Static, q, k, v, slopes, bias, far_q, far_k, q_pos,
     k_b, v_b, fk_b, kp_b, ks_b = shard
 
     def compute(carry):
-      o_b, lse_b = _local(st, q, k_b, v_b, slopes, bias, far_q, fk_b, q_pos,
-                          kp_b, q_seg, ks_b)
+      o_b, lse_b = _local(st, q, k_b, v_b, slopes, bias, pb, far_q, fk_b,
+                          q_pos, kp_b, q_seg, ks_b)
       return merge(*carry, o_b, lse_b)
 
     carry = jax.lax.cond(_visits(st, q_pos, kp_b, q_seg, ks_b), compute,
@@ -300,8 +314,8 @@ def _unpack(buffer, likes):
 
 
 def _ring_backward(st: _Static, residuals, cotangents):
-  (q, k, v, slopes, bias, far_q, far_k, q_pos, k_pos, q_seg, kv_seg, out,
-   lse) = residuals
+  (q, k, v, slopes, bias, pb, far_q, far_k, q_pos, k_pos, q_seg, kv_seg,
+   out, lse) = residuals
   d_out, d_lse = cotangents
   d_out = d_out.astype(jnp.float32)
   d_lse = jnp.where(jnp.isfinite(lse), d_lse.astype(jnp.float32), 0.0)
@@ -326,7 +340,10 @@ def _ring_backward(st: _Static, residuals, cotangents):
   packed = _pack(floats, jnp.result_type(*[x for x in floats
                                            if x is not None]))
   zeros = lambda x: None if x is None else jnp.zeros_like(x, jnp.float32)
-  q_side = (zeros(q), zeros(slopes), zeros(bias), zeros(far_q))
+  # The bias parameters' gradient stays with the queries, like the slopes'
+  # (shard_map's transpose then sums it over the context axis, once).
+  q_side = (zeros(q), zeros(slopes), zeros(bias),
+            jax.tree.map(zeros, pb), zeros(far_q))
   k_side = jnp.zeros(packed.shape, jnp.float32)
   add = lambda acc, g: jax.tree.map(lambda a, b: a + b.astype(a.dtype), acc,
                                     g)
@@ -336,11 +353,12 @@ def _ring_backward(st: _Static, residuals, cotangents):
 
     def compute(acc):
       k_b, v_b, fk_b = _unpack(packed_b, floats)
-      fn = lambda q, k, v, sl, bi, fq, fk: _local(
-          st, q, k, v, sl, bi, fq, fk, q_pos, kp_b, q_seg, ks_b)
-      (o_b, lse_b), vjp = jax.vjp(fn, q, k_b, v_b, slopes, bias, far_q, fk_b)
-      gq, gk, gv, gsl, gbi, gfq, gfk = vjp(block_cotangents(o_b, lse_b))
-      return add(acc, ((gq, gsl, gbi, gfq),
+      fn = lambda q, k, v, sl, bi, p, fq, fk: _local(
+          st, q, k, v, sl, bi, p, fq, fk, q_pos, kp_b, q_seg, ks_b)
+      (o_b, lse_b), vjp = jax.vjp(fn, q, k_b, v_b, slopes, bias, pb, far_q,
+                                  fk_b)
+      gq, gk, gv, gsl, gbi, gpb, gfq, gfk = vjp(block_cotangents(o_b, lse_b))
+      return add(acc, ((gq, gsl, gbi, gpb, gfq),
                        _pack((gk, gv, gfk), jnp.float32)))
 
     return jax.lax.cond(_visits(st, q_pos, kp_b, q_seg, ks_b), compute,
@@ -351,17 +369,18 @@ def _ring_backward(st: _Static, residuals, cotangents):
   if st.steps > 1:
     k_side = _shift(st, k_side, 1 - st.steps)  # home
   cast = lambda g, x: None if x is None else g.astype(x.dtype)
-  dq, dsl, dbi, dfq = q_side
+  dq, dsl, dbi, dpb, dfq = q_side
   dk, dv, dfk = _unpack(k_side, floats)
   return (cast(dq, q), dk, dv, cast(dsl, slopes), cast(dbi, bias),
-          cast(dfq, far_q), dfk, None, None, None, None)
+          jax.tree.map(cast, dpb, pb), cast(dfq, far_q), dfk, None, None,
+          None, None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring(st, q, k, v, slopes, bias, far_q, far_k, q_pos, k_pos, q_seg,
+def _ring(st, q, k, v, slopes, bias, pb, far_q, far_k, q_pos, k_pos, q_seg,
           kv_seg):
-  return _ring_forward(st, q, k, v, slopes, bias, far_q, far_k, q_pos, k_pos,
-                       q_seg, kv_seg)
+  return _ring_forward(st, q, k, v, slopes, bias, pb, far_q, far_k, q_pos,
+                       k_pos, q_seg, kv_seg)
 
 
 def _ring_fwd(st, *args):
@@ -372,7 +391,7 @@ def _ring_fwd(st, *args):
 _ring.defvjp(_ring_fwd, _ring_backward)
 
 
-def _ring_with_sinks(st: _Static, plan: RingPlan, q, k, v, slopes, bias,
+def _ring_with_sinks(st: _Static, plan: RingPlan, q, k, v, slopes, bias, pb,
                      far_q, far_k, q_pos, k_pos):
   """Lambda(sinks, w): sinks gathered apart, the ring over the window only.
 
@@ -385,15 +404,15 @@ def _ring_with_sinks(st: _Static, plan: RingPlan, q, k, v, slopes, bias,
   take = lambda x: None if x is None else jax.lax.all_gather(
       x[:, :ns], st.axis)[0]
   sink_pos = jnp.arange(ns, dtype=jnp.int32)[None]
-  out_s, lse_s = _local(st, q, take(k), take(v), slopes, bias, far_q,
+  out_s, lse_s = _local(st, q, take(k), take(v), slopes, bias, pb, far_q,
                         take(far_k), q_pos, sink_pos, None, None)
   b, length = q.shape[:2]
   q_seg = jnp.zeros((b, length), jnp.int32)
   kv_seg = jnp.broadcast_to(k_pos < ns, (b, length)).astype(jnp.int32)
   window = dataclasses.replace(st, call=dataclasses.replace(
       st.call, mask=masks_lib.SlidingWindow(st.call.mask.window)))
-  out_w, lse_w = _ring(window, q, k, v, slopes, bias, far_q, far_k, q_pos,
-                       k_pos, q_seg, kv_seg)
+  out_w, lse_w = _ring(window, q, k, v, slopes, bias, pb, far_q, far_k,
+                       q_pos, k_pos, q_seg, kv_seg)
   out, lse = merge(out_w, lse_w, out_s, lse_s)
   return out.astype(q.dtype), lse
 
@@ -409,16 +428,31 @@ def add_sinks(out, lse, sink_logits):
   return merged.astype(out.dtype), lse
 
 
-def _all_gather(st: _Static, q, k, v, slopes, bias, far_q, far_k, q_pos,
+def _all_gather(st: _Static, q, k, v, slopes, bias, pb, far_q, far_k, q_pos,
                 k_pos, q_seg, kv_seg):
   gather = lambda x: None if x is None else jax.lax.all_gather(
       x, st.axis, axis=1, tiled=True)
-  return _local(st, q, gather(k), gather(v), slopes, bias, far_q,
+  return _local(st, q, gather(k), gather(v), slopes, bias, pb, far_q,
                 gather(far_k), q_pos, gather(k_pos), q_seg, gather(kv_seg))
 
 
 # --------------------------------------------------------------------------
 # The implementation: mesh checks, partition specs, shard_map.
+
+
+def _position_bias_specs(pb, head):
+  """``pb`` with each parameter replaced by its PartitionSpec: replicated
+  (so shard_map's transpose sums its gradient over the context and batch
+  axes), and split over ``head`` along the parameter's head axis, if any."""
+  def spec(name, axis):
+    entries = [None] * getattr(pb, name).ndim
+    if axis is not None:
+      entries[axis] = head
+    return P(*entries)
+  axes = pb.head_axes if head is not None else (None,) * len(
+      pb.param_names)
+  return dataclasses.replace(pb, **{
+      name: spec(name, axis) for name, axis in zip(pb.param_names, axes)})
 
 
 def _spec_entry(axes):
@@ -444,6 +478,7 @@ class ContextParallel(core.Implementation):
   """
   name = "context_parallel"
   takes_sink_logits = True     # merged after the ring (``add_sinks``)
+  takes_position_bias = True   # passed on per shard pair (``_local``)
 
   def __init__(self, inner=None, *, axis_name: str = core.CONTEXT_AXIS,
                strategy: str = "ring", mesh=None,
@@ -526,8 +561,9 @@ class ContextParallel(core.Implementation):
                                 f"size C={c}")
     if request.bias is not None and request.bias.shape[3] != 1:
       raise NotImplementedError(
-          "context_parallel takes no dense bias over keys (T5, Kerple, FIRE "
-          f"biases), got bias shape {request.bias.shape}; use ALiBi slopes")
+          "context_parallel takes no dense bias over keys, got bias shape "
+          f"{request.bias.shape}; pass a relative bias (T5, Kerple, FIRE) as "
+          "position_bias, or ALiBi slopes")
     plan = self.plan(request, c)
     st = _Static(call=geometry.AttentionStatics.of(request), inner=self.inner,
                  axis=self.axis_name, num_shards=c, steps=plan.steps)
@@ -542,8 +578,12 @@ class ContextParallel(core.Implementation):
     # A per-head mask names global head indices: heads stay whole on each
     # device (the mask is static, so a device cannot pick its slice).
     per_head = request.mask is not None and request.mask.per_head
+    # So does a relative bias that does not say which axis holds its heads.
+    pb = request.position_bias
+    whole = per_head or (pb is not None and len(pb.head_axes) != len(
+        pb.param_names))
     head = self.head_axis if (hs > 1 and n % hs == 0 and k % hs == 0
-                              and not per_head) else None
+                              and not whole) else None
     ctx = self.axis_name
     by_batch = lambda x: batch if x.shape[0] == b else None
 
@@ -552,7 +592,7 @@ class ContextParallel(core.Implementation):
                 q_seg=request.q_segment_ids, kv_seg=request.kv_segment_ids,
                 slopes=request.alibi_slopes, bias=request.bias,
                 far_q=request.far_query, far_k=request.far_key,
-                sinks=request.sink_logits)
+                sinks=request.sink_logits, pb=request.position_bias)
     args = {name: x for name, x in args.items() if x is not None}
     specs = {}
     for name, x in args.items():
@@ -562,6 +602,8 @@ class ContextParallel(core.Implementation):
         specs[name] = P(by_batch(x), ctx)
       elif name == "sinks":   # [N]
         specs[name] = P(head)
+      elif name == "pb":      # replicated, split over the heads with them
+        specs[name] = _position_bias_specs(x, head)
       elif name == "slopes":
         specs[name] = P(by_batch(x), head if x.shape[1] == n else None)
       else:  # bias [Bb, Nb, Tb, 1]
@@ -570,8 +612,8 @@ class ContextParallel(core.Implementation):
 
     def body(a):
       get = a.get
-      common = (get("slopes"), get("bias"), get("far_q"), get("far_k"),
-                get("q_pos"), get("k_pos"))
+      common = (get("slopes"), get("bias"), get("pb"), get("far_q"),
+                get("far_k"), get("q_pos"), get("k_pos"))
       if self.strategy == "all_gather":
         out, lse = _all_gather(st, a["q"], a["k"], a["v"], *common,
                                get("q_seg"), get("kv_seg"))
@@ -591,8 +633,12 @@ class ContextParallel(core.Implementation):
       # to in_specs.
       to = lambda spec: (jax.sharding.NamedSharding(mesh, spec) if isinstance(
           mesh, jax.sharding.Mesh) else spec)
-      args = {name: jax.sharding.reshard(x, to(specs[name]))
-              for name, x in args.items()}
+      def reshard(x, spec):   # x an array or a RelativeBias of arrays
+        leaves, tree = jax.tree.flatten(x)
+        parts = jax.tree.leaves(spec, is_leaf=lambda y: isinstance(y, P))
+        return jax.tree.unflatten(tree, [jax.sharding.reshard(a, to(sp))
+                                         for a, sp in zip(leaves, parts)])
+      args = {name: reshard(x, specs[name]) for name, x in args.items()}
     # check_vma=False: the inner implementations build their loop carries
     # without device-variance types (xla_chunked's jnp.full inits, Pallas
     # calls), which the check rejects inside lax.switch / scan. Without it,

@@ -79,12 +79,17 @@ class RelativeBias:
   """Base: a bias from (head, query position, key position) and parameters.
 
   Subclasses are frozen dataclasses registered as pytrees (parameters as
-  data fields, settings as meta fields) and define ``num_heads``,
-  ``tile(q_pos, k_pos)`` and ``check()``.
+  data fields, named in ``param_names``; settings as meta fields) and define
+  ``num_heads``, ``tile(q_pos, k_pos)`` and ``check()``, and
+  ``head_axes`` (each parameter's head axis or None: the Pallas kernels
+  slice parameters per head along it, context-parallel attention splits
+  them across devices along it; without it, context-parallel attention
+  keeps the heads whole on every device).
   """
   param_names: ClassVar[tuple[str, ...]] = ()
   # Per parameter (``param_names`` order): the axis that indexes heads, or
-  # None for a parameter every head shares.
+  # None for a parameter every head shares.  The Pallas kernels and
+  # context-parallel attention both read it.
   head_axes: ClassVar[tuple[Optional[int], ...]] = ()
 
   @property
