@@ -108,6 +108,7 @@ def test_report_tables_and_plots(tmp_path):
       "rope_scaling_perplexity_nonoverlap.png",
       "mask_perplexity_nonoverlap.png",
       "passkey_passkey_accuracy_passkey.png",
+      "passkey_passkey_accuracy_passkey_curve.png",
       "algorithmic_sequence_accuracy_copy.png"])
   for name in pngs:
     assert f"]({name})" in text
