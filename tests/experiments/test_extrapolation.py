@@ -172,7 +172,7 @@ def test_default_config_is_the_study():
   extrapolation.validate_config(config)
   names = [e.name for e in extrapolation.evaluations(config)]
   assert [n for n in names if n.startswith("length/")] == [
-      f"length/{v}" for v in variants]
+      f"length/{v}" for v in variants + tuple(config.finetunes.keys())]
   assert "rope_scaling/rope" in names and "mask/rope" in names
   train = extrapolation.variant_config(config, "alibi", "/tmp/x")
   assert train.model.pe == "alibi" and train.data.cache_dir == "/tmp/x/data"
