@@ -205,6 +205,9 @@ def field_docs(config, config_path: str) -> dict[str, str]:
                                     "'package.module:function'")
       for key, text in evaluator.help.items():
         docs[f"evals.{name}.{key}"] = text
+      docs.setdefault(f"evals.{name}.seeds",
+                      "the study seeds it runs on, comma-separated (the "
+                      "runner's setting; '': every seed)")
   return docs
 
 

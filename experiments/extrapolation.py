@@ -60,7 +60,9 @@ Seeds: ``--config.seeds=0,1,2`` trains and evaluates every variant once per
 seed, in ``WORKDIR/runs/<variant>/seed<k>`` (``experiments.seeds``; with no
 seeds, one run per variant in ``runs/<variant>`` as before); the records
 carry their seed, and the report's tables and plots show the mean over
-seeds with its spread (sample std, n; a band in the plots).
+seeds with its spread (sample std, n; a band in the plots). An evaluation
+entry's ``seeds`` (like ``models``, read by the runner:
+``--config.evals.mask.seeds=0``) runs it on those seeds' models only.
 
 A study of a loaded model instead: ``config.model_source`` names a
 pretrained model (a zoo name such as "smollm2-135m-instruct", a GGUF file,
@@ -135,6 +137,7 @@ class _Entry:
   evaluator: evals.Evaluator
   models: tuple
   settings: Optional[dict]   # None: nothing to run
+  seeds: Optional[tuple] = None   # None: every seed of the study
 
 
 def _entries(config) -> list[_Entry]:
@@ -158,6 +161,7 @@ def _entries(config) -> list[_Entry]:
       evaluator = evals.get(type_name)
       models = evals.select_models(name, settings.pop("models", ""),
                                    variants)
+      seeds = _entry_seeds(settings.pop("seeds", None), config)
       checked = evaluator.validate(dict(settings, models=models), config)
     except ValueError as e:
       message = str(e)
@@ -167,8 +171,26 @@ def _entries(config) -> list[_Entry]:
     if checked is not None:
       checked = dict(checked)
       checked.pop("models", None)
-    out.append(_Entry(name, type_name, evaluator, models, checked))
+    out.append(_Entry(name, type_name, evaluator, models, checked, seeds))
   return out
+
+
+def _entry_seeds(value, config) -> Optional[tuple]:
+  """An evaluation's ``seeds`` (a runner setting, like ``models``): the
+  study seeds it runs on, comma-separated ("0,1"); "" or None: all."""
+  values = () if value is None else evals.split_numbers(value)
+  if not values:
+    return None
+  study = seeds_lib.study_seeds(config)
+  if study is None:
+    raise ValueError(f"seeds={value!r}: the study has no config.seeds; "
+                     "leave seeds out (the evaluation runs on each run)")
+  bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int)
+         or v not in study]
+  if bad or not values:
+    raise ValueError(f"seeds={value!r} must name seeds of config.seeds="
+                     f"{study!r} (comma-separated; () for all)")
+  return tuple(int(v) for v in values)
 
 
 def model_source(config) -> Optional[str]:
@@ -287,6 +309,7 @@ class Evaluation:
     evaluate: (model, eval documents, labels) -> records.
     experiment: the config.evals entry's name (the records' experiment).
     needs_documents: whether evaluate reads the eval documents.
+    seeds: the study seeds it runs on (None: every one).
   """
   name: str
   variant: str
@@ -294,6 +317,7 @@ class Evaluation:
   evaluate: Callable[[Any, list, dict], list]
   experiment: str = ""
   needs_documents: bool = True
+  seeds: Optional[tuple] = None
 
 
 def _evaluate(entry: _Entry, settings: dict):
@@ -317,7 +341,7 @@ def evaluations(config) -> list[Evaluation]:
             f"{entry.name}/{variant}", variant,
             dict(entry.settings, type=entry.type),
             _evaluate(entry, entry.settings), entry.name,
-            entry.evaluator.needs_documents))
+            entry.evaluator.needs_documents, entry.seeds))
   return out
 
 
@@ -517,8 +541,10 @@ def _run_study(config, workdir: str, started: float) -> StudyResult:
   seeds = seeds_lib.study_seeds(config)
   for variant in study_finetune.all_variants(config):   # fine-tunes after their bases
     for seed in seeds or (None,):
-      _run_variant(config, workdir, variant, seed,
-                   by_variant.get(variant, ()), done, result, documents)
+      mine = [e for e in by_variant.get(variant, ())
+              if seed is None or e.seeds is None or seed in e.seeds]
+      _run_variant(config, workdir, variant, seed, mine, done, result,
+                   documents)
   if committed is None:   # an older workdir: start counting
     _write_done(workdir, done, _count_lines(results_path))
   result.records = records_lib.read(results_path)
@@ -574,6 +600,8 @@ def _run_variant(config, workdir: str, variant: str, seed: Optional[int],
     model, step = _trained_model(train, run_dir, name, step, result)
   labels = dict(model=variant, seed=seeds_lib.seed_of(config, seed),
                 step=int(step))
+  if study_finetune.base_of(config, variant) is not None:
+    labels["base"] = study_finetune.base_of(config, variant)
   for evaluation in pending_evaluations:
     fingerprint = _fingerprint(evaluation, train, step)
     if done.get(key(evaluation)) == fingerprint:

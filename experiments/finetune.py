@@ -23,6 +23,10 @@ gives the rope_scaling and rope_base fields of each):
   ntk_by_parts  YaRN's frequency ramp without the temperature.
   abf           Adjusted base frequency (Code Llama, ABF): no scaling, the
                 RoPE base multiplied by ``base_factor``.
+  continue      The position settings unchanged (any position encoding):
+                plain continued training, at the same length (factor 1,
+                e.g. on another data mix) or longer (PI's "direct
+                fine-tuning" baseline).
 
 Only the first start of a run loads ``init_from``; a fine-tune that was
 stopped resumes from its own checkpoints as any run does. The weights'
@@ -53,7 +57,7 @@ __all__ = ["OPTIMIZER_CHOICES", "METHODS", "SIZE_FIELDS", "validate",
            "scaling", "finetune_config", "initial_state"]
 
 OPTIMIZER_CHOICES = ("reset", "keep")
-METHODS = ("pi", "yarn", "ntk_by_parts", "abf")
+METHODS = ("pi", "yarn", "ntk_by_parts", "abf", "continue")
 # ModelConfig fields that decide the weights' shapes.
 SIZE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads",
                "num_kv_heads", "head_dim", "mlp_dim", "tie_embeddings")
@@ -109,6 +113,9 @@ def scaling(method: str, factor: float, original_len: int, *,
   if method not in METHODS:
     raise ValueError(f"fine-tuning method {method!r} must be one of "
                      f"{METHODS}")
+  if method == "continue":
+    raise ValueError("method 'continue' keeps the run's own position "
+                     "settings; finetune_config applies it (no scaling)")
   if method == "abf":
     if not base_factor > 0:
       raise ValueError(f"abf base_factor={base_factor!r} must be > 0")
@@ -138,13 +145,14 @@ def finetune_config(config, init_from: Optional[str], *, method: str,
   config.unlock()
   old_len = int(config.train_len)
   new_len = int(train_len) or int(round(factor * old_len))
-  settings = scaling(method, new_len / old_len, old_len,
-                     base=float(config.model.get("rope_base", 10000.0)),
-                     base_factor=base_factor)
-  rope_scaling = settings["rope_scaling"]
-  config.model.rope_scaling = (None if rope_scaling is None
-                               else json.dumps(rope_scaling))
-  config.model.rope_base = settings["rope_base"]
+  if method != "continue":   # "continue": the run's position settings
+    settings = scaling(method, new_len / old_len, old_len,
+                       base=float(config.model.get("rope_base", 10000.0)),
+                       base_factor=base_factor)
+    rope_scaling = settings["rope_scaling"]
+    config.model.rope_scaling = (None if rope_scaling is None
+                                 else json.dumps(rope_scaling))
+    config.model.rope_base = settings["rope_base"]
   config.train_len = new_len
   config.batch_size = int(batch_size) or max(
       1, int(config.batch_size) * old_len // new_len)

@@ -27,8 +27,9 @@ Optional fields: ``variant`` (the report's column label), ``experiment``
 (which sweep made it: one report table per experiment), ``depth`` (passkey),
 ``position`` / ``position_end`` (loss-per-position buckets), ``train_min_len``
 (the shortest training length of a task), ``n_trials``, ``decode``
-(passkey: teacher_forced or greedy) and ``answers`` (a greedy passkey cell's
-decoded continuations, one string per trial).
+(passkey: teacher_forced or greedy), ``answers`` (a greedy passkey cell's
+decoded continuations, one string per trial) and ``base`` (a fine-tuned
+study variant's base variant, ``study_finetune``).
 
 NaN and infinite values are written as JSON's ``NaN`` / ``Infinity`` (what
 Python's json module reads back).
@@ -51,7 +52,7 @@ FIELDS = ("model", "pe", "scaling", "scale", "mask", "train_len", "eval_len",
           "step")
 OPTIONAL_FIELDS = ("variant", "experiment", "depth", "position",
                    "position_end", "train_min_len", "n_trials", "decode",
-                   "answers")
+                   "answers", "base")
 MODES = ("nonoverlap", "sliding")
 
 
@@ -131,7 +132,7 @@ def make_record(**fields) -> dict[str, Any]:
     raise ValueError(f"record field 'stride' is set exactly when mode is "
                      f"'sliding'; got mode={record['mode']!r}, "
                      f"stride={record['stride']!r}")
-  for name in ("variant", "experiment", "decode"):
+  for name in ("variant", "experiment", "decode", "base"):
     if name in f:
       record[name] = _text(name, f[name], optional=True)
   if "depth" in f:

@@ -11,15 +11,20 @@ Each entry's name is a variant of the study (its run is
 WORKDIR/runs/<name>[/seed<k>], trained after its base from the base run's
 latest checkpoint of the same seed; the evaluations' ``models`` may name
 it, and ``""`` includes it). Settings: ``base`` (a variant of
-config.variants), ``method`` (pi, yarn, ntk_by_parts, abf), ``factor``
-(the new train_len is factor x config.train.train_len), ``steps``, and
-optionally ``learning_rate`` (0: a tenth of the base's), ``warmup_steps``
-(20), ``optimizer`` (reset or keep) and ``base_factor`` (abf, 100). The
+config.variants), ``method`` (pi, yarn, ntk_by_parts, abf, continue),
+``factor`` (the new train_len is factor x config.train.train_len; > 1, or
+>= 1 for continue), ``steps``, and optionally ``learning_rate`` (0: a tenth
+of the base's), ``warmup_steps`` (20), ``optimizer`` (reset or keep),
+``base_factor`` (abf, 100) and ``retrieval_mix`` (a fraction of each
+batch's rows that are short passkey examples, ``data.RetrievalMix``: a
+retrieval fine-tune; 0 or absent: the base's data). The
 evaluations keep measuring at multiples of the study's train_len, so the
 fine-tuned model's column sits beside its base's and, in the rope_scaling
 section, beside the zero-shot scaling of the same factor; its records keep
 the study's train_len (the base's) and carry the scaling the model runs
-with (``scaling``, ``scale``: "rope_pi4 linear x4" in the tables).
+with (``scaling``, ``scale``: "rope_pi4 linear x4" in the tables) and
+their base (``base``: the rope_scaling section shows a fine-tune of its
+model beside the zero-shot scalings).
 """
 
 from __future__ import annotations
@@ -30,10 +35,10 @@ from typing import Optional
 from extrapolax.experiments import finetune
 from extrapolax.experiments import seeds as seeds_lib
 
-__all__ = ["names", "all_variants", "validate", "train_config"]
+__all__ = ["names", "base_of", "all_variants", "validate", "train_config"]
 
 _KEYS = ("base", "method", "factor", "steps", "learning_rate",
-         "warmup_steps", "optimizer", "base_factor")
+         "warmup_steps", "optimizer", "base_factor", "retrieval_mix")
 
 
 def _entries(config) -> dict:
@@ -47,6 +52,12 @@ def _entries(config) -> dict:
 def names(config) -> tuple[str, ...]:
   """The fine-tuned variants' names, in config order."""
   return tuple(_entries(config))
+
+
+def base_of(config, name: str):
+  """The base variant of fine-tuned variant ``name`` (None: not one)."""
+  entry = _entries(config).get(name)
+  return None if entry is None else entry.get("base")
 
 
 def all_variants(config) -> tuple[str, ...]:
@@ -79,16 +90,29 @@ def validate(config, variants: tuple, variant_config) -> None:
                        f"of {finetune.METHODS}")
     for key in ("factor", "steps"):
       value = entry.get(key)
-      if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-          value <= (1 if key == "factor" else 0)):
-        raise ValueError(f"{where}.{key}={value!r} must be a number > "
-                         f"{1 if key == 'factor' else 0}")
+      least = 1 if key == "factor" else 0
+      if key == "factor" and entry["method"] == "continue":
+        ok = _is_number(value) and value >= 1
+        bound = ">= 1 (continue)"
+      else:
+        ok = _is_number(value) and value > least
+        bound = f"> {least}"
+      if not ok:
+        raise ValueError(f"{where}.{key}={value!r} must be a number {bound}")
+    mix = entry.get("retrieval_mix", 0)
+    if not _is_number(mix) or not 0 <= mix <= 1:
+      raise ValueError(f"{where}.retrieval_mix={mix!r} must be a fraction in "
+                       "[0, 1] (0: the base's data)")
     from extrapolax.experiments import trainer  # pylint: disable=import-outside-toplevel
     try:
       trainer.validate_config(train_config(config, name, "", None,
                                            variant_config))
     except ValueError as e:
       raise ValueError(f"{where}: {e}") from e
+
+
+def _is_number(value) -> bool:
+  return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
 def train_config(config, name: str, workdir: str, seed: Optional[int],
@@ -102,10 +126,13 @@ def train_config(config, name: str, workdir: str, seed: Optional[int],
   train.seed = seeds_lib.seed_of(config, seed)
   init_from = (seeds_lib.run_dir(os.path.abspath(workdir), base, seed)
                if workdir else None)
-  return finetune.finetune_config(
+  train = finetune.finetune_config(
       train, init_from, method=entry["method"],
       factor=float(entry["factor"]), steps=int(entry["steps"]),
       learning_rate=float(entry.get("learning_rate") or 0.0),
       warmup_steps=int(entry.get("warmup_steps", 20)),
       optimizer=entry.get("optimizer", "reset") if workdir else "reset",
       base_factor=float(entry.get("base_factor", 100.0)))
+  if entry.get("retrieval_mix"):
+    train.data.retrieval_mix = float(entry["retrieval_mix"])
+  return train

@@ -346,6 +346,16 @@ def validate_data_config(config) -> None:
   _check_number("data.eval_fraction", fields.eval_fraction, minimum=0,
                 maximum=1)
   _check_number("data.split_seed", fields.split_seed, minimum=0, integer=True)
+  mix = fields.get("retrieval_mix")
+  if mix is not None:
+    if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not (
+        0 <= mix <= 1):
+      raise ValueError(f"config.data.retrieval_mix={mix!r} must be a "
+                       "fraction in [0, 1] of each batch's rows (0: none)")
+    if mix and fields.task is not None:
+      raise ValueError(f"config.data.retrieval_mix={mix!r} mixes passkey "
+                       "examples into a text corpus; config.data.task="
+                       f"{fields.task!r} is a task (use one or the other)")
   try:
     sampler = data.position_sampler(fields.get("positions", "plain"))
     sampler.check_length(config.train_len)
@@ -368,7 +378,9 @@ def make_source(config, workdir: str):
   [data.task_min_length, data.task_max_length], default: all that fit
   train_len). Otherwise the training split of config.data.corpus, tokenized
   into a token store under ``data_dir`` (cached), served by
-  ``data.TrainSource`` with config.data.packing.
+  ``data.TrainSource`` with config.data.packing; with
+  config.data.retrieval_mix (optional, a fraction), that share of each
+  batch's rows holds short passkey examples instead (``data.RetrievalMix``).
   """
   data, fields = _data(), config.data
   if fields.task is not None:
@@ -386,6 +398,10 @@ def make_source(config, workdir: str):
     source = data.TrainSource(store, seq_len=config.train_len,
                               batch_size=config.batch_size, seed=config.seed,
                               packing=fields.packing)
+  if fields.get("retrieval_mix"):
+    source = data.RetrievalMix(
+        source, fraction=fields.retrieval_mix, seq_len=config.train_len,
+        seed=config.seed, tokenizer=data.get_tokenizer(fields.tokenizer))
   sampler = data.position_sampler(fields.get("positions", "plain"))
   if isinstance(sampler, data.positions.Plain):
     return source

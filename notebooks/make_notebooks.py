@@ -397,8 +397,8 @@ EXTRAPOLATION = header(
               "--config.variants=rope,alibi",
               "--config.train.checkpoint_every=1000",
               "--config.evals.passkey.depths=0,0.5,1"]
-    else:       # a few minutes on a CPU: 1000 steps of 16 x 64 tokens each
-      size = ["--config=extrapolation.py:steps=1000,train_len=64",
+    else:       # minutes on a CPU: 1000 steps of 16 x 64 tokens, one seed
+      size = ["--config=extrapolation.py:steps=1000,train_len=64,seeds=0",
               "--config.variants=rope,alibi,sinusoidal",
               "--config.evals.rope_scaling.methods=linear,ntk,yarn,llama3",
               "--config.evals.mask.masks=sliding_window,lambda",

@@ -129,6 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
     data.eval_fraction, data.split_seed: the document split (the evaluators
       use the same one: ``data.build_store(..., split="eval",
       eval_fraction=..., split_seed=...)``).
+    data.retrieval_mix: optional, absent here: the fraction of each batch's
+      rows that are short passkey examples (``data.RetrievalMix``; a
+      retrieval fine-tune sets it).
     data.cache_dir: the token stores (and downloaded corpus archives); None:
       stores in WORKDIR/data, archives in data.default_cache_dir().
     train_len: training sequence length (the model's max_len).

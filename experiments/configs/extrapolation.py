@@ -2,14 +2,31 @@ r"""The default length-extrapolation study (the README's main job).
 
 Tiny byte-level models (the tiny config: 2 layers, d_model 64, 4 query heads
 over 2 key/value heads) that differ only in their position encoding
-(nope, sinusoidal, learned, rope, alibi, t5), each trained for 1000 steps of
-16 x 64 tokens on the Python standard library's sources, then evaluated on
-the held-out documents at 1, 2, 4, 8 and 16 times the training length
-(non-overlapping perplexity, 16,384 scored tokens per length); the RoPE model
-also with zero-shot RoPE scalings (linear, dynamic NTK, YaRN, llama3, factor
-matched to each length) and with a sliding window, a Lambda mask and Lambda
-plus LM-Infinite's distance ceiling at inference; passkey retrieval at 256
-and 512 tokens.
+(nope, sinusoidal, learned, rope, alibi, t5), each trained with 3 seeds
+(0, 1, 2) for 1000 steps of 16 x 64 tokens on the Python standard library's
+sources, then evaluated on the held-out documents at 1, 2, 4, 8 and 16
+times the training length (non-overlapping perplexity, 16,384 scored tokens
+per length; tables mean +- sample std over the seeds, plots a band). Then,
+from each seed's RoPE model:
+
+* ``rope_pi4`` and ``rope_yarn4``: fine-tuned for 200 steps (4 x 256
+  tokens, learning rate 3e-4) to 4x the training length with Position
+  Interpolation and with YaRN; the rope_scaling table shows them beside the
+  zero-shot PI ("linear") and YaRN of the same model.
+* ``rope_passkey``: trained on for 800 steps (learning rate 3e-3) on short
+  passkey prompts only (``data.RetrievalMix`` with retrieval_mix=1.0:
+  "key=KEY. " somewhere in 16 to 59 tokens of filler, then "\nkey=", the
+  loss on the 5 key digits), so it retrieves inside its training length
+  and the passkey curve past it says something. Mixing a quarter or half
+  of each batch into the text corpus did not teach retrieval in 300-500
+  steps (0.00 exact match; see the README).
+
+The RoPE model's sweeps run on seed 0's model only (to keep the job under
+15 minutes; ``evals.<name>.seeds``): zero-shot RoPE scalings (linear,
+dynamic NTK, YaRN, llama3, factor matched to each length) and a sliding
+window, a Lambda mask and Lambda plus LM-Infinite's distance ceiling at
+inference. Passkey retrieval with the short prompt at 32 to 512 tokens
+(depths 0, 0.5, 1; 8 keys each) for every model.
 
 Command (from the repository root; ``--config`` defaults to this file)::
 
@@ -21,14 +38,16 @@ Variants (``:key=value,...``)::
   --config=experiments/configs/extrapolation.py:steps=2000,train_len=128
   --config=experiments/configs/extrapolation.py:from_zoo  # zoo weights,
                                                    # no training (seconds)
-  --config=experiments/configs/extrapolation.py:seeds=3  # seeds 0, 1, 2
+  --config=experiments/configs/extrapolation.py:seeds=0  # one run per
+                                                   # variant (a third of it)
 
 Any field can be overridden too: ``--config.variants=rope,alibi``,
 ``--config.train.model.d_model=128``,
 ``--config.evals.length.multiples=1,2,4``,
 ``--config.evals.passkey.lengths=()`` (no passkey grid),
-``--config.evals.mask.models=none`` (no mask sweep). Lists of names are
-comma-separated strings (a tuple also works in a config file).
+``--config.evals.mask.models=none`` (no mask sweep),
+``--config.evals.mask.seeds=`` (the mask sweep on every seed). Lists of
+names are comma-separated strings (a tuple also works in a config file).
 ``--config_help`` lists every field with its default.
 
 Fields:
@@ -38,25 +57,31 @@ Fields:
     (``extrapolax.models.zoo``; the default training recipe only).
   variants: the models, one per position encoding (nope, sinusoidal,
     learned, rope, alibi, t5, kerple, fire).
-  seeds: the training seeds each variant runs with (``--config.seeds=0,1,2``;
-    runs/<variant>/seed<k>); () (the default): one run per variant with
-    train.seed, in runs/<variant>. The report shows mean, std and n over
-    seeds (``experiments.seeds``).
-  finetunes: optional (absent here): fine-tuned variants, each a dict of
-    base, method (pi, yarn, ntk_by_parts, abf), factor, steps, ...
-    (``experiments.study_finetune``), trained from their base's checkpoint.
+  seeds: the training seeds each variant runs with (here (0, 1, 2);
+    runs/<variant>/seed<k>); (): one run per variant with train.seed, in
+    runs/<variant>. The report shows mean, std and n over seeds
+    (``experiments.seeds``).
+  finetunes: fine-tuned variants, each a dict of base, method (pi, yarn,
+    ntk_by_parts, abf, continue), factor, steps, retrieval_mix, ...
+    (``experiments.study_finetune``), trained from their base's checkpoint
+    of the same seed (here rope_pi4, rope_yarn4, rope_passkey; none with
+    from_zoo or quick).
   evals: the evaluations, by name; each entry's type is an evaluator
     (``extrapolax.experiments.evals``: length, rope_scaling, mask, passkey,
     algorithmic, ruler) or "package.module:function", models picks the variants
-    ("" every one, "none" none), the other keys are the evaluator's
-    settings (its module docstring lists them).
+    ("" every one, "none" none), seeds the study seeds it runs on ("" all),
+    the other keys are the evaluator's settings (its module docstring lists
+    them).
   evals.length: perplexity vs length of every variant.
   evals.rope_scaling: the RoPE variant with zero-shot RoPE scalings.
   evals.mask: the RoPE variant with other masks at inference.
-  evals.passkey: passkey retrieval accuracy.
+  evals.passkey: passkey retrieval accuracy (the short prompt).
 
-Expected result: see the README's "Main job" section (the table this
-command printed, with the machine and the wall time).
+Expected result: see the README's "Main job" section (the tables this
+command printed). Measured (2-core AMD EPYC, jax 0.10.2, 2026-12-06): 17
+min 29 s wall with other jobs on the CPU (load average 1.4 rising to 7.3);
+the 18 core runs and their evaluations took the first 10 min 10 s, the 9
+fine-tunes the rest (BENCHMARKS.md, "Main job"). The budget is 15 minutes.
 """
 
 import ml_collections
@@ -81,17 +106,50 @@ def _perplexity() -> dict:
       context_devices=1)
 
 
+VARIANTS = ("nope", "sinusoidal", "learned", "rope", "alibi", "t5")
+SEEDS = 3
+# Short passkey prompts (``data.short_passkey_prompt``): half, one, two,
+# four and eight times the training length of 64.
+PASSKEY_LENGTHS = (32, 64, 128, 256, 512)
+FINETUNE_STEPS = 200
+RETRIEVAL_STEPS = 800
+RETRIEVAL_MIX = 1.0
+RETRIEVAL_LEARNING_RATE = 3e-3
+
+
+def finetunes() -> ml_collections.ConfigDict:
+  """The fine-tuned variants: RoPE fine-tuned to 4x its length with PI and
+  with YaRN (beside their zero-shot versions), and RoPE trained on short
+  passkey examples only (every row; a quarter or half of each batch mixed
+  into the text taught no retrieval in 300-500 steps) at its own length:
+  the retrieval curve's model."""
+  out = ml_collections.ConfigDict()
+  out.rope_pi4 = dict(base="rope", method="pi", factor=4,
+                      steps=FINETUNE_STEPS)
+  out.rope_yarn4 = dict(base="rope", method="yarn", factor=4,
+                        steps=FINETUNE_STEPS)
+  out.rope_passkey = dict(base="rope", method="continue", factor=1,
+                          steps=RETRIEVAL_STEPS, retrieval_mix=RETRIEVAL_MIX,
+                          learning_rate=RETRIEVAL_LEARNING_RATE)
+  return out
+
+
 def get_config(arg=None):
   """The study config; ``arg``: quick, steps, train_len, seed, from_zoo,
-  seeds (a count: seeds=3 runs seeds seed, seed + 1, seed + 2)."""
+  seeds (a count: seeds=3, the default, runs seeds seed, seed + 1, seed + 2;
+  0: one run per variant, no fine-tunes)."""
+  arg_text = arg or ""
+  given = {item.partition("=")[0].strip() for item in arg_text.split(",")}
   arg = configs.parse_arg(arg, quick=False, steps=1000, train_len=64, seed=0,
-                          from_zoo=False, seeds=0)
+                          from_zoo=False, seeds=SEEDS)
+  if (arg.quick or arg.from_zoo) and "seeds" not in given:
+    arg.seeds = 0   # a smoke test, or the zoo's one set of weights
   config = ml_collections.ConfigDict()
   config.train = tiny.get_config(
       f"steps={arg.steps},train_len={arg.train_len},seed={arg.seed}")
   config.train.log_every = 100
   config.train.checkpoint_every = 100
-  config.variants = "nope,sinusoidal,learned,rope,alibi,t5"
+  config.variants = ",".join(VARIANTS)
   # The training seeds of every variant; (): one run with train.seed.
   if isinstance(arg.seeds, bool) or not isinstance(arg.seeds, int) or (
       arg.seeds < 0):
@@ -109,9 +167,16 @@ def get_config(arg=None):
   config.evals.mask = dict(
       type="mask", models="rope", masks="sliding_window,lambda,lambda_ceiling",
       window=config_dict.placeholder(int), num_sinks=4, **_perplexity())
+  # The sweeps of the RoPE model's inference variants: one seed's model.
+  for name in ("rope_scaling", "mask"):
+    config.evals[name].seeds = str(arg.seed) if arg.seeds else ""
   config.evals.passkey = dict(
-      type="passkey", models="", lengths=(256, 512), depths=(0.0, 0.5, 1.0),
-      trials=4, implementation=config_dict.placeholder(str))
+      type="passkey", models="", prompt="short", lengths=PASSKEY_LENGTHS,
+      depths=(0.0, 0.5, 1.0), trials=8,
+      implementation=config_dict.placeholder(str))
+  config.finetunes = finetunes()
+  if arg.from_zoo:   # the zoo's weights: nothing is trained
+    config.finetunes = ml_collections.ConfigDict()
   if arg.quick:  # a smoke test: seconds, not a result
     config.train.train_len = 16
     configs.shrink_for_smoke(config.train)
@@ -121,7 +186,8 @@ def get_config(arg=None):
       config.evals[name].max_tokens = 512
     config.evals.rope_scaling.methods = "linear,yarn"
     config.evals.mask.masks = "lambda"
-    config.evals.passkey.lengths = (256,)
+    config.finetunes = ml_collections.ConfigDict()
+    config.evals.passkey.lengths = (32,)
     config.evals.passkey.depths = (0.5,)
     config.evals.passkey.trials = 2
     config.evals.passkey.models = "rope"

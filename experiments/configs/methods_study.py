@@ -83,12 +83,14 @@ def get_config(arg=None):
       f"steps={arg.steps},train_len={arg.train_len},seed={arg.seed},"
       f"seeds={seeds}")
   config.variants = VARIANTS
+  config.finetunes = ml_collections.ConfigDict()   # none here
   base = config.evals
   config.evals = ml_collections.ConfigDict()
   config.evals.length = base.length
   config.evals.length.multiples = MULTIPLES
   config.evals.mask = base.mask
   config.evals.mask.models = "rope,rope-sinks"
+  config.evals.mask.seeds = ""   # every seed (the main job: one)
   config.evals.mask.masks = "sliding_window,lambda"
   config.evals.mask.multiples = MULTIPLES
   if arg.quick:  # a smoke test: seconds, not a result

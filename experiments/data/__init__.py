@@ -5,7 +5,8 @@ tokenizer (``get_tokenizer``) -> token store on disk (``build_store``,
 ``TokenStore``) -> packed rows (``pack``, ``PackedBatch``) -> training
 batches as a pure function of (seed, step) (``TrainSource``), optionally
 with sampled training positions (``positions``: randomized, PoSE, CREAM,
-E^2-LLM; ``PositionSampling``). Synthetic
+E^2-LLM; ``PositionSampling``), optionally mixed with short passkey
+examples (``RetrievalMix``). Synthetic
 tasks (``get_task``, ``TaskSource``), the passkey prompt
 (``passkey_prompt``) and the RULER-style prompts (``ruler.ruler_prompt``)
 are byte-level text. ``eval_documents(config,
@@ -20,12 +21,12 @@ from .packing import (PACKING_METHODS, PackedBatch, Packing, materialize,
                       pack, pack_documents)
 from . import positions
 from . import ruler
-from .pipeline import TaskSource, TrainSource
+from .pipeline import RetrievalMix, TaskSource, TrainSource
 from .positions import PositionSampling
 from .positions import from_text as position_sampler
 from .store import SPLITS, TokenStore, build_store, default_store_path
 from .tasks import (TASK_NAMES, Task, TaskExample, examples_to_batch,
-                    get_task, passkey_prompt)
+                    get_task, passkey_prompt, short_passkey_prompt)
 from .tokenizers import ByteTokenizer, Tokenizer, get_tokenizer
 
 __all__ = [
@@ -34,10 +35,10 @@ __all__ = [
     "split_documents", "split_indices", "eval_documents",
     "PACKING_METHODS", "PackedBatch", "Packing", "materialize", "pack",
     "pack_documents",
-    "TaskSource", "TrainSource", "positions", "ruler", "PositionSampling",
+    "RetrievalMix", "TaskSource", "TrainSource", "positions", "ruler", "PositionSampling",
     "position_sampler",
     "SPLITS", "TokenStore", "build_store", "default_store_path",
     "TASK_NAMES", "Task", "TaskExample", "examples_to_batch", "get_task",
-    "passkey_prompt",
+    "passkey_prompt", "short_passkey_prompt",
     "ByteTokenizer", "Tokenizer", "get_tokenizer",
 ]

@@ -39,9 +39,10 @@ from . import packing as packing_lib
 from . import store as store_lib
 from . import tasks as tasks_lib
 
-__all__ = ["TrainSource", "TaskSource"]
+__all__ = ["TrainSource", "TaskSource", "RetrievalMix"]
 
 _PERMUTATION, _OFFSET = 0, 1      # streams of the per-epoch random draws
+_RETRIEVAL = 2                    # the stream of RetrievalMix's examples
 
 
 def _fingerprint(metadata: Mapping[str, Any]) -> str:
@@ -247,3 +248,87 @@ class TaskSource:
                batch_size=state["batch_size"], seed=state["seed"],
                min_length=state["min_length"],
                max_length=state["max_length"])
+
+
+class RetrievalMix:
+  """A source's batches with their last rows replaced by short passkey
+  examples (``tasks.short_passkey_prompt``): a task-mixed corpus.
+
+  ``rows = max(1, round(fraction * batch_size))`` rows of every batch (the
+  last ones) each hold one example: a prompt of a length drawn uniformly
+  from [the shortest prompt, seq_len - key tokens], the needle at a depth
+  drawn uniformly from [0, 1], a ``key_digits``-digit key (first digit
+  nonzero), then the key; its weights are 1 on the key's tokens only (as
+  the passkey evaluator grades it), padding after it has segment id 0. The
+  examples are a pure function of (seed, step, row), so a resumed run sees
+  the same batches. ``state(step)`` is the inner source's plus the mix's
+  settings.
+  """
+
+  def __init__(self, source, *, fraction: float, seq_len: int, seed: int = 0,
+               key_digits: int = 5, tokenizer=None):
+    if isinstance(fraction, bool) or not isinstance(
+        fraction, (int, float, np.floating)) or not 0.0 < fraction <= 1.0:
+      raise ValueError(f"retrieval fraction={fraction!r} must be a number "
+                       "in (0, 1]")
+    self.source = source
+    self.fraction = float(fraction)
+    self.seq_len = check_int("seq_len", seq_len, 1)
+    self.seed = check_int("seed", seed, 0)
+    self.key_digits = check_int("key_digits", key_digits, 1)
+    if tokenizer is None:
+      from . import tokenizers  # pylint: disable=import-outside-toplevel
+      tokenizer = tokenizers.get_tokenizer("byte")
+    self.tokenizer = tokenizer
+    self.batch_size = int(source.batch_size)
+    self.rows = max(1, int(round(self.fraction * self.batch_size)))
+    self.min_tokens = tasks_lib.short_passkey_min_tokens(self.key_digits,
+                                                         tokenizer)
+    _, key_ids = tasks_lib.short_passkey_prompt(
+        self.min_tokens, 0.0, "9" * self.key_digits, tokenizer)
+    self.max_tokens = self.seq_len - len(key_ids)
+    if self.max_tokens < self.min_tokens:
+      raise ValueError(f"seq_len={seq_len} is too short for a short passkey "
+                       f"example: it needs {self.min_tokens + len(key_ids)} "
+                       "tokens")
+
+  def example(self, step: int, row: int) -> tasks_lib.TaskExample:
+    """The example of row ``row`` of batch ``step`` (any row index)."""
+    rng = np.random.default_rng([self.seed, step, row, _RETRIEVAL])
+    length = int(rng.integers(self.min_tokens, self.max_tokens + 1))
+    depth = float(rng.random())
+    key = str(rng.integers(10**(self.key_digits - 1), 10**self.key_digits))
+    prompt, key_ids = tasks_lib.short_passkey_prompt(length, depth, key,
+                                                     self.tokenizer)
+    tokens = np.concatenate([prompt, key_ids]).astype(np.int32)
+    mask = np.arange(len(tokens)) >= len(prompt)
+    return tasks_lib.TaskExample(tokens=tokens, answer_mask=mask,
+                                 text=f"{length}:{depth}:{key}")
+
+  def batch(self, step: int, *, rows: Optional[tuple[int, int]] = None
+            ) -> packing_lib.PackedBatch:
+    """Batch ``step`` (``rows=(lo, hi)``: only those rows, equal to the
+    whole batch's)."""
+    lo, hi = _row_range(rows, self.batch_size)
+    step = check_int("step", step, 0)
+    inner = (self.source.batch(step) if rows is None
+             else self.source.batch(step, rows=(lo, hi)))
+    arrays = {k: np.array(inner[k]) for k in packing_lib.FIELDS}
+    first = self.batch_size - self.rows
+    mine = list(range(max(lo, first), hi))
+    if mine:
+      mixed = tasks_lib.examples_to_batch(
+          [self.example(step, g) for g in mine], width=self.seq_len)
+      for k in packing_lib.FIELDS:
+        arrays[k][mine[0] - lo:] = mixed[k].astype(arrays[k].dtype)
+    return packing_lib.PackedBatch(**arrays)
+
+  def state(self, step: int) -> dict[str, Any]:
+    return dict(self.source.state(step), retrieval={
+        "fraction": self.fraction, "rows": self.rows,
+        "key_digits": self.key_digits, "seed": self.seed,
+        "prompt": "short_passkey"})
+
+  def __repr__(self) -> str:
+    return (f"RetrievalMix({self.source!r}, fraction={self.fraction}, "
+            f"rows={self.rows}, key_digits={self.key_digits})")

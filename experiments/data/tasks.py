@@ -59,6 +59,7 @@ import numpy as np
 from . import packing as packing_lib
 
 __all__ = ["TaskExample", "Task", "get_task", "TASK_NAMES", "passkey_prompt",
+           "short_passkey_prompt", "short_passkey_min_tokens",
            "examples_to_batch",
            "PASSKEY_INSTRUCTION", "PASSKEY_FILLER", "PASSKEY_QUESTION"]
 
@@ -526,3 +527,53 @@ def passkey_prompt(num_tokens: int, depth: float, key: str,
   prompt = np.concatenate(
       [head, filler[:before], needle, filler[:budget - before], tail])
   return prompt.astype(np.int32), encode(" " + key)
+
+
+# ----------------------------------------------------------------------------
+# A passkey prompt short enough to train on (``data.RetrievalMix``).
+
+def short_passkey_prompt(num_tokens: int, depth: float, key: str,
+                         tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  """A compact passkey prompt of exactly ``num_tokens`` tokens and the answer.
+
+  The text is PASSKEY_FILLER (repeated with spaces, cut to fit) with the
+  needle "key=KEY. " placed after ``depth`` of the filler tokens, then the
+  question "\nkey=": ``short_passkey_min_tokens`` (16 bytes with a 5-digit
+  key) instead of the Landmark prompt's 247, so a model with a 64-token
+  context can be trained on it and scored inside its training length, then
+  past it. The filler holds no "=" and no digit, so the key is the only
+  continuation of "key=" in the prompt. Pieces are encoded separately, as in
+  ``passkey_prompt``.
+
+  Returns:
+    (prompt_ids int32 [num_tokens], key_ids int32): key_ids encode KEY (no
+    leading space: the question ends with "=").
+  """
+  if not 0.0 <= depth <= 1.0:
+    raise ValueError(f"depth must lie in [0, 1], got {depth!r}")
+  key = str(key)
+  if not key or not key.isalnum():
+    raise ValueError(f"key must be a non-empty alphanumeric string, got "
+                     f"{key!r}")
+  encode, bos = piece_encoder(tokenizer)
+  needle = encode(f"key={key}. ")
+  tail = encode("\nkey=")
+  budget = num_tokens - len(bos) - len(needle) - len(tail)
+  if budget < 0:
+    raise ValueError(f"num_tokens={num_tokens} is too small: the short "
+                     f"passkey prompt without filler takes "
+                     f"{num_tokens - budget} tokens")
+  unit = encode(PASSKEY_FILLER + " ")
+  filler = np.tile(unit, budget // max(1, len(unit)) + 1)[:budget]
+  before = int(round(depth * budget))
+  prompt = np.concatenate(
+      [bos, filler[:before], needle, filler[before:budget], tail])
+  return prompt.astype(np.int32), encode(key)
+
+
+def short_passkey_min_tokens(key_digits: int, tokenizer) -> int:
+  """The shortest ``short_passkey_prompt`` (no filler) for a key of
+  ``key_digits`` digits."""
+  encode, bos = piece_encoder(tokenizer)
+  return (len(bos) + len(encode(f"key={'9' * key_digits}. "))
+          + len(encode("\nkey=")))

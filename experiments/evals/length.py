@@ -140,8 +140,10 @@ _run = sweep_runner("perplexity_vs_length", "length")
 
 
 def _with_base_columns(group, all_records):
-  """The base (``length`` type) perplexity of the same models, lengths and
-  protocol, as columns beside a sweep's."""
+  """The base (``length`` type) perplexity of the same models, and of the
+  models fine-tuned from them with a RoPE scaling (records whose ``base`` is
+  one of them and whose ``scaling`` is not "none": PI, YaRN), at the same
+  lengths and protocol, as columns beside a sweep's."""
   key = lambda r: (r["metric"], r["mode"], r["stride"], r["task"])
   keys = {key(r) for r in group}
   models = {r["model"] for r in group}
@@ -149,7 +151,9 @@ def _with_base_columns(group, all_records):
   lengths = {r["eval_len"] for r in group}
   base = [r for r in all_records or ()
           if r.get("experiment") == "length" and key(r) in keys
-          and r["model"] in models and r["eval_len"] in lengths
+          and (r["model"] in models or (r.get("base") in models
+                                        and r["scaling"] != "none"))
+          and r["eval_len"] in lengths
           and records_lib.variant_label(r) not in labels]
   return base + list(group)
 

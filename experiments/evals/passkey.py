@@ -7,7 +7,11 @@ evaluation is skipped; a prompt needs >= 247 tokens), ``depths``
 KV-cache generation, the answers recorded), ``tokenizer`` ("byte"; "model":
 the study's ``model_source`` tokenizer, the default in such a study; or any
 ``models.load_tokenizer`` name or path), ``chat`` (frame each prompt with
-the tokenizer's chat template, for instruct models), ``masks`` (inference
+the tokenizer's chat template, for instruct models), ``prompt``
+("landmark": Landmark Attention's prompt, >= 247 tokens; "short": "key=KEY. "
+in the same filler, then "\nkey=", >= 16 tokens, so a model with a short
+context can be scored inside its training length: ``data.
+short_passkey_prompt``, what ``data.RetrievalMix`` trains on), ``masks`` (inference
 variants as in the ``mask`` evaluator, e.g. "causal,causal+self_extend(8,
 1024)"; "" for the model as it is) with ``window`` / ``num_sinks``.
 Records: ``evaluators.passkey_retrieval`` (no documents needed). Report: the
@@ -32,6 +36,7 @@ from extrapolax.experiments.evals import length
 __all__ = ["EVALUATOR", "HELP"]
 
 DECODES = ("teacher_forced", "greedy")
+PROMPTS = ("landmark", "short")
 
 HELP = {
     "models": length.HELP["models"],
@@ -44,6 +49,8 @@ HELP = {
     "tokenizer": "byte, model (the study's model_source tokenizer; the "
                  "default there) or a load_tokenizer name / path",
     "chat": "frame the prompt with the tokenizer's chat template",
+    "prompt": "landmark (Landmark Attention's, >= 247 tokens) or short "
+              "('key=KEY. ' in the filler, then '\\nkey=', >= 16 tokens)",
     "masks": "inference variants (mask sweep entries, comma-separated, e.g. "
              "causal+self_extend(8, 1024)); empty: the model as it is",
     "window": "the window / Lambda band of the masks (None: train_len)",
@@ -100,6 +107,11 @@ def _validate(settings: dict, study) -> Optional[dict]:
   chat = settings.get("chat", False)
   if not isinstance(chat, bool):
     raise ValueError(f"chat={chat!r} must be True or False")
+  prompt = checks.check_choice("prompt", settings.get("prompt", "landmark"),
+                               PROMPTS)
+  if prompt == "short" and chat:
+    raise ValueError("prompt='short' has no chat framing; use "
+                     "prompt='landmark' with chat=True")
   masks = evals.split_names(settings.get("masks", "") or "")
   window = settings.get("window")
   if window is not None:
@@ -113,6 +125,8 @@ def _validate(settings: dict, study) -> Optional[dict]:
               train_len=train_len,
               implementation=settings.get("implementation"), decode=decode,
               tokenizer=_tokenizer_setting(settings, study), chat=chat,
+              # Only when not the default: earlier fingerprints stay valid.
+              **({} if prompt == "landmark" else {"prompt": prompt}),
               masks=tuple(masks), window=window, num_sinks=num_sinks)
 
 
@@ -136,7 +150,10 @@ def _run(model, documents, settings: dict, labels: dict) -> list:
   chat = settings.pop("chat")
   masks, num_sinks = settings.pop("masks"), settings.pop("num_sinks")
   window = settings.pop("window") or settings["train_len"]
-  prompt_fn = functools.partial(tasks.passkey_prompt, chat=chat)
+  if settings.pop("prompt", "landmark") == "short":
+    prompt_fn = tasks.short_passkey_prompt
+  else:
+    prompt_fn = functools.partial(tasks.passkey_prompt, chat=chat)
   runs = [model] if not masks else [
       mask_sweep.mask_variant(model, m, window=window, num_sinks=num_sinks)
       for m in masks]
@@ -149,27 +166,34 @@ def _run(model, documents, settings: dict, labels: dict) -> list:
 
 
 def _mean_over_depths(group) -> dict:
-  """{(variant, length): accuracy averaged over depths, trial-weighted};
-  the last record per (variant, length, depth, seed) wins."""
+  """{(variant, length, seed): accuracy averaged over depths,
+  trial-weighted}; the last record per (variant, length, depth, seed)
+  wins."""
   last = {}
   for r in group:
     key = (records_lib.variant_label(r), r["eval_len"], r.get("depth"),
            r["seed"])
     last[key] = (r["value"], r.get("n_trials") or 1)
   sums: dict = {}
-  for (variant, eval_len, _, _), (value, trials) in last.items():
-    total = sums.setdefault((variant, eval_len), [0.0, 0])
+  for (variant, eval_len, _, seed), (value, trials) in last.items():
+    total = sums.setdefault((variant, eval_len, seed), [0.0, 0])
     total[0] += value * trials
     total[1] += trials
   return {k: total / weight for k, (total, weight) in sums.items()}
 
 
-def _mean_table(group) -> str:
-  means = _mean_over_depths(group)
-  rows = [dict(group[0], depth=None, seed=None, value=value, variant=variant,
+def _mean_rows(group) -> list:
+  """One row per (variant, length, seed): the mean over depths (for the
+  tables and the curve: mean ± std over seeds)."""
+  return [dict(group[0], depth=None, seed=seed, value=value, variant=variant,
                eval_len=eval_len)
-          for (variant, eval_len), value in means.items()]
-  return report.length_table(rows, "passkey_accuracy", digits=3)
+          for (variant, eval_len, seed), value in
+          _mean_over_depths(group).items()]
+
+
+def _mean_table(group, digits: int = 3) -> str:
+  return report.length_table(_mean_rows(group), "passkey_accuracy",
+                             digits=digits)
 
 
 def _depth_table(group) -> str:
@@ -247,25 +271,21 @@ def _report(records, out_dir, all_records) -> str:
                 "the key's length in tokens):", "", said]
     if out_dir is not None:
       name = _heatmap(group, out_dir, f"{report.slug(key)}.png")
-      lines += ["", f"![{title}]({name})"]
+      curve = report.line_plot(
+          _mean_rows(group), "Passkey retrieval accuracy (mean over depths) "
+          "vs prompt length", "accuracy", out_dir,
+          f"{report.slug(key)}_curve.png", xlabel="prompt length (tokens)")
+      lines += ["", f"![{title}]({name})", "", f"![{title}: curve]({curve})"]
     parts.append("\n".join(lines))
   return "\n\n".join(parts)
 
 
 def _summary(records, all_records) -> str:
-  """Accuracy averaged over depths (rows: length, columns: variant)."""
+  """Accuracy averaged over depths (rows: length, columns: variant; over
+  several seeds mean ± std)."""
   del all_records
-  means = _mean_over_depths(records)
-  variants = list(dict.fromkeys(k[0] for k in means))
-  lengths = sorted({k[1] for k in means})
-  lines = ["## passkey: accuracy (mean over depths)", "",
-           "| prompt length | " + " | ".join(variants) + " |",
-           "|" + "---|" * (len(variants) + 1)]
-  for l in lengths:
-    cells = [f"{means[(v, l)]:.2f}" if (v, l) in means else ""
-             for v in variants]
-    lines.append(f"| {l} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+  return "\n".join(["## passkey: accuracy (mean over depths)", "",
+                    _mean_table(records, digits=2)])
 
 
 EVALUATOR = evals.register(evals.Evaluator(

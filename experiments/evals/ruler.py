@@ -45,7 +45,6 @@ SIZES = {"num_keys": "niah_multikey", "num_values": "niah_multivalue",
 # pylint: disable=protected-access
 _tokenizer_setting = passkey._tokenizer_setting
 _load_tokenizer = passkey._load_tokenizer
-_mean_over_depths = passkey._mean_over_depths
 _mean_table = passkey._mean_table
 _depth_table = passkey._depth_table
 _heatmap = passkey._heatmap
@@ -171,17 +170,12 @@ def _report(records, out_dir, all_records) -> str:
 
 def _summary(records, all_records) -> str:
   """Per task: accuracy averaged over depths (rows length, columns
-  variant)."""
+  variant; over several seeds mean ± std)."""
   del all_records
   parts = []
   for key, group in report.group_records(records).items():
-    means = _mean_over_depths(group)
-    variants = list(dict.fromkeys(k[0] for k in means))
-    lengths = sorted({k[1] for k in means})
-    rows = [[str(l)] + [f"{means[(v, l)]:.2f}" if (v, l) in means else ""
-                        for v in variants] for l in lengths]
     parts.append(f"## ruler: {key[4]} accuracy (mean over depths)\n\n"
-                 + report.markdown(["prompt length"] + variants, rows))
+                 + _mean_table(group, digits=2))
   return "\n\n".join(parts)
 
 

@@ -204,7 +204,7 @@ def labels_for(model, train_len: int,
   out = describe(model)
   out.update(model=out["pe"], train_len=int(train_len), seed=None, step=None)
   allowed = {"model", "pe", "scaling", "scale", "mask", "seed", "step",
-             "variant", "train_len", "train_min_len"}
+             "variant", "train_len", "train_min_len", "base"}
   extra = set(labels or {}) - allowed
   if extra:
     raise ValueError(f"unknown label fields {sorted(extra)}; allowed: "

@@ -5,6 +5,7 @@ the config checks."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -76,7 +77,7 @@ def test_study_end_to_end_then_rerun_reuses_everything(tmp_path, capsys):
   assert {r["mask"] for r in by_experiment["mask"]} == {
       "lambda(sinks=4, window=16)"}
   (passkey,) = by_experiment["passkey"]
-  assert passkey["model"] == "rope" and passkey["eval_len"] == 256
+  assert passkey["model"] == "rope" and passkey["eval_len"] == 32
   assert 0.0 <= passkey["value"] <= 1.0 and passkey["n_trials"] == 2
   assert all(math.isfinite(r["value"]) for r in results)
 
@@ -90,7 +91,7 @@ def test_study_end_to_end_then_rerun_reuses_everything(tmp_path, capsys):
   assert "![" in text and "length_perplexity_nonoverlap.png" in text
   assert os.path.getsize(
       os.path.join(workdir, "length_perplexity_nonoverlap.png")) > 1000
-  assert "| 256 | 0." in out     # the passkey row
+  assert re.search(r"\| 32 \| [01]\.", out)     # the (short) passkey row
 
   # The same command again: nothing trained, nothing re-evaluated.
   before = _run_state(workdir)
@@ -171,7 +172,7 @@ def test_default_config_is_the_study():
   extrapolation.validate_config(config)
   names = [e.name for e in extrapolation.evaluations(config)]
   assert [n for n in names if n.startswith("length/")] == [
-      f"length/{v}" for v in variants]
+      f"length/{v}" for v in variants + tuple(config.finetunes.keys())]
   assert "rope_scaling/rope" in names and "mask/rope" in names
   train = extrapolation.variant_config(config, "alibi", "/tmp/x")
   assert train.model.pe == "alibi" and train.data.cache_dir == "/tmp/x/data"
@@ -339,4 +340,76 @@ def test_bad_finetunes_are_named(change, message):
   entry.update(change)
   config.finetunes = ml_collections.ConfigDict({"rope_pi4": entry})
   with pytest.raises(ValueError, match=message):
+    extrapolation.validate_config(config)
+
+
+def test_default_config_is_the_main_job():
+  """3 seeds for the core comparison, the RoPE sweeps on one seed, PI and
+  YaRN fine-tunes to 4x beside their zero-shot versions, and a model
+  trained on short passkey examples scored at 0.5x to 8x."""
+  config = configs.get_config("extrapolation.py")
+  extrapolation.validate_config(config)
+  assert tuple(config.seeds) == (0, 1, 2)
+  assert extrapolation.split_names(config.variants) == (
+      "nope", "sinusoidal", "learned", "rope", "alibi", "t5")
+  assert config.evals.rope_scaling.seeds == "0"
+  assert config.evals.mask.seeds == "0"
+  assert config.evals.length.get("seeds") is None
+  methods = {f.method: f for f in config.finetunes.values()}
+  for method in ("pi", "yarn"):
+    assert methods[method].base == "rope" and methods[method].factor == 4
+  assert set(config.evals.rope_scaling.methods.split(",")) >= {"linear",
+                                                               "yarn"}
+  retrieval = [n for n, f in config.finetunes.items()
+               if f.get("retrieval_mix")]
+  assert retrieval == ["rope_passkey"]
+  assert config.evals.passkey.prompt == "short"
+  assert config.evals.passkey.models == ""
+  assert config.train.train_len in config.evals.passkey.lengths
+  assert max(config.evals.passkey.lengths) == 8 * config.train.train_len
+  # The train recipe is the zoo's (from_zoo reads the shipped weights).
+  zoo = configs.get_config("extrapolation.py:from_zoo")
+  assert zoo.seeds == () and not zoo.finetunes
+  extrapolation.validate_config(zoo)
+
+
+def test_seeds_per_evaluation_finetune_bases_and_retrieval(tmp_path):
+  config = configs.get_config("extrapolation.py:quick,seeds=2")
+  config.variants = "rope"
+  config.finetunes = ml_collections.ConfigDict(dict(
+      rope_pi4=dict(base="rope", method="pi", factor=4, steps=2,
+                    learning_rate=1e-3),
+      rope_passkey=dict(base="rope", method="continue", factor=2, steps=2,
+                        retrieval_mix=0.5)))
+  config.evals.mask.models = "none"
+  config.evals.passkey.models = "rope_passkey"
+  workdir = str(tmp_path / "study")
+  result = extrapolation.run_study(config, workdir)
+  assert sorted(result.trained) == sorted(
+      f"{v}/seed{s}" for v in ("rope", "rope_pi4", "rope_passkey")
+      for s in (0, 1))
+  by = {}
+  for r in result.records:
+    by.setdefault(r["experiment"], []).append(r)
+  assert {r["seed"] for r in by["rope_scaling"]} == {0}   # seeds="0"
+  assert {(r["model"], r["seed"]) for r in by["length"]} == {
+      (m, s) for m in ("rope", "rope_pi4", "rope_passkey") for s in (0, 1)}
+  assert {r.get("base") for r in by["length"]} == {None, "rope"}
+  assert {(r["model"], r["base"], r["eval_len"], r["seed"])
+          for r in by["passkey"]} == {("rope_passkey", "rope", 32, 0),
+                                      ("rope_passkey", "rope", 32, 1)}
+  saved = trainer.read_config(seeds.run_dir(workdir, "rope_passkey", 1))
+  assert saved.data.retrieval_mix == 0.5 and saved.train_len == 32
+  assert saved.init_from == seeds.run_dir(workdir, "rope", 1)
+  assert saved.model.rope_scaling is None
+  # The PI fine-tune sits beside the zero-shot scalings (not the passkey
+  # model, which has no scaling).
+  text = extrapolation.summary_tables(result.records, result.types)
+  section = text[text.index("## rope_scaling"):]
+  header = section.splitlines()[4]
+  assert "rope_pi4 linear x4" in header and "rope linear matched" in header
+  assert "rope_passkey" not in header
+  with pytest.raises(ValueError, match=r"evals.mask: seeds='5' must name "
+                     r"seeds of config.seeds=\(0, 1\)"):
+    config.evals.mask.seeds = "5"
     extrapolation.validate_config(config)

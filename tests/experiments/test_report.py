@@ -108,6 +108,7 @@ def test_report_tables_and_plots(tmp_path):
       "rope_scaling_perplexity_nonoverlap.png",
       "mask_perplexity_nonoverlap.png",
       "passkey_passkey_accuracy_passkey.png",
+      "passkey_passkey_accuracy_passkey_curve.png",
       "algorithmic_sequence_accuracy_copy.png"])
   for name in pngs:
     assert f"]({name})" in text
@@ -250,7 +251,7 @@ def test_passkey_heatmap_panels_do_not_overlap(tmp_path, monkeypatch):
           for m in ("rope", "alibi", "sinusoidal")
           for length in (256, 512, 1024) for depth in (0.0, 0.5, 1.0)]
   report.write_report(rows, str(tmp_path))
-  (fig,) = figures
+  fig, _ = figures   # the heatmap, then the accuracy curve
   assert "Constrained" in type(fig.get_layout_engine()).__name__
   fig.draw_without_rendering()   # runs the layout
   renderer = fig._get_renderer()  # pylint: disable=protected-access
