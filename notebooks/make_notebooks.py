@@ -970,10 +970,11 @@ PRETRAINED = header("05_pretrained.ipynb", "A released model past its context: S
     (trained context 8192; a GGUF shipped in a PyPI wheel, no hub download),
     talks to it through its chat template, and runs the long-context study
     on it: perplexity and loss per position on held-out Python source at
-    1/4x, 1x and 2x its context, zero-shot YaRN, LM-Infinite, Self-Extend
-    and STRING, and chat-framed passkey retrieval. On Colab's GPU the
-    `quick` study takes minutes; on a shared 2-core CPU it took 27 minutes
-    (see the config's docstring). In CI
+    1/4x, 1x and 2x its context, zero-shot YaRN, LM-Infinite and
+    Self-Extend (STRING and the other scalings are in the full config), and
+    chat-framed passkey retrieval. On Colab's GPU the `quick` study takes
+    minutes; on an idle 2-core CPU it took 18 minutes (see the config's
+    docstring). In CI
     (`EXTRAPOLAX_SMOKE=1`) everything runs on a random tiny Llama GGUF
     written here.
     """) + [
@@ -1058,7 +1059,7 @@ PRETRAINED = header("05_pretrained.ipynb", "A released model past its context: S
     study on SmolLM2" has the measured numbers next to the published
     shapes): plain RoPE holds to about 11k tokens and climbs past it;
     YaRN with the factor matched to the length, LM-Infinite (Lambda mask +
-    distance ceiling), Self-Extend and STRING stay near the in-context
+    distance ceiling) and Self-Extend stay near the in-context
     perplexity at 2x; passkey retrieval with the chat template
     succeeds inside the context and Self-Extend keeps it past the context.
     """),
