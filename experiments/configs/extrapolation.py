@@ -78,10 +78,11 @@ Fields:
   evals.passkey: passkey retrieval accuracy (the short prompt).
 
 Expected result: see the README's "Main job" section (the tables this
-command printed). Measured (2-core AMD EPYC, jax 0.10.2, 2026-12-06): 17
-min 29 s wall with other jobs on the CPU (load average 1.4 rising to 7.3);
-the 18 core runs and their evaluations took the first 10 min 10 s, the 9
-fine-tunes the rest (BENCHMARKS.md, "Main job"). The budget is 15 minutes.
+command printed). Measured (2-core AMD EPYC, jax 0.10.2, 2026-12-06): 14
+min 52 s wall with nothing else running (the 18 core runs and their
+evaluations 11 min, the 9 fine-tunes 3 min 49 s; 1.9 GB max RSS), 17 min
+29 s with other jobs on the CPU (load average 1.4 rising to 7.3)
+(BENCHMARKS.md, "Main job"). The budget is 15 minutes.
 """
 
 import ml_collections

@@ -34,9 +34,9 @@ from extrapolax.attention import relative_bias as rb
 from extrapolax.attention.pallas import PallasGpu, PallasTpu
 from extrapolax.pallas_kernels import bias_params, flash_tpu
 
-from . import oracle
-from .suite import PALLAS_GPU, PALLAS_TPU, assert_close
-from .test_relative_bias import B, H, K, KINDS, N, TOL, make_bias
+from .suite import PALLAS_GPU, PALLAS_TPU
+from .test_relative_bias import (B, H, K, KINDS, N, check_against_oracle,
+                                 make_bias)
 
 EXACT = ("t5", "t5_bidirectional", "alibi")   # selects / one product
 
@@ -96,51 +96,13 @@ def _case(scenario, key=1):
   return q, k, v, call, case
 
 
-def _positions(case, t, s):
-  if "q_pos" in case:
-    return jnp.asarray(case["q_pos"]), jnp.asarray(case["k_pos"])
-  qp, kp = masks.default_positions(t, s)
-  return qp[None], kp[None]
-
-
 @pytest.mark.parametrize("implementation", [
     pytest.param(PALLAS_GPU, id="pallas_gpu"),
     pytest.param(PALLAS_TPU, id="pallas_tpu")])
 @pytest.mark.parametrize("scenario", ("causal", "window_packed", "t_ne_s"))
 @pytest.mark.parametrize("kind", KINDS)
 def test_kernels_match_oracle(kind, scenario, implementation):
-  pb = make_bias(kind)
-  q, k, v, call, case = _case(scenario)
-  t, s = q.shape[1], k.shape[1]
-  ks = jax.random.split(jax.random.key(7), 2)
-  d_out = jax.random.normal(ks[0], q.shape[:3] + (H,))
-  d_lse = jax.random.normal(ks[1], (B, N, t))
-
-  def loss(q, k, v, pb):
-    out, lse = core.dot_product_attention(
-        q, k, v, position_bias=pb, implementation=implementation,
-        return_residuals=True, **call)
-    return jnp.sum(out * d_out) + jnp.sum(lse * d_lse), (out, lse)
-
-  grads, (out, lse) = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
-      q, k, v, pb)
-  qp, kp = _positions(case, t, s)
-  dense, dense_vjp = jax.vjp(lambda p: p.tile(qp, kp), pb)
-  ocase = oracle.Case(q=np.asarray(q), k=np.asarray(k), v=np.asarray(v),
-                      bias=np.asarray(dense, np.float64), **case)
-  o_out, o_lse, o_grads = oracle.forward_and_grad(
-      ocase, np.asarray(d_out), np.asarray(d_lse))
-  assert_close(out, o_out, TOL["fwd"], "out")
-  assert_close(lse, o_lse, TOL["fwd"], "lse")
-  for name, got in zip("qkv", grads[:3]):
-    assert_close(got, o_grads[name], TOL["grad"], f"d{name}")
-  (want,) = dense_vjp(jnp.asarray(o_grads["bias"], jnp.float32).reshape(
-      dense.shape))
-  for name in pb.param_names:
-    g, w = getattr(grads[3], name), getattr(want, name)
-    assert np.abs(np.asarray(w)).max() > 0, name   # the check has teeth
-    assert g.shape == w.shape, name
-    assert_close(g, np.asarray(w, np.float64), TOL["grad"], f"d {name}")
+  check_against_oracle(make_bias(kind), _case(scenario), implementation)
 
 
 def _arrays_ending_in(jaxpr, shape):
