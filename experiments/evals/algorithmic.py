@@ -5,9 +5,9 @@ Settings: ``task`` (a name of ``data.get_task``: copy, reverse, ...),
 on), ``train_min_len`` (the shortest, or None), ``num_examples``, ``seed``,
 ``implementation``, ``positions`` (plain, or a ``data.positions`` sampler
 the examples' positions are drawn from, as Ruoss et al. evaluate models
-trained with randomized positions). Records: ``evaluators.algorithmic_accuracy`` (no
-documents needed); report: a table and an accuracy plot per metric with the
-training range shaded.
+trained with randomized positions). Records:
+``evaluators.algorithmic_accuracy`` (no documents needed); report: a table
+and an accuracy plot per metric with the training range shaded.
 """
 
 from __future__ import annotations
