@@ -6,7 +6,9 @@ sampler maps one document piece of ``n`` tokens to ``n`` strictly increasing
 positions in ``[0, max_position)``; ``PositionSampling`` applies it to every
 document piece of every row (a piece: a run of equal segment ids), drawing
 from ``(seed, step, row)`` so a batch stays a pure function of its step.
-Evaluation never samples: the evaluators use plain positions.
+Evaluation uses plain positions, except where asked: the ``algorithmic``
+evaluator's ``positions`` setting draws each example's positions from a
+sampler (Ruoss et al. evaluate randomized positions that way).
 
 ``config.data.positions`` names one, as text with keyword parameters
 (``"pose(max_position=1024)"``); :func:`from_text` parses it, and an unknown

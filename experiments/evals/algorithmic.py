@@ -3,9 +3,11 @@
 Settings: ``task`` (a name of ``data.get_task``: copy, reverse, ...),
 ``lengths`` (task lengths), ``train_len`` (the longest task length trained
 on), ``train_min_len`` (the shortest, or None), ``num_examples``, ``seed``,
-``implementation``. Records: ``evaluators.algorithmic_accuracy`` (no
-documents needed); report: a table and an accuracy plot per metric with the
-training range shaded.
+``implementation``, ``positions`` (plain, or a ``data.positions`` sampler
+the examples' positions are drawn from, as Ruoss et al. evaluate models
+trained with randomized positions). Records:
+``evaluators.algorithmic_accuracy`` (no documents needed); report: a table
+and an accuracy plot per metric with the training range shaded.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ HELP = {
     "num_examples": "examples per length",
     "seed": "the examples' random seed",
     "implementation": length.HELP["implementation"],
+    "positions": "the examples' positions: plain (0..L-1) or a sampler of "
+                 "data.positions, e.g. randomized(max_position=1000)",
 }
 
 
@@ -42,7 +46,28 @@ def _validate(settings: dict, study) -> dict:
   length.check_positive("lengths", lengths, integer=True)
   length.check_positive("train_len", (settings.get("train_len"),),
                         integer=True)
+  positions = settings.get("positions") or "plain"
+  from extrapolax.experiments.data import positions as positions_lib  # pylint: disable=import-outside-toplevel
+  try:
+    sampler = positions_lib.from_text(positions)
+  except ValueError as e:
+    raise ValueError(f"algorithmic positions: {e}") from None
+  too_long = [l for l in lengths
+              if not isinstance(sampler, positions_lib.Plain)
+              and _max_tokens(settings["task"], l) > sampler.max_position]
+  if too_long:
+    raise ValueError(f"positions={positions!r}: examples of lengths "
+                     f"{too_long} can exceed max_position="
+                     f"{sampler.max_position} tokens; raise max_position")
   return dict(settings, lengths=tuple(int(l) for l in lengths))
+
+
+def _max_tokens(task, length) -> int:
+  """The task's token bound at ``length`` (0 for a task given by object)."""
+  from extrapolax.experiments import data  # pylint: disable=import-outside-toplevel
+  if not isinstance(task, str):
+    return 0
+  return data.get_task(task).max_tokens(int(length))
 
 
 def _run(model, documents, settings: dict, labels: dict) -> list:

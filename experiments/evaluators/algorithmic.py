@@ -14,6 +14,12 @@ prediction of token t is the argmax of the logits at t - 1.
 Records carry the training range: ``train_len`` is the longest training
 length of the task and ``train_min_len`` the shortest, so the report can
 shade it.
+
+Positions: plain 0..L-1 by default. ``positions`` names a sampler of
+``data.positions`` instead (``"randomized(max_position=1000)"``): each
+example then reads at positions drawn from it, as Ruoss et al. evaluate a
+model trained with randomized positions (their reference code draws fresh
+positions in every forward pass, evaluation included).
 """
 
 from __future__ import annotations
@@ -54,7 +60,9 @@ def _task_name(task) -> str:
 
 def grade_examples(logits_fn, tokens: Sequence[np.ndarray],
                    answer_masks: Sequence[np.ndarray],
-                   *, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+                   *, batch_size: int = 32,
+                   positions: Optional[Sequence[np.ndarray]] = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
   """Per-example (correct answer tokens, answer tokens), teacher-forced.
 
   Args:
@@ -64,7 +72,13 @@ def grade_examples(logits_fn, tokens: Sequence[np.ndarray],
     tokens, answer_masks: per example, int [L] and bool [L].
     batch_size: the most examples per call (balanced; the last batch is
       padded).
+    positions: per example, its int [L] positions (None: plain); then
+      ``logits_fn(tokens, positions)`` is called with int32 [B, T]
+      positions, padding continuing each row's last position by one.
   """
+  if positions is not None and len(positions) != len(tokens):
+    raise ValueError(f"need as many position arrays as examples, got "
+                     f"{len(positions)} and {len(tokens)}")
   if len(tokens) != len(answer_masks) or not len(tokens):
     raise ValueError(f"need as many answer masks as examples (>= 1), got "
                      f"{len(tokens)} and {len(answer_masks)}")
@@ -76,13 +90,23 @@ def grade_examples(logits_fn, tokens: Sequence[np.ndarray],
     chunk = range(lo, min(lo + batch_size, len(tokens)))
     batch = np.zeros((batch_size, width), np.int32)
     mask = np.zeros((batch_size, width), bool)
+    where = np.broadcast_to(np.arange(width, dtype=np.int32),
+                            (batch_size, width)).copy()
     for row, i in enumerate(chunk):
       t, m = np.asarray(tokens[i]), np.asarray(answer_masks[i], bool)
       if t.shape != m.shape or t.ndim != 1:
         raise ValueError(f"example {i}: tokens {t.shape} and answer_mask "
                          f"{m.shape} must be equal 1-D shapes")
       batch[row, :len(t)], mask[row, :len(m)] = t, m
-    out = np.asarray(logits_fn(batch))
+      if positions is not None:
+        p = np.asarray(positions[i])
+        if p.shape != t.shape:
+          raise ValueError(f"example {i}: positions {p.shape} must have the "
+                           f"shape of its tokens {t.shape}")
+        where[row, :len(p)] = p
+        where[row, len(p):] = p[-1] + 1 + np.arange(width - len(p))
+    out = np.asarray(logits_fn(batch) if positions is None
+                     else logits_fn(batch, where))
     predicted = out if out.ndim == 2 else out.argmax(-1)   # predicts t + 1
     hit = (predicted[:, :-1] == batch[:, 1:]) & mask[:, 1:]
     rows = len(chunk)
@@ -97,12 +121,14 @@ def model_logits_fn(model, implementation=None):
   graphdef, state = nnx.split(model)
 
   @jax.jit
-  def logits(state, tokens):
-    return nnx.merge(graphdef, state)(tokens)
+  def logits(state, tokens, positions):
+    return nnx.merge(graphdef, state)(tokens, positions=positions)
 
-  def call(tokens):
+  def call(tokens, positions=None):
     with use_implementation(implementation):
-      return logits(state, jnp.asarray(tokens))
+      return logits(state, jnp.asarray(tokens),
+                    None if positions is None
+                    else jnp.asarray(positions, jnp.int32))
 
   return call
 
@@ -132,7 +158,7 @@ def algorithmic_accuracy(
     seed: int = 0, batch_size: int = 32,
     implementation: Optional[str] = "xla_chunked",
     labels: Optional[Mapping[str, Any]] = None,
-    experiment: str = "algorithmic") -> list[dict]:
+    experiment: str = "algorithmic", positions: str = "plain") -> list[dict]:
   """Sequence and token accuracy of ``model`` on ``task`` at each length.
 
   Args:
@@ -148,6 +174,9 @@ def algorithmic_accuracy(
     implementation: attention implementation (None: the model's).
     labels: record fields (model, seed, step, variant, ...).
     experiment: the records' experiment name.
+    positions: "plain" (0..L-1), or a ``data.positions`` sampler
+      ("randomized(max_position=1000)") each example's positions are drawn
+      from (from ``(seed, length, 1)``; the same for every model).
 
   Returns:
     Two records per length (METRICS), with n_tokens = graded answer tokens
@@ -157,6 +186,11 @@ def algorithmic_accuracy(
     raise ValueError(f"num_examples must be >= 1, got {num_examples}")
   if not lengths:
     raise ValueError("lengths is empty")
+  # pylint: disable-next=g-import-not-at-top
+  from extrapolax.experiments.data import positions as positions_lib
+  sampler = positions_lib.from_text(positions)
+  if isinstance(sampler, positions_lib.Plain):
+    sampler = None
   task = _task_object(task)
   name = _task_name(task)
   logits_fn = model_logits_fn(model, implementation)
@@ -167,9 +201,17 @@ def algorithmic_accuracy(
     started = time.perf_counter()
     rng = np.random.default_rng([seed, int(length)])
     examples = [task.sample(rng, int(length)) for _ in range(num_examples)]
+    drawn = None
+    if sampler is not None:
+      position_rng = np.random.default_rng([seed, int(length), 1])
+      drawn = []
+      for e in examples:
+        sampler.check_length(len(e.tokens))
+        drawn.append(sampler(position_rng, len(e.tokens)))
     correct, graded = grade_examples(
         logits_fn, [np.asarray(e.tokens) for e in examples],
-        [np.asarray(e.answer_mask) for e in examples], batch_size=batch_size)
+        [np.asarray(e.answer_mask) for e in examples], batch_size=batch_size,
+        positions=drawn)
     if not graded.sum():
       raise ValueError(f"task {name!r} at length {length} has no graded "
                        "answer tokens")

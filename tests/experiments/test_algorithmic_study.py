@@ -22,11 +22,21 @@ def test_config_sizes_and_randomized_positions(tmp_path):
   assert entry.train_len == largest == 31
   assert entry.lengths == (8, 16, 31, 46, 62, 93, 124)
   assert config.train.data.get("positions", "plain") == "plain"
+  assert "positions" not in config.evals.algorithmic
+  assert config.seeds == (0, 1, 2)
   randomized = configs.get_config(
       "algorithmic_study.py:task=reverse,randomized")
-  max_position = 4 * data.get_task("reverse").max_tokens(124)
-  assert randomized.train.data.positions == (
-      f"randomized(max_position={max_position})")
+  max_position = 2 * data.get_task("reverse").max_tokens(124)
+  positions = f"randomized(max_position={max_position})"
+  # Trained and evaluated with randomized positions, as Ruoss et al.
+  assert randomized.train.data.positions == positions
+  assert randomized.evals.algorithmic.positions == positions
+  old = configs.get_config("algorithmic_study.py:task=reverse,randomized,"
+                           "max_position=1000,plain_eval,seeds=0")
+  assert old.train.data.positions == "randomized(max_position=1000)"
+  assert "positions" not in old.evals.algorithmic and old.seeds == ()
+  with pytest.raises(ValueError, match="add randomized"):
+    configs.get_config("algorithmic_study.py:plain_eval")
   train = extrapolation.variant_config(randomized, "rope", str(tmp_path))
   batch = trainer.make_source(train, str(tmp_path)).batch(0)
   positions = np.asarray(batch["positions"])

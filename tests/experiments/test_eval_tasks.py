@@ -262,3 +262,60 @@ def test_algorithmic_config_trains_the_new_tasks(tmp_path):
   assert result is not None
   losses = [r["loss"] for r in trainer.read_metrics(str(tmp_path / "run"))]
   assert losses and all(np.isfinite(losses))
+
+
+def test_algorithmic_randomized_positions_reach_the_model():
+  # Ruoss et al. evaluate with randomized positions: each example reads at
+  # a sorted random subset of [0, max_position), drawn from (seed, length).
+  rng = np.random.default_rng([0, 8])
+  examples = [Copy().sample(rng, 8) for _ in range(6)]
+  out = algorithmic.algorithmic_accuracy(
+      MODEL, Copy(), lengths=(8,), train_len=4, num_examples=6,
+      batch_size=4, positions="randomized(max_position=200)")
+  position_rng = np.random.default_rng([0, 8, 1])
+  drawn = [np.sort(position_rng.choice(200, size=17, replace=False))
+           for _ in examples]
+  assert all(p[-1] > 17 for p in drawn)     # not 0..16
+  batch = np.stack([e.tokens for e in examples])
+  mask = np.stack([e.answer_mask for e in examples])[:, 1:]
+
+  def accuracy(positions):
+    logits = nnx.jit(lambda m, x, p: m(x, positions=p))(
+        MODEL, batch, jnp.asarray(np.stack(positions), jnp.int32))
+    hit = (np.asarray(logits).argmax(-1)[:, :-1] == batch[:, 1:]) & mask
+    return hit.sum() / mask.sum()
+
+  assert out[1]["value"] == pytest.approx(accuracy(drawn))
+  assert accuracy(drawn) != pytest.approx(accuracy([np.arange(17)] * 6))
+  # Plain positions stay the default, and the positions reach the logits.
+  seen = []
+
+  def recording(tokens, positions=None):
+    seen.append(positions)
+    return np.zeros(tokens.shape + (4,), np.float32)
+
+  algorithmic.grade_examples(recording, [np.arange(1, 4)], [np.ones(3, bool)])
+  algorithmic.grade_examples(recording, [np.arange(1, 4), np.arange(1, 3)],
+                             [np.ones(3, bool), np.ones(2, bool)],
+                             positions=[np.array([2, 5, 9]),
+                                        np.array([0, 7])])
+  assert seen[0] is None
+  np.testing.assert_array_equal(seen[1], [[2, 5, 9], [0, 7, 8]])
+  with pytest.raises(ValueError, match="does not fit max_position=10"):
+    algorithmic.algorithmic_accuracy(
+        MODEL, Copy(), lengths=(8,), train_len=4, num_examples=2,
+        positions="randomized(max_position=10)")
+
+
+def test_algorithmic_entry_checks_its_positions():
+  from extrapolax.experiments import evals  # pylint: disable=import-outside-toplevel
+  validate = evals.get("algorithmic").validate
+  entry = {"task": "copy", "lengths": "8,124", "train_len": 31}
+  assert "positions" not in validate(entry, None)      # plain by default
+  assert validate(dict(entry, positions="randomized(max_position=250)"),
+                  None)["positions"] == "randomized(max_position=250)"
+  with pytest.raises(ValueError, match=r"lengths \[124\] can exceed "
+                     "max_position=249"):
+    validate(dict(entry, positions="randomized(max_position=249)"), None)
+  with pytest.raises(ValueError, match="algorithmic positions: .*'shuffled'"):
+    validate(dict(entry, positions="shuffled"), None)
