@@ -184,11 +184,15 @@ def perplexity_section(records, out_dir: Optional[str], all_records, *,
   return "\n\n".join(parts)
 
 
-def _position_section(records, out_dir: Optional[str]) -> str:
+def _position_section(records, out_dir: Optional[str],
+                      all_records=None) -> str:
   parts = []
   for key, group in report.group_records(records).items():
     if key[1] != "position_nll":
       continue
+    if all_records is not None:
+      # A sweep's curves beside the same models' own (length) curve.
+      group = _with_base_columns(group, all_records)
     title = report.group_title(key)
     longest = max(r["eval_len"] for r in group)
     train = ", ".join(str(t) for t in report.train_lens(group))
@@ -207,9 +211,11 @@ def _position_section(records, out_dir: Optional[str]) -> str:
   return "\n\n".join(parts)
 
 
-def position_section(records, out_dir: Optional[str]) -> str:
-  """The loss-per-position plots of ``records`` (their position_nll)."""
-  return _position_section(records, out_dir)
+def position_section(records, out_dir: Optional[str], all_records=None) -> str:
+  """The loss-per-position plots of ``records`` (their position_nll); with
+  ``all_records``, a sweep's plot also draws the same models' ``length``
+  curve over the same windows (as perplexity_section's base columns)."""
+  return _position_section(records, out_dir, all_records)
 
 
 def _report(records, out_dir: Optional[str], all_records) -> str:

@@ -48,7 +48,7 @@ _run = length.sweep_runner("perplexity_with_masks", "mask")
 def _report(records, out_dir, all_records) -> str:
   parts = [length.perplexity_section(records, out_dir, all_records,
                                      what="Inference masks", base_columns=True),
-           length.position_section(records, out_dir)]
+           length.position_section(records, out_dir, all_records)]
   return "\n\n".join(p for p in parts if p)
 
 

@@ -59,7 +59,7 @@ def _report(records, out_dir, all_records) -> str:
   parts = [length.perplexity_section(records, out_dir, all_records,
                                      what="Zero-shot RoPE scaling",
                                      base_columns=True),
-           length.position_section(records, out_dir)]
+           length.position_section(records, out_dir, all_records)]
   return "\n\n".join(p for p in parts if p)
 
 

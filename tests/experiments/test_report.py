@@ -260,3 +260,37 @@ def test_passkey_heatmap_panels_do_not_overlap(tmp_path, monkeypatch):
   boxes = [ax.get_tightbbox(renderer) for ax in panels]   # labels included
   for left, right in zip(boxes, boxes[1:]):
     assert left.x1 <= right.x0, "a panel's labels overlap its neighbour"
+
+
+def test_sweep_position_plot_draws_the_models_own_curve(tmp_path,
+                                                        monkeypatch):
+  # A mask sweep's loss-per-position plot also draws the same model's
+  # length-study curve over the same windows (where plain RoPE turns up),
+  # not another model's, and only the sweep's own curves without all_records.
+  from extrapolax.experiments.evals import length  # pylint: disable=import-outside-toplevel
+  def curve(model, mask, experiment, slope):
+    return [rec(model=model, pe=model, mask=mask, eval_len=1024,
+                metric="position_nll", value=2.0 + slope * position,
+                position=position, position_end=position + 256,
+                experiment=experiment) for position in range(0, 1024, 256)]
+  plain = curve("rope", "causal", "length", 0.004)
+  other = curve("alibi", "causal", "length", 0.0)
+  swept = curve("rope", "lambda(sinks=4, window=64)", "mask", 0.0001)
+  figures = []
+  monkeypatch.setattr(report, "save_figure",
+                      lambda fig, out_dir, name: figures.append(fig) or name)
+
+  def drawn():
+    (ax,) = figures[-1].axes
+    return {l.get_label(): list(l.get_ydata()) for l in ax.get_lines()
+            if l.get_label() != "training length"}
+
+  length.position_section(swept, str(tmp_path), plain + other + swept)
+  lines = drawn()
+  assert set(lines) == {"rope", "rope lambda(sinks=4, window=64)"}
+  np.testing.assert_allclose(lines["rope"],
+                             [r["value"] for r in plain])
+  np.testing.assert_allclose(lines["rope lambda(sinks=4, window=64)"],
+                             [r["value"] for r in swept])
+  length.position_section(swept, str(tmp_path))
+  assert set(drawn()) == {"rope lambda(sinks=4, window=64)"}
