@@ -69,9 +69,10 @@ def recorded_call(module, fn):
   calls = []
   original = module.flash_attention
 
-  def spy(static, *args):
-    calls.append((static, args))
-    return original(static, *args)
+  def spy(static, *args, **kwargs):
+    keywords = tuple(value for _, value in sorted(kwargs.items()))
+    calls.append((static, args + keywords))
+    return original(static, *args, **kwargs)
 
   module.flash_attention = spy
   try:
