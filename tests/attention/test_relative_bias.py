@@ -91,13 +91,18 @@ def test_values_equal_the_dense_helpers():
                                 t5.tile(qp, kp)[:, :, 1:3, 2:5])
 
 
-def _case(scenario, key=1):
-  """(q, k, v, call kwargs, oracle kwargs) for one scenario."""
+def random_qkv(scenario, key=1):
+  """Random q [B, T, N, H], k and v [B, S, K, H]; T != S for "t_ne_s"."""
   t, s = (24, 40) if scenario == "t_ne_s" else (32, 32)
   ks = jax.random.split(jax.random.key(key), 3)
-  q = jax.random.normal(ks[0], (B, t, N, H), jnp.float32)
-  k = jax.random.normal(ks[1], (B, s, K, H), jnp.float32)
-  v = jax.random.normal(ks[2], (B, s, K, H), jnp.float32)
+  return (jax.random.normal(ks[0], (B, t, N, H), jnp.float32),
+          jax.random.normal(ks[1], (B, s, K, H), jnp.float32),
+          jax.random.normal(ks[2], (B, s, K, H), jnp.float32))
+
+
+def _case(scenario, key=1):
+  """(q, k, v, call kwargs, oracle kwargs) for one scenario."""
+  q, k, v = random_qkv(scenario, key)
   call, case = {}, {}
   if scenario in ("causal", "t_ne_s"):
     call["mask"] = case["mask"] = masks.Causal()

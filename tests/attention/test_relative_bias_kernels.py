@@ -37,7 +37,7 @@ from extrapolax.pallas_kernels import bias_params, flash_tpu
 
 from .suite import PALLAS_GPU, PALLAS_TPU
 from .test_relative_bias import (B, H, K, KINDS, N, check_against_oracle,
-                                 make_bias)
+                                 make_bias, random_qkv)
 
 EXACT = ("t5", "t5_bidirectional", "alibi")   # selects / one product
 
@@ -76,11 +76,7 @@ def test_kernel_tile_equals_tile(kind):
 
 def _case(scenario, key=1):
   """(q, k, v, call kwargs, oracle kwargs)."""
-  t, s = (24, 40) if scenario == "t_ne_s" else (32, 32)
-  ks = jax.random.split(jax.random.key(key), 3)
-  q = jax.random.normal(ks[0], (B, t, N, H), jnp.float32)
-  k = jax.random.normal(ks[1], (B, s, K, H), jnp.float32)
-  v = jax.random.normal(ks[2], (B, s, K, H), jnp.float32)
+  q, k, v = random_qkv(scenario, key)
   call, case = {}, {}
   if scenario == "causal":
     call["mask"] = case["mask"] = masks.Causal()
