@@ -98,6 +98,19 @@ def parse_known(flag_values, argv: Sequence[str],
     raise ValueError(one_line(e, argv, default_config)) from None
 
 
+def flag_error_line(error) -> str:
+  """A flag error as one line: ml_collections wraps an exception raised
+  while loading a --config file (e.g. an unknown ':ARGS' value) in a
+  message carrying its whole traceback; keep the flag and the exception's
+  own last line."""
+  text = str(error)
+  if "Traceback (most recent call last)" not in text:
+    return text
+  head = text.split("Error whilst parsing config file")[0].rstrip(" :")
+  last = [line for line in text.splitlines() if line.strip()][-1].strip()
+  return f"{head}: {last}"
+
+
 def one_line(error, argv, default_config) -> str:
   """A --config.* typo as one line (close matches when the config loads)."""
   spec = config_spec(argv, default_config)

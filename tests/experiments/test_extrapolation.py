@@ -181,6 +181,19 @@ def test_default_config_is_the_study():
     extrapolation.parse_flags(["extrapolation"])
 
 
+def test_bad_config_argument_is_one_line(capsys):
+  # ml_collections wraps an error raised while loading the config file in
+  # its traceback; the main prints the flag and the error's own line.
+  with pytest.raises(SystemExit):
+    extrapolation._flags_parser([  # pylint: disable=protected-access
+        "extrapolation", "--config=experiments/configs/pretrained.py:quickk",
+        "--workdir=/tmp/x"])
+  err = capsys.readouterr().err
+  assert "Traceback" not in err and len(err.strip().splitlines()) == 2
+  assert ("pretrained.py:quickk: ValueError: unknown config argument "
+          "'quickk'") in err.splitlines()[0]
+
+
 @pytest.mark.parametrize("override, message", [
     ({"variants": "rope,bogus"}, r"\['bogus'\] not in"),
     ({"variants": "rope,rope"}, "repeats a name"),
