@@ -37,7 +37,6 @@ import dataclasses
 import datetime
 import functools
 import json
-import math
 import os
 import platform
 import statistics
@@ -241,7 +240,7 @@ def bench_inputs(mask_name, t, h, tokens, seed=0):
   rng = np.random.default_rng(seed)
   f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
   q, k, v = f(b, t, n, h), f(b, t, n, h), f(b, t, n, h)
-  kw, seg, slopes = {}, None, None
+  seg, slopes = None, None
   mask = {"causal": masks.Causal(), "window": masks.SlidingWindow(t // 8),
           "lambda": masks.Lambda(4, t // 8), "packed": masks.Causal(),
           "alibi": masks.Causal()}[mask_name]

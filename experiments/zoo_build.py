@@ -283,7 +283,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--max-tokens", type=int, default=EVAL_MAX_TOKENS,
                       help="scored tokens per evaluation length")
   parser.add_argument("--table", default=None,
-                      help="write the ZOO.md table of --out's cards here")
+                      help="write the ZOO.md table here: the cards in "
+                      "--out, then those from_pretrained finds (the "
+                      "package's shipped presets included)")
   args = parser.parse_args(argv)
   names = list(args.names)
   if args.all:
@@ -302,7 +304,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 1
   if args.table:
     with open(args.table, "w", encoding="utf-8") as f:
-      f.write(table([out]))
+      # --out's cards first, then what from_pretrained searches (the
+      # package's shipped presets included), so shipped ones stay shipped.
+      f.write(table(list(dict.fromkeys([out, *zoo.checkpoint_dirs()]))))
   return 0
 
 

@@ -102,6 +102,13 @@ def test_zoo_md_is_the_cards_table_and_the_readme_links_it():
   assert "models/ZOO.md" in (ROOT / "README.md").read_text()
 
 
+def test_table_flag_keeps_the_shipped_presets_shipped(tmp_path):
+  out = tmp_path / "ZOO.md"
+  assert zoo_build.main(["--table", str(out),
+                         "--out", str(tmp_path / "empty")]) == 0
+  assert out.read_text() == zoo_build.table([zoo_cards.PACKAGED_DIR])
+
+
 def test_preset_field_trains_the_presets_architecture():
   config = configs.get_config("tiny.py")
   config.train_len = 64
