@@ -219,6 +219,8 @@ def _heatmap(group, out_dir, name, title="Passkey retrieval accuracy by "
                layout="constrained")
   axes = fig.subplots(1, len(variants), squeeze=False)[0]
   image = None
+  # Cell text as large as the cells allow (a 5 x 5 grid has room for 8 pt).
+  cell_font = 8 if len(lengths) <= 6 and len(depths) <= 6 else 6
   for ax, variant in zip(axes, variants):
     grid = [[values.get((variant, l, d), math.nan) for l in lengths]
             for d in depths]
@@ -234,7 +236,8 @@ def _heatmap(group, out_dir, name, title="Passkey retrieval accuracy by "
     for i, row in enumerate(grid):
       for j, v in enumerate(row):
         if not math.isnan(v):
-          ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=6,
+          ax.text(j, i, f"{v:.1f}", ha="center", va="center",
+                  fontsize=cell_font,
                   color="white" if v < 0.5 else "black")
   fig.colorbar(image, ax=list(axes), fraction=0.05, label="accuracy")
   fig.suptitle(title, fontsize=10)
