@@ -15,6 +15,15 @@ interleaved in one process (``--repeats`` rounds; best and median kept):
 * ``new bf16`` (``--bf16``): the same weights with ``dtype="bfloat16"``
   compute (parameters stay float32).
 
+``--bound`` adds what the float32 forward cannot go below on this machine,
+measured in the same rounds: ``rest`` is the model with attention skipped
+(each head returns its values; projections, MLP, norms, RoPE and logits all
+run), and ``limit`` is attention's own matmul limit, the two products of
+every visited 512 x 512 block pair of every layer and no softmax
+(attention_limit_cpu.matmul_limit_fn, xla_chunked's layout). Their sum is
+the time of a forward whose attention ran at the machine's matmul rate with
+a free softmax; the table gives it as a fraction of each variant.
+
 Usage, from the repository root::
 
   python benchmarks/model_forward_cpu.py --baseline 9198b1d [--bf16]
@@ -57,6 +66,9 @@ def main(argv=None):
   parser.add_argument("--baseline", default=None,
                       help="git revision whose xla_chunked is 'old'")
   parser.add_argument("--bf16", action="store_true")
+  parser.add_argument("--bound", action="store_true",
+                      help="also time the model without attention and "
+                      "attention's matmul limit (see the docstring)")
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--out", default=DEFAULT_OUT)
   args = parser.parse_args(argv)
@@ -79,6 +91,8 @@ def main(argv=None):
     variants.append(("new bf16", dataclasses.replace(
         config, dtype="bfloat16"), attention.XlaChunked()))
 
+  if args.bound:
+    variants.append(("rest (attention skipped)", config, _skip_attention()))
   runs = []
   for label, cfg, impl in variants:
     graphdef, _ = nnx.split(DecoderLM(cfg, rngs=nnx.Rngs(0)))
@@ -93,6 +107,12 @@ def main(argv=None):
       first = time.perf_counter() - start
     runs.append(dict(label=label, fn=fn, first_s=first, times=[]))
     print(f"# {label}: compile + first run {first:.1f} s", flush=True)
+  if args.bound:
+    limit_fn, limit_flops = _attention_limit(config, args.length, args.layers)
+    jax.block_until_ready(limit_fn())
+    runs.append(dict(label="limit (attention's products only)",
+                     fn=lambda *_: limit_fn(),
+                     first_s=None, times=[], flops=limit_flops))
   info = attention_limit_cpu.machine_info()
   for _ in range(args.repeats):
     for run in runs:
@@ -108,16 +128,66 @@ def main(argv=None):
                time_median_s=statistics.median(r["times"]),
                times_s=r["times"], first_s=r["first_s"], load=r["load"],
                vs_first=min(r["times"]) / min(ref["times"])) for r in runs]
+  bound = None
+  if args.bound:
+    rest, limit = rows[-2]["time_best_s"], rows[-1]["time_best_s"]
+    rows[-1]["gflops"] = runs[-1]["flops"] / limit / 1e9
+    bound = dict(rest_s=rest, attention_limit_s=limit,
+                 bound_s=rest + limit,
+                 attention_flops=runs[-1]["flops"],
+                 bound_vs={r["variant"]: (rest + limit) / r["time_best_s"]
+                           for r in rows[:-2]})
   print(f"| variant | T | layers | best (s) | median (s) | best / "
         f"{ref['label']} |\n|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['variant']} | {r['length']} | {r['layers']} | "
           f"{r['time_best_s']:.2f} | {r['time_median_s']:.2f} | "
           f"{r['vs_first']:.2f} |")
+  if bound:
+    print(f"\nbound = rest + limit = {bound['bound_s']:.2f} s "
+          f"(attention {bound['attention_flops'] / 1e9:.1f} GFLOP at "
+          f"{rows[-1]['gflops']:.0f} GFLOP/s); as a fraction of:")
+    for variant, frac in bound["bound_vs"].items():
+      print(f"  {variant}: {frac:.2f}")
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as fh:
-    json.dump(dict(machine=info, argv=sys.argv[1:], rows=rows), fh, indent=1)
-  return rows
+    json.dump(dict(machine=info, argv=sys.argv[1:], rows=rows, bound=bound),
+              fh, indent=1)
+  return rows, bound
+
+
+def _attention_limit(config, length, layers):
+  """attention_limit_cpu's products-only loop over the blocks xla_chunked
+  visits in ``layers`` causal layers of ``config``: (fn, FLOPs)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from extrapolax import attention  # pylint: disable=import-outside-toplevel
+  bq, bk = attention.XlaChunked().block_sizes(config.head_dim, jnp.float32)
+  bq, bk = min(bq, length), min(bk, length)
+  pairs = attention_limit_cpu.visited_pairs(
+      attention.masks.Causal(), None, length, bq, bk) * layers
+  groups = config.num_heads // config.num_kv_heads
+  fn = attention_limit_cpu.matmul_limit_fn(
+      pairs, 1, config.num_kv_heads, groups, bq, bk, config.head_dim,
+      jnp.float32)
+  return fn, 4.0 * config.num_heads * bq * bk * config.head_dim * pairs
+
+
+def _skip_attention():
+  """Attention skipped, for ``--bound``: each query head returns its key /
+  value head's values (same shapes; no logits, no softmax)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from extrapolax import attention  # pylint: disable=import-outside-toplevel
+
+  class SkipAttention(attention.Implementation):
+    name = "skip"
+
+    def __call__(self, request):
+      q, v = request.query, request.value
+      out = jnp.repeat(v, q.shape[2] // v.shape[2], axis=2)[:, :q.shape[1]]
+      lse = jnp.zeros((q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
+      return out.astype(q.dtype), lse
+
+  return SkipAttention()
 
 
 if __name__ == "__main__":

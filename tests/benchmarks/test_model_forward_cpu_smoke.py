@@ -1,0 +1,51 @@
+"""Smoke test of benchmarks/model_forward_cpu.py --bound at T = 256, one
+layer: the rows, the bound's arithmetic and the attention-skipped model."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+_DIR = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir,
+                    "benchmarks")
+
+
+@pytest.fixture(scope="module")
+def bench():
+  sys.path.insert(0, _DIR)
+  spec = importlib.util.spec_from_file_location(
+      "model_forward_cpu", os.path.join(_DIR, "model_forward_cpu.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_bound_is_rest_plus_attentions_matmul_limit(bench, tmp_path):
+  out = tmp_path / "bench.json"
+  rows, bound = bench.main(["--length", "256", "--layers", "1", "--bound",
+                            "--repeats", "1", "--out", str(out)])
+  assert [r["variant"] for r in rows] == [
+      "new", "rest (attention skipped)", "limit (attention's products only)"]
+  assert json.loads(out.read_text())["bound"] == bound
+  assert bound["bound_s"] == pytest.approx(
+      rows[1]["time_best_s"] + rows[2]["time_best_s"])
+  # One 256 x 256 block pair (causal, T = 256), 9 heads, head_dim 64.
+  assert bound["attention_flops"] == 4 * 9 * 256 * 256 * 64
+  assert bound["bound_vs"]["new"] == pytest.approx(
+      bound["bound_s"] / rows[0]["time_best_s"])
+
+
+def test_skipped_attention_returns_each_heads_values(bench):
+  import jax  # pylint: disable=import-outside-toplevel
+  from extrapolax import attention  # pylint: disable=import-outside-toplevel
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  q = jax.random.normal(keys[0], (1, 8, 6, 4))
+  k = jax.random.normal(keys[1], (1, 8, 2, 4))
+  v = jax.random.normal(keys[2], (1, 8, 2, 4))
+  out = attention.dot_product_attention(
+      q, k, v, mask=attention.Causal(), implementation=bench._skip_attention())
+  np.testing.assert_array_equal(out, np.repeat(np.asarray(v), 3, axis=2))
