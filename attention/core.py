@@ -32,7 +32,6 @@ Semantics (every implementation obeys them; tests pin them):
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import math
 from typing import Any, Callable, Optional, Sequence, Union
@@ -147,8 +146,22 @@ def _resolve(implementation) -> Implementation:
       f"{implementations()}, or an Implementation instance")
 
 
-_CURRENT: contextvars.ContextVar = contextvars.ContextVar(
-    "extrapolax_attention_implementation", default=None)
+# use_implementation's value is part of jax.jit's cache key (a jax user
+# context), so a function traced under one implementation is traced again
+# under another instead of silently keeping the first.
+_CURRENT = jax.make_user_context(default_value=None)
+# One instance per (name, registered factory): entering the same name again
+# is a cache hit, not a retrace.
+_NAMED: dict = {}
+
+
+def _context_value(implementation) -> Implementation:
+  if isinstance(implementation, str) and implementation in _REGISTRY:
+    key = (implementation, _REGISTRY[implementation])
+    if key not in _NAMED:
+      _NAMED[key] = _REGISTRY[implementation]()
+    return _NAMED[key]
+  return _resolve(implementation)
 
 
 @contextlib.contextmanager
@@ -162,9 +175,9 @@ def use_implementation(implementation: Union[str, Implementation, None]):
   ``ContextParallel(inner=...)`` without being rebuilt. An explicit
   ``implementation=`` argument to ``dot_product_attention`` still wins.
   ``None`` sets nothing (the enclosing choice, else automatic, applies).
-  Like every trace-time setting, it is read when a function is traced: a
-  ``jax.jit`` function already traced keeps the implementation it was traced
-  with, so enter the block before the first call.
+  The choice is part of ``jax.jit``'s cache key (``jax.make_user_context``):
+  a jitted function called under another implementation is traced again
+  (the same name, or an equal instance, reuses the trace).
 
   Raises:
     ValueError: an unknown implementation name.
@@ -172,17 +185,14 @@ def use_implementation(implementation: Union[str, Implementation, None]):
   if implementation is None:
     yield None
     return
-  resolved = _resolve(implementation)
-  token = _CURRENT.set(resolved)
-  try:
+  resolved = _context_value(implementation)
+  with _CURRENT(resolved):
     yield resolved
-  finally:
-    _CURRENT.reset(token)
 
 
 def current_implementation() -> Optional[Implementation]:
   """The implementation ``use_implementation`` set, or None."""
-  return _CURRENT.get()
+  return _CURRENT.value
 
 
 def _as_int_array(name, x, shape):

@@ -130,7 +130,7 @@ def run_length(args, length: int) -> dict:
                 num_params=int(sum(x.size for x in jax.tree.leaves(params))),
                 rss_before_compile=rss())
   if not args.no_dense:
-    # Its own jit: a traced one keeps the implementation it was traced with.
+    # Lowered and compiled inside the block: the executable keeps it.
     dense_step = build_step(config, args.learning_rate)[0]
     with core.use_implementation(dense_bias_chunked()):
       dense = dense_step.lower(params, opt_state, batches[0]).compile()

@@ -159,7 +159,7 @@ def test_classifier_is_sound_for_combinations(mask):
 
 def test_classifier_with_segments_and_positions_is_sound():
   rng = np.random.default_rng(0)
-  for trial in range(20):
+  for trial in range(12):
     t = int(rng.integers(5, 60))
     bq, bk = int(rng.integers(1, 9)), int(rng.integers(1, 9))
     seg = np.sort(rng.integers(0, rng.integers(1, 8), size=(2, t)), axis=1)

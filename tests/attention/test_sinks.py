@@ -111,15 +111,15 @@ def run(impl, case, q, k, v, sinks, d_out, d_lse):
   return (out, lse) + vjp((d_out, d_lse))
 
 
+# Without sinks every implementation meets the oracle in
+# test_implementations.py (these masks, GQA, T < S, packed and empty rows
+# included), so the cases here all carry sinks.
 @pytest.mark.parametrize("impl", sorted(IMPLS))
 @pytest.mark.parametrize("name", sorted(CASES))
-@pytest.mark.parametrize("with_sinks", [True, False])
-def test_matches_float64_reference(impl, name, with_sinks):
+def test_matches_float64_reference(impl, name):
   case = CASES[name]
   q, k, v, sinks, d_out, d_lse = inputs(case["t"], case["s"], case["n"],
                                         case["kh"], seed=len(name))
-  if not with_sinks:
-    sinks = None
   seg = case.get("seg")
   vis = visibility(case["mask"], case["t"], case["s"],
                    *(seg if seg is not None else ()))
@@ -127,9 +127,6 @@ def test_matches_float64_reference(impl, name, with_sinks):
   got = run(IMPLS[impl], case, q, k, v, sinks, d_out, d_lse)
   for label, g, w in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), got,
                          want):
-    if w is None:
-      assert g is None, label
-      continue
     g = np.asarray(g)
     assert np.all(np.isfinite(g)) or label == "lse", label
     np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-4, err_msg=label)
@@ -138,17 +135,13 @@ def test_matches_float64_reference(impl, name, with_sinks):
     rows = MASKED_Q[0] == 9
     out = np.asarray(got[0])[0, rows]
     np.testing.assert_array_equal(out, 0.0)      # sees no key: zeros
-    if with_sinks:                                # lse = the sink itself
-      np.testing.assert_allclose(lse[0][:, rows],
-                                 np.broadcast_to(np.asarray(sinks)[:, None],
-                                                 (case["n"], rows.sum())),
-                                 rtol=1e-6)
-    else:
-      assert np.all(lse[0][:, rows] == -np.inf)
-  if with_sinks:
-    # The sink really changes the result (the reference checks by how much).
-    base = reference(q, k, v, None, vis, d_out, d_lse)[0]
-    assert np.abs(np.asarray(got[0]) - base).max() > 1e-2
+    np.testing.assert_allclose(lse[0][:, rows],   # lse = the sink itself
+                               np.broadcast_to(np.asarray(sinks)[:, None],
+                                               (case["n"], rows.sum())),
+                               rtol=1e-6)
+  # The sink really changes the result (the reference checks by how much).
+  base = reference(q, k, v, None, vis, d_out, d_lse)[0]
+  assert np.abs(np.asarray(got[0]) - base).max() > 1e-2
 
 
 def test_very_negative_sinks_equal_no_sinks():
@@ -305,9 +298,11 @@ def test_an_implementation_that_does_not_declare_sinks_is_refused():
       core.dot_product_attention(q, k, v, sink_logits=sinks)
 
 
-@pytest.mark.parametrize("strategy", ["ring", "all_gather"])
-@pytest.mark.parametrize("name", ["causal_gqa", "window_gqa", "packed_causal",
-                                  "masked_row"])
+# Every case on the ring; all_gather (which shares the ring's sink handling
+# at the final normalisation) on the hardest one, a row that sees no key.
+@pytest.mark.parametrize("name,strategy", [
+    ("causal_gqa", "ring"), ("window_gqa", "ring"), ("packed_causal", "ring"),
+    ("masked_row", "ring"), ("masked_row", "all_gather")])
 def test_context_parallel_matches_float64_reference(name, strategy):
   """Sinks on the context-parallel path (4 sequence shards x 2 head shards
   of the 8 host devices): forward, lse and every gradient, the sinks'

@@ -176,6 +176,36 @@ def test_use_implementation_chooses_at_call_time():
       pass
 
 
+def test_use_implementation_is_part_of_jits_cache_key():
+  """A jitted function called under another implementation is traced again
+  (it used to keep the first one silently); the same name again is a hit."""
+  core.register_implementation("counting_xla", _Counting)
+  q, k, v = _qkv()
+  traced = []
+
+  def f(q, k, v):
+    traced.append(attention.current_implementation().name)
+    return core.dot_product_attention(q, k, v, mask=masks.Causal())
+
+  fn = jax.jit(f)
+  with attention.use_implementation("xla"):
+    want = fn(q, k, v)
+  with attention.use_implementation("xla"):      # a new block, same name
+    fn(q, k, v)
+  assert traced == ["xla"]
+  before = _Counting.calls
+  with attention.use_implementation("counting_xla"):
+    got = fn(q, k, v)
+  assert traced == ["xla", "counting_xla"]
+  assert _Counting.calls - before == 1          # ran the new implementation
+  with attention.use_implementation(attention.XlaChunked(block_q=2)):
+    fn(q, k, v)
+  with attention.use_implementation(attention.XlaChunked(block_q=2)):
+    fn(q, k, v)                                  # an equal instance: a hit
+  assert traced == ["xla", "counting_xla", "xla_chunked"]
+  np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 def _imports(path: pathlib.Path) -> set[str]:
   """extrapolax.X modules a file imports (absolute or relative)."""
   tree = ast.parse(path.read_text())

@@ -44,7 +44,7 @@ def test_train_step_holds_no_dense_bias(bench):
                weights=np.ones((1, T), np.float32))
   temp = lambda c: bench.compiled_memory(c)["temp"]
   tiled = step.lower(params, opt_state, batch).compile()
-  # A fresh jit (a traced one keeps the implementation it was traced with).
+  # Lowered and compiled inside the block: the executable keeps it.
   dense_step, _, _ = bench.build_step(bench.model_config(args, T),
                                       args.learning_rate)
   with core.use_implementation(bench.dense_bias_chunked()):
