@@ -1,24 +1,16 @@
 """Smoke test of benchmarks/attention_cpu.py at a tiny length (T = 256)."""
 
 import dataclasses
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 
-_SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir,
-                       "benchmarks", "attention_cpu.py")
+from tests import benchmarks
 
 
 @pytest.fixture(scope="module")
 def bench():
-  spec = importlib.util.spec_from_file_location("attention_cpu", _SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up
-  spec.loader.exec_module(module)
-  return module
+  return benchmarks.load("attention_cpu")
 
 
 _TINY = ["--quick", "--lengths", "256", "--block_q", "64", "--block_k", "64"]

@@ -1,20 +1,12 @@
 """Smoke test of benchmarks/context_parallel.py at a tiny length (T = 256)."""
 
-import importlib.util
 import json
-import os
-import sys
 
-_SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir,
-                       "benchmarks", "context_parallel.py")
+from tests import benchmarks
 
 
 def test_tiny_run_writes_records(tmp_path):
-  spec = importlib.util.spec_from_file_location("context_parallel_bench",
-                                                _SCRIPT)
-  bench = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = bench
-  spec.loader.exec_module(bench)
+  bench = benchmarks.load("context_parallel")
   out = tmp_path / "cp.json"
   payload = bench.main(["--lengths", "256", "--masks", "window,lambda",
                         "--passes", "fwd", "--repeats", "1", "--block_q",

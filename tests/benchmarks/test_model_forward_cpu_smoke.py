@@ -1,27 +1,17 @@
 """Smoke test of benchmarks/model_forward_cpu.py --bound at T = 256, one
 layer: the rows, the bound's arithmetic and the attention-skipped model."""
 
-import importlib.util
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
 
-_DIR = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir,
-                    "benchmarks")
+from tests import benchmarks
 
 
 @pytest.fixture(scope="module")
 def bench():
-  sys.path.insert(0, _DIR)
-  spec = importlib.util.spec_from_file_location(
-      "model_forward_cpu", os.path.join(_DIR, "model_forward_cpu.py"))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
+  return benchmarks.load("model_forward_cpu")
 
 
 def test_bound_is_rest_plus_attentions_matmul_limit(bench, tmp_path):

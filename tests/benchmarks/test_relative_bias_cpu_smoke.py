@@ -1,19 +1,12 @@
 """Smoke test of benchmarks/relative_bias_cpu.py at a tiny length."""
 
-import importlib.util
 import json
-import os
-import sys
 
-_SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir,
-                       "benchmarks", "relative_bias_cpu.py")
+from tests import benchmarks
 
 
 def test_tiny_run(tmp_path):
-  spec = importlib.util.spec_from_file_location("relative_bias_cpu", _SCRIPT)
-  bench = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = bench
-  spec.loader.exec_module(bench)
+  bench = benchmarks.load("relative_bias_cpu")
   out = tmp_path / "bench.json"
   # A limit of 4 MiB: at T = 128 the cheaper cases run and the others are
   # skipped (as dense ones past 8 GB in the real run).

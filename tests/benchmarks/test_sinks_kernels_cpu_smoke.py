@@ -1,24 +1,16 @@
 """Smoke test of benchmarks/sinks_kernels_cpu.py at T = 128: the Pallas
 kernels visit the same blocks with and without learned sinks."""
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 
-_SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir,
-                       "benchmarks", "sinks_kernels_cpu.py")
+from tests import benchmarks
 
 
 @pytest.fixture(scope="module")
 def bench():
-  spec = importlib.util.spec_from_file_location("sinks_kernels_cpu", _SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
+  return benchmarks.load("sinks_kernels_cpu")
 
 
 def test_quick_run_same_blocks_with_and_without_sinks(bench, tmp_path):

@@ -1,21 +1,14 @@
 """Smoke test of benchmarks/t5_train_cpu.py at a tiny length (T = 256)."""
 
-import importlib.util
 import json
-import os
-import sys
 
 import numpy as np
 
-_SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir,
-                       "benchmarks", "t5_train_cpu.py")
+from tests import benchmarks
 
 
 def test_tiny_run(tmp_path):
-  spec = importlib.util.spec_from_file_location("t5_train_cpu", _SCRIPT)
-  bench = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = bench
-  spec.loader.exec_module(bench)
+  bench = benchmarks.load("t5_train_cpu")
   out = tmp_path / "bench.json"
   payload = bench.main(["--lengths", "128", "256", "--steps", "2",
                         "--no_subprocess", "--out", str(out)])

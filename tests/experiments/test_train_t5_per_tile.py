@@ -10,9 +10,6 @@ a finite, decreasing loss. benchmarks/t5_train_cpu.py runs the same step at
 16k-64k tokens.
 """
 
-import importlib.util
-import os
-import sys
 
 import jax
 import numpy as np
@@ -20,18 +17,14 @@ import pytest
 
 from extrapolax.attention import core
 
+from tests import benchmarks
+
 T, N = 4096, 2
-_SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir,
-                       "benchmarks", "t5_train_cpu.py")
 
 
 @pytest.fixture(scope="module")
 def bench():
-  spec = importlib.util.spec_from_file_location("t5_train_cpu", _SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
+  return benchmarks.load("t5_train_cpu")
 
 
 def test_train_step_holds_no_dense_bias(bench):
