@@ -32,6 +32,7 @@ Semantics (every implementation obeys them; tests pin them):
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import math
 from typing import Any, Callable, Optional, Sequence, Union
@@ -149,7 +150,30 @@ def _resolve(implementation) -> Implementation:
 # use_implementation's value is part of jax.jit's cache key (a jax user
 # context), so a function traced under one implementation is traced again
 # under another instead of silently keeping the first.
-_CURRENT = jax.make_user_context(default_value=None)
+class _ContextVarState:
+  """The same interface over a context variable, for a jax without
+  ``make_user_context`` (public in 0.10): there the choice is read when a
+  function is traced, and a traced jit function keeps it."""
+
+  def __init__(self):
+    self._var = contextvars.ContextVar("extrapolax_implementation",
+                                       default=None)
+
+  @property
+  def value(self):
+    return self._var.get()
+
+  @contextlib.contextmanager
+  def __call__(self, value):
+    token = self._var.set(value)
+    try:
+      yield
+    finally:
+      self._var.reset(token)
+
+
+_CURRENT = (jax.make_user_context(default_value=None)
+            if hasattr(jax, "make_user_context") else _ContextVarState())
 # One instance per (name, registered factory): entering the same name again
 # is a cache hit, not a retrace.
 _NAMED: dict = {}

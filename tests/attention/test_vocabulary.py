@@ -206,6 +206,16 @@ def test_use_implementation_is_part_of_jits_cache_key():
   np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_context_fallback_for_a_jax_without_user_contexts():
+  state = core._ContextVarState()  # pylint: disable=protected-access
+  assert state.value is None
+  with state("a"):
+    with state("b"):
+      assert state.value == "b"
+    assert state.value == "a"
+  assert state.value is None
+
+
 def _imports(path: pathlib.Path) -> set[str]:
   """extrapolax.X modules a file imports (absolute or relative)."""
   tree = ast.parse(path.read_text())
