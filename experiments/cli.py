@@ -111,6 +111,14 @@ def flag_error_line(error) -> str:
   return f"{head}: {last}"
 
 
+def exit_on_flag_error(error) -> None:
+  """A main's flag error: one line on stderr, then exit status 1."""
+  sys.stderr.write(f"FATAL Flags parsing error: {flag_error_line(error)}\n"
+                   "Pass --help to see help on flags, --config_help for "
+                   "the config fields.\n")
+  sys.exit(1)
+
+
 def one_line(error, argv, default_config) -> str:
   """A --config.* typo as one line (close matches when the config loads)."""
   spec = config_spec(argv, default_config)

@@ -722,11 +722,7 @@ def _flags_parser(argv: list[str]) -> Arguments:
     args = parse_flags(argv)
     args.argv = flags.FLAGS(args.argv)   # absl's own (--verbosity, ...)
   except (flags.Error, ValueError) as e:
-    line = cli.flag_error_line(e)
-    sys.stderr.write(f"FATAL Flags parsing error: {line}\n"
-                     "Pass --help to see help on flags, --config_help for "
-                     "the config fields.\n")
-    sys.exit(1)
+    cli.exit_on_flag_error(e)
   return args
 
 

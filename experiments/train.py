@@ -76,11 +76,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
             "--workdir=/tmp/tiny)")
     return rest
   except (flags.Error, ValueError) as e:
-    line = cli.flag_error_line(e)
-    sys.stderr.write(f"FATAL Flags parsing error: {line}\n"
-                     "Pass --help to see help on flags, --config_help for "
-                     "the config fields.\n")
-    sys.exit(1)
+    cli.exit_on_flag_error(e)
 
 
 def main(argv: list[str]) -> None:

@@ -79,10 +79,10 @@ loss 0.04): the gain past the range holds, and so does the cost inside.
 The same randomized models read at plain positions
 (``plain_eval``) score 0.06 to 0.28 past the range: their training never
 had consecutive positions 1 apart, so 0..L-1 is itself out of
-distribution (the first attempt, below, evaluated this way). Reverse does not train with randomized positions at this budget
-(answer loss 1.98 after 1000 steps with max_position 256; 0.09 plain): its
-answer must find the input token at a mirrored offset, which random gaps
-hide.
+distribution (the first attempt, below, evaluated this way). Reverse does
+not train with randomized positions at this budget (answer loss 1.98
+after 1000 steps with max_position 256; 0.09 plain): its answer must find
+the input token at a mirrored offset, which random gaps hide.
 
 First attempt (``task=reverse``, 1000 steps, nope/rope/alibi, max_position
 1000, plain evaluation; load 9 to 11, 478 s plain / 394 s randomized):

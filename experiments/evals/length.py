@@ -184,8 +184,10 @@ def perplexity_section(records, out_dir: Optional[str], all_records, *,
   return "\n\n".join(parts)
 
 
-def _position_section(records, out_dir: Optional[str],
-                      all_records=None) -> str:
+def position_section(records, out_dir: Optional[str], all_records=None) -> str:
+  """The loss-per-position plots of ``records`` (their position_nll); with
+  ``all_records``, a sweep's plot also draws the same models' ``length``
+  curve over the same windows (as perplexity_section's base columns)."""
   parts = []
   for key, group in report.group_records(records).items():
     if key[1] != "position_nll":
@@ -211,19 +213,12 @@ def _position_section(records, out_dir: Optional[str],
   return "\n\n".join(parts)
 
 
-def position_section(records, out_dir: Optional[str], all_records=None) -> str:
-  """The loss-per-position plots of ``records`` (their position_nll); with
-  ``all_records``, a sweep's plot also draws the same models' ``length``
-  curve over the same windows (as perplexity_section's base columns)."""
-  return _position_section(records, out_dir, all_records)
-
-
 def _report(records, out_dir: Optional[str], all_records) -> str:
   others = [r for r in records
            if r["metric"] not in ("perplexity", "position_nll")]
   parts = [perplexity_section(records, out_dir, all_records,
                               what="Position encodings"),
-           _position_section(records, out_dir)]
+           position_section(records, out_dir)]
   if others:
     parts.append(report.generic_section(others, out_dir))
   return "\n\n".join(p for p in parts if p)
