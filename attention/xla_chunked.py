@@ -23,17 +23,6 @@ the saved log-sum-exp, key-major (five products per block: K.Q^T, V.dO^T,
 P^T.dO, dS^T.Q and K^T.dS^T for dQ^T, none contracting the leading axis of
 both operands, which XLA's CPU dot runs about 3x slower).
 
-The forward skips a block's max pass when it can: each key block's
-bounding ball (centre c, radius r) bounds every row's plain logits in the
-block by ``q . c + |q| r``, and while every row's running max is within a
-slack of that bound (40, less where the values are large enough for
-exp(slack) times them to overflow the float32 sums), the block is
-exponentiated against the running max as it is (the lazy rescaling of
-FlashAttention-4, with the bound in place of the block max). On the real
-SmolLM2-135M most blocks after a row's first qualify; random inputs, all.
-Logits with extra terms (ALiBi, biases, soft cap, far keys, position
-biases) always take the max pass.
-
 A dense ``bias`` is read block by block (its own memory is the caller's), and
 gets a gradient like every other float input. A ``position_bias``
 (``relative_bias.RelativeBias``: T5 buckets, Kerple, FIRE, ALiBi) is
@@ -64,7 +53,6 @@ from . import xla as xla_lib
 
 Array = jax.Array
 SCHEDULES = ("auto", "device")
-_SLACK = 40.0   # see _lazy_slack
 
 
 def default_block_sizes(head_dim: int, dtype) -> tuple[int, int]:
@@ -150,30 +138,6 @@ def _row_blocks(x, block, padded, value=0.0):
   return _blocks(_pad_axis(x, 3, padded, value), 3, block)
 
 
-def _key_balls(k, block, padded):
-  """Each key block's bounding ball: centre float32 [nk, B, K, H] and
-  radius [nk, B, K], so ``q . k <= q . centre + |q| * radius`` for every key
-  of the block (padding keys included)."""
-  kf = _k_blocks(k, block, padded).astype(jnp.float32)  # [nk, B, K, bk, H]
-  centre = kf.mean(axis=3)
-  radius = jnp.sqrt(jnp.max(jnp.sum(
-      jnp.square(kf - centre[..., None, :]), -1), -1))
-  return centre, radius
-
-
-def _lazy_slack(v, kv_len):
-  """How far (in logits) a block may rise above a row's running max before
-  the forward takes its max pass: _SLACK, less where the probabilities
-  (cast to ``v``'s dtype) or the float32 sums of up to ``kv_len`` of them
-  times a value could overflow."""
-  v_max = jnp.maximum(jnp.max(jnp.abs(v), initial=0.0).astype(jnp.float32),
-                      1.0)
-  return jnp.minimum(
-      min(_SLACK, float(np.log(float(jnp.finfo(v.dtype).max))) - 1.0),
-      float(np.log(float(jnp.finfo(jnp.float32).max))) - 1.0
-      - jnp.log(kv_len * v_max))
-
-
 def _get(x, i):
   return jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
 
@@ -207,7 +171,6 @@ class _Layout:
     # key) row becomes NaN, so its logits are NaN exactly where the mask
     # lets them through: rows that see it come out NaN (lse nan), the others
     # as without it. The backward keeps the keys (see _backward).
-    k_given = k
     v, bad = nonfinite.clean_values(v)
     if forward:
       k, far_k = nonfinite.poison_keys(bad, k, far_k)
@@ -241,12 +204,6 @@ class _Layout:
     # (The position bias is added apart, see pos_tile.)
     self.plain = (far_q is None and call.soft_cap is None and slopes is None
                   and bias is None)
-    self.ball = self.slack = None
-    if forward and self.plain and pos_bias is None:
-      self.ball = _key_balls(nonfinite.clean_values(k_given)[0], bk, sp)
-      q_clean = nonfinite.clean_values(self.q)[0].astype(jnp.float32)
-      self.ball += (q_clean, jnp.sqrt(jnp.sum(jnp.square(q_clean), -1)))
-      self.slack = _lazy_slack(v, sp)
     if st.full_pairs is None:
       labels = masks_lib.classify_blocks(
           call.mask, q_len=st.q_len, kv_len=st.kv_len, block_q=bq,
@@ -291,15 +248,6 @@ class _Layout:
     start = self._bias_start(i, j)
     block = jax.lax.dynamic_slice(acc, start, grad.shape)
     return jax.lax.dynamic_update_slice(acc, block + grad, start)
-
-  def logit_bound(self, i, j):
-    """An upper bound of every row's plain logits in block (i, j), from the
-    key block's bounding ball: float32 [B, K, G, bq]. Rows or keys with a
-    non-finite entry are left out (their logits are NaN or infinite)."""
-    centre, radius, q_clean, q_norm = self.ball
-    ub = (jnp.einsum("bkqh,bkh->bkq", _get(q_clean, i), _get(centre, j))
-          + _get(q_norm, i) * _get(radius, j)[..., None])
-    return ub.reshape(self.b, self.kv_heads, self.groups, -1)
 
   def products(self, qi, kj):
     """[B, K, G * bq, H] . [B, K, bk, H] -> float32 [B, K, G, bq, bk]."""
@@ -403,17 +351,7 @@ def _forward(st: _Static, q, k, v, q_pos, k_pos, q_seg, kv_seg, slopes, bias,
     m, l, acc = carry
     s, _ = _logits(lay, i, j, use_mask)
     m_i = _get(m, i)
-    if lay.ball is None:
-      m_new = jnp.maximum(m_i, s.max(-1))
-    else:
-      # Lazy rescaling: while every row's running max is within the slack of
-      # the block's logit bound, the block's exponentials stay below
-      # exp(slack) when taken against the running max as it is, so the max
-      # pass over the block (and the rescale) is skipped.
-      keep = jnp.all((m_i >= lay.logit_bound(i, j) - lay.slack)
-                     | jnp.isnan(m_i))
-      m_new = jax.lax.cond(keep, lambda: m_i,
-                           lambda: jnp.maximum(m_i, s.max(-1)))
+    m_new = jnp.maximum(m_i, s.max(-1))
     m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
     alpha = jnp.exp(m_i - m_safe)
     p = jnp.exp(s - m_safe[..., None])
