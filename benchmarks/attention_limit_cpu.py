@@ -16,7 +16,10 @@ FLOPs count only the block pairs ``masks.classify_blocks`` labels non-empty
 (one label per pair for the whole batch, as XlaChunked visits them):
 ``4 * B * N * bq * bk * H`` per pair forward, 3.5x that forward+backward
 (the backward's five products plus the forward's two). Each rate is also
-given as a fraction of ``limit``.
+given as a fraction of ``limit``. ``paired`` is the median over rounds of
+each variant's time over the first variant's (this checkout's
+``XlaChunked()``) in the same round: the steadier comparison on a shared
+machine whose speed drifts between rounds.
 
 ``--baseline REV`` also runs xla_chunked as it was at git revision REV
 (loaded from ``git show REV:attention/xla_chunked.py`` into a private
@@ -217,6 +220,11 @@ def measure(args, mask_name, length, h, dtype_name, variants) -> list[dict]:
     if key[0] == "limit":
       continue
     limit = runs[run["limit"]]
+    # Round by round against the first variant (this checkout's default),
+    # timed back to back with it: steadier than best against best on a
+    # machine whose speed drifts.
+    ref = runs[(variants[0][0], key[1])]["times"]
+    paired = statistics.median(a / b for a, b in zip(run["times"], ref))
     rate = run["flops"] / min(run["times"]) / 1e9
     limit_rate = limit["flops"] / min(limit["times"]) / 1e9
     rows.append(dict(
@@ -228,21 +236,21 @@ def measure(args, mask_name, length, h, dtype_name, variants) -> list[dict]:
         time_median_s=statistics.median(run["times"]),
         times_s=run["times"], gflops=rate, limit_gflops=limit_rate,
         limit_times_s=limit["times"], fraction=rate / limit_rate,
-        load=os.getloadavg()))
+        paired_vs_first=paired, load=os.getloadavg()))
   return rows
 
 
 def format_table(rows) -> str:
   lines = ["| impl | mask | T | H | dtype | blocks | pass | time best (s) | "
-           "median (s) | GFLOP/s | limit GFLOP/s | fraction |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "median (s) | GFLOP/s | limit GFLOP/s | fraction | paired |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(
         f"| {r['implementation']} | {r['mask']} | {r['length']} | "
         f"{r['head_dim']} | {r['dtype']} | {r['block_q']}x{r['block_k']} | "
         f"{r['pass_']} | {r['time_best_s']:.3f} | {r['time_median_s']:.3f} "
         f"| {r['gflops']:.1f} | {r['limit_gflops']:.1f} | "
-        f"{r['fraction']:.2f} |")
+        f"{r['fraction']:.2f} | {r['paired_vs_first']:.3f} |")
   return "\n".join(lines)
 
 

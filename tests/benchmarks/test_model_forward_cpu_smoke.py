@@ -40,3 +40,16 @@ def test_skipped_attention_returns_each_heads_values(bench):
       q, k, v, mask=attention.Causal(), implementation=bench._skip_attention())
   np.testing.assert_allclose(out, np.repeat(np.asarray(v), 3, axis=2),
                              rtol=1e-6)
+
+
+def test_real_weights_run_on_real_text(bench):
+  pytest.importorskip("gguf")
+  from extrapolax.experiments.data import corpora  # pylint: disable=import-outside-toplevel
+  from extrapolax.models import load_tokenizer  # pylint: disable=import-outside-toplevel
+  model, tokens = bench._real_model(300)
+  assert model.config.num_layers == 30 and model.config.num_heads == 9
+  assert tokens.shape == (1, 300)
+  text = load_tokenizer("smollm2-135m-instruct").decode(tokens[0].tolist())
+  assert text and text in corpora.load_corpus("python_stdlib").documents[0]
+  with pytest.raises(SystemExit):       # --layers is the random model's
+    bench.main(["--weights", "smollm2", "--layers", "2"])
