@@ -36,7 +36,7 @@ Usage, from the repository root::
 
   python benchmarks/model_forward_cpu.py --baseline 9198b1d [--bf16]
   python benchmarks/model_forward_cpu.py --length 1024 --layers 2   # quick
-  python benchmarks/model_forward_cpu.py --weights smollm2 --baseline 17d8049
+  python benchmarks/model_forward_cpu.py --weights smollm2 --baseline 9198b1d
 
 Prints a table; writes JSON (default benchmarks/results/model_forward_cpu.json).
 """
