@@ -193,17 +193,17 @@ def main(argv=None):
 def _real_model(length: int):
   """SmolLM2-135M-Instruct and [1, length] tokens of real text."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from extrapolax.experiments.data import corpora  # pylint: disable=import-outside-toplevel
+  from extrapolax.experiments.data import corpora, long_documents  # pylint: disable=import-outside-toplevel
   from extrapolax.models import load_tokenizer, zoo  # pylint: disable=import-outside-toplevel
   name = "smollm2-135m-instruct"
   model, tokenizer = zoo.from_pretrained(name), load_tokenizer(name)
-  ids = []
-  for text in corpora.load_corpus("python_stdlib").documents:
-    ids += tokenizer.encode(text)
-    if len(ids) >= length:
-      return model, jnp.asarray([ids[:length]], jnp.int32)
-  raise ValueError(f"--length={length}: the python_stdlib corpus has only "
-                   f"{len(ids)} tokens")
+  joined = long_documents.join_documents(
+      corpora.load_corpus("python_stdlib").documents, tokenizer.encode,
+      min_tokens=length, max_tokens=length, separator="")
+  if not joined:
+    raise ValueError(f"--length={length}: longer than the python_stdlib "
+                     "corpus")
+  return model, jnp.asarray(joined[0][None, :length], jnp.int32)
 
 
 def _attention_limit(config, length, layers):

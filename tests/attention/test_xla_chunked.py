@@ -9,6 +9,7 @@ import pytest
 
 from extrapolax.attention import masks
 from extrapolax.attention import xla_chunked
+from tests.attention import test_implementations as impl_tests
 
 
 @pytest.mark.parametrize("mask", [
@@ -50,7 +51,6 @@ def test_forward_follows_logit_jumps_between_blocks(jump, v_scale, schedule):
   bound that misses the jump, gives inf or NaN here); with values near 1e31
   a stale max 25 below the block's would overflow the float32 sums. All
   match the float64 oracle, forward and gradients."""
-  from tests.attention import test_implementations as impl_tests  # pylint: disable=import-outside-toplevel
   h = 8
   case = impl_tests.make_case(3, b=1, t=48, n=2, k=1, h=h,
                               mask=masks.Causal())
