@@ -318,7 +318,9 @@ def test_context_parallel_matches_float64_reference(name, strategy):
   mesh = jax.make_mesh((1, 4, 2), ("data", "context", "tensor"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   impl = ContextParallel("xla", strategy=strategy, mesh=mesh)
-  got = run(impl, case, q, k, v, sinks, d_out, d_lse)
+  # Under jit: run eagerly, shard_map dispatches op by op (10 s a case).
+  got = jax.jit(lambda *a: run(impl, case, *a))(q, k, v, sinks, d_out,
+                                                d_lse)
   for label, g, w in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), got,
                          want):
     np.testing.assert_allclose(np.asarray(g), w, rtol=2e-4, atol=2e-4,
