@@ -12,6 +12,19 @@ as added tokens, both matched whole; the pre-tokenizer is llama.cpp's list of
 split regexes for ``tokenizer.ggml.pre`` (``llama-vocab.cpp``), each applied
 in turn, then the GPT-2 byte mapping. ``encode`` adds BOS only when the file
 says ``tokenizer.ggml.add_bos_token``.
+
+GGUF SentencePiece BPE (``tokenizer.ggml.model == "llama"``: Llama 1/2,
+Mistral, TinyLlama, Vicuna ...) is rebuilt the way llama.cpp runs it
+(``llm_tokenizer_spm``): spaces become ``▁``; one ``▁`` goes before
+the text and after each special token unless the file says
+``tokenizer.ggml.add_space_prefix`` false; adjacent pieces merge best score
+first; a character the vocabulary lacks falls back to its UTF-8 bytes
+(``<0xNN>`` tokens). Files without ``tokenizer.ggml.merges`` get them from
+the scores: every split of a token into two vocabulary tokens, ranked by the
+token's score (ties: the longer left piece, then the longer right one; llama.cpp
+takes the leftmost pair, which differs only where two splits of one token
+are live at once). ``encode`` adds BOS unless the file says
+``add_bos_token`` false, as llama.cpp does.
 """
 
 from __future__ import annotations
@@ -43,7 +56,9 @@ PRE_TOKENIZERS = {
 }
 # llama.cpp takes a whole word from the vocabulary before merging for these.
 _IGNORE_MERGES = ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx")
-_CONTROL, _USER_DEFINED = 3, 4
+# token_type: llama.cpp matches UNKNOWN and CONTROL tokens written in the
+# text as special tokens, USER_DEFINED ones as plain added tokens.
+_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
 
 
 def _tokenizers():
@@ -67,8 +82,11 @@ class Tokenizer:
 
   def __init__(self, backend, *, bos_id: Optional[int] = None,
                eos_id: Optional[int] = None, add_bos: bool = False,
-               chat_template: Optional[str] = None):
+               chat_template: Optional[str] = None, continuation=None):
     self.backend = backend
+    # The backend for text that continues earlier text (SentencePiece
+    # without its dummy prefix space); None: the same as ``backend``.
+    self._continuation = continuation
     self.bos_id, self.eos_id = bos_id, eos_id
     self.add_bos = add_bos
     self.chat_template = chat_template
@@ -79,11 +97,20 @@ class Tokenizer:
   def vocab_size(self) -> int:
     return self.backend.get_vocab_size(with_added_tokens=True)
 
-  def encode(self, text: str, *, add_bos: Optional[bool] = None) -> list[int]:
-    """Token ids of ``text`` (special tokens written in it are matched)."""
+  def encode(self, text: str, *, add_bos: Optional[bool] = None,
+             continues: bool = False) -> list[int]:
+    """Token ids of ``text`` (special tokens written in it are matched).
+
+    ``continues=True``: ``text`` follows earlier text of the same prompt, so
+    a SentencePiece tokenizer puts no space before it (one goes before the
+    start of a text only); byte-level BPE adds none either way. Encoding a
+    prompt in pieces, the first piece has ``continues=False``.
+    """
     if not isinstance(text, str):
       raise ValueError(f"text must be a str, got {type(text).__name__}")
-    ids = self.backend.encode(text, add_special_tokens=False).ids
+    backend = (self._continuation if continues and self._continuation
+               is not None else self.backend)
+    ids = backend.encode(text, add_special_tokens=False).ids
     if self.add_bos if add_bos is None else add_bos:
       if self.bos_id is None:
         raise ValueError("add_bos=True but this tokenizer has no bos_id")
@@ -123,23 +150,28 @@ class Tokenizer:
             f"eos_id={self.eos_id})")
 
 
-def from_gguf_metadata(meta) -> Tokenizer:
-  """A Tokenizer from a GGUF file's ``tokenizer.*`` metadata."""
-  tk = _tokenizers()
-  model = meta.get("tokenizer.ggml.model")
-  if model != "gpt2":
-    raise ValueError(f"GGUF tokenizer.ggml.model={model!r} is not supported; "
-                     "supported: ('gpt2',) (byte-level BPE)")
+def _merges_from_scores(tokens, scores):
+  """SentencePiece BPE merges implied by a scored vocabulary: each split of
+  a token into two vocabulary tokens, best token score first."""
+  vocab = {t: i for i, t in enumerate(tokens)}
+  ranked = []
+  for index, (token, score) in enumerate(zip(tokens, scores)):
+    for cut in range(1, len(token)):
+      left, right = token[:cut], token[cut:]
+      if left in vocab and right in vocab:
+        ranked.append(((-float(score), -len(left), -len(right), index,
+                        vocab[left], vocab[right]), (left, right)))
+  ranked.sort(key=lambda item: item[0])
+  return [pair for _, pair in ranked]
+
+
+def _byte_level(tk, meta, tokens):
   pre = meta.get("tokenizer.ggml.pre", "default")
   if pre not in PRE_TOKENIZERS:
     raise ValueError(f"GGUF tokenizer.ggml.pre={pre!r} is not supported; "
                      f"supported: {tuple(PRE_TOKENIZERS)}")
-  tokens = list(meta["tokenizer.ggml.tokens"])
   merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-  types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
   vocab = {t: i for i, t in enumerate(tokens)}
-  if len(vocab) != len(tokens):
-    raise ValueError("GGUF tokenizer.ggml.tokens has duplicate tokens")
   bpe = tk.models.BPE(vocab, merges, ignore_merges=pre in _IGNORE_MERGES)
   backend = tk.Tokenizer(bpe)
   backend.pre_tokenizer = tk.pre_tokenizers.Sequence(
@@ -148,21 +180,85 @@ def from_gguf_metadata(meta) -> Tokenizer:
       + [tk.pre_tokenizers.ByteLevel(add_prefix_space=False,
                                      use_regex=False)])
   backend.decoder = tk.decoders.ByteLevel()
+  return backend, False, None
+
+
+def _sentencepiece(tk, meta, tokens):
+  if meta.get("tokenizer.ggml.merges") is not None:
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+  elif meta.get("tokenizer.ggml.scores") is not None:
+    scores = list(meta["tokenizer.ggml.scores"])
+    if len(scores) != len(tokens):
+      raise ValueError(f"GGUF tokenizer.ggml.scores has {len(scores)} "
+                       f"entries for {len(tokens)} tokens")
+    merges = _merges_from_scores(tokens, scores)
+  else:
+    raise ValueError("GGUF tokenizer.ggml.model='llama' needs "
+                     "tokenizer.ggml.scores or tokenizer.ggml.merges")
+  vocab = {t: i for i, t in enumerate(tokens)}
+  backend = tk.Tokenizer(tk.models.BPE(vocab, merges, fuse_unk=True,
+                                       byte_fallback=True))
+  # llama.cpp (and SentencePiece's dummy prefix) put one space before each
+  # stretch of text that starts the input or follows a special token, even
+  # one that starts with spaces: a normalizer does that, as Llama 2's own
+  # tokenizer.json does. (transformers' GGUF conversion uses Metaspace
+  # instead, which adds none before a leading space or after a special
+  # token.)
+  prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+  backend.normalizer = tk.normalizers.Sequence(
+      ([tk.normalizers.Prepend("\u2581")] if prefix else [])
+      + [tk.normalizers.Replace(" ", "\u2581")])
+  steps = [tk.decoders.Replace("\u2581", " "), tk.decoders.ByteFallback(),
+           tk.decoders.Fuse()]
+  if prefix:
+    steps.append(tk.decoders.Strip(content=" ", left=1))
+  backend.decoder = tk.decoders.Sequence(steps)
+  continuation = None
+  if prefix:
+    continuation = tk.Tokenizer.from_str(backend.to_str())
+    continuation.normalizer = tk.normalizers.Replace(" ", "\u2581")
+  return backend, True, continuation
+
+
+# tokenizer.ggml.model -> (builder, what it is).
+_GGUF_MODELS = {"gpt2": (_byte_level, "byte-level BPE"),
+                "llama": (_sentencepiece, "SentencePiece BPE")}
+
+
+def from_gguf_metadata(meta) -> Tokenizer:
+  """A Tokenizer from a GGUF file's ``tokenizer.*`` metadata."""
+  tk = _tokenizers()
+  model = meta.get("tokenizer.ggml.model")
+  if model not in _GGUF_MODELS:
+    raise ValueError(
+        f"GGUF tokenizer.ggml.model={model!r} is not supported; supported: "
+        + ", ".join(f"{k!r} ({v[1]})" for k, v in _GGUF_MODELS.items()))
+  tokens = list(meta["tokenizer.ggml.tokens"])
+  types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+  if len(set(tokens)) != len(tokens):
+    raise ValueError("GGUF tokenizer.ggml.tokens has duplicate tokens")
+  backend, bos_by_default, continuation = _GGUF_MODELS[model][0](
+      tk, meta, tokens)
   special = [tk.AddedToken(t, special=True, normalized=False)
-             for t, k in zip(tokens, types) if k == _CONTROL]
+             for t, k in zip(tokens, types) if k in (_UNKNOWN, _CONTROL)]
   user = [tk.AddedToken(t, special=False, normalized=False)
           for t, k in zip(tokens, types) if k == _USER_DEFINED]
-  backend.add_special_tokens(special)
-  backend.add_tokens(user)
+  for b in (backend, continuation):
+    if b is not None:
+      b.add_special_tokens(special)
+      b.add_tokens(user)
   if backend.get_vocab_size(with_added_tokens=True) != len(tokens):
     raise ValueError("GGUF tokenizer: added tokens changed the vocabulary "
                      "size (a control token missing from the vocabulary?)")
   get = lambda k: None if meta.get(k) is None else int(meta[k])
-  return Tokenizer(backend, bos_id=get("tokenizer.ggml.bos_token_id"),
+  bos_id = get("tokenizer.ggml.bos_token_id")
+  return Tokenizer(backend, bos_id=bos_id,
                    eos_id=get("tokenizer.ggml.eos_token_id"),
                    add_bos=bool(meta.get("tokenizer.ggml.add_bos_token",
-                                         False)),
-                   chat_template=meta.get("tokenizer.chat_template"))
+                                         bos_by_default and bos_id is not None
+                                         )),
+                   chat_template=meta.get("tokenizer.chat_template"),
+                   continuation=continuation)
 
 
 def _from_tokenizer_json(path: str) -> Tokenizer:

@@ -367,11 +367,11 @@ def ruler_prompt(task: str, num_tokens: int, depth, rng: np.random.Generator,
   close = lambda ids: np.concatenate([ids, closing]).astype(np.int32)
   if task == "common_words":
     prompt, answer = _common_words(rng, encode, num_tokens - len(closing),
-                                   frame(encode(_CW_HEAD)), **params)
+                                   frame(encode(_CW_HEAD, first=not chat)), **params)
     prompt = close(prompt)
     evidence = ()
   elif task == "kv_retrieval":
-    head = frame(encode(_KV_HEAD))
+    head = frame(encode(_KV_HEAD, first=not chat))
     prompt, answer, start = _kv_retrieval(
         rng, encode, num_tokens - len(closing), depth, head)
     prompt = close(prompt)
@@ -386,7 +386,7 @@ def ruler_prompt(task: str, num_tokens: int, depth, rng: np.random.Generator,
     needles, tail, parts, joiner = build(rng, encode, num_tokens, depth,
                                          **params)
     head = frame(encode(_VT_HEAD if task == "variable_tracking"
-                        else _NIAH_HEAD))
+                        else _NIAH_HEAD, first=not chat))
     prompt, starts = _haystack(encode, num_tokens, head, close(tail),
                                needles)
     evidence = tuple(sorted(starts[:len(parts)]))

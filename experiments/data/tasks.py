@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import inspect
 import string
 from typing import Any, Optional, Sequence
 
@@ -435,19 +436,37 @@ PASSKEY_ASSISTANT = "The pass key is"
 _SLOT = "\x00passkey-content\x00"
 
 
+def _takes_continues(tokenizer) -> bool:
+  """Whether ``tokenizer.encode`` takes ``continues=`` (a text that follows
+  earlier text: no SentencePiece dummy space before it)."""
+  try:
+    return "continues" in inspect.signature(tokenizer.encode).parameters
+  except (TypeError, ValueError):
+    return False
+
+
 def piece_encoder(tokenizer):
-  """``text -> int32 ids`` without a BOS token, and the ids a prompt starts
-  with (the tokenizer's BOS when it adds one, else none).
+  """``(text, first=False) -> int32 ids`` without a BOS token, and the ids a
+  prompt starts with (the tokenizer's BOS when it adds one, else none).
 
   Prompt builders encode their pieces separately with it and concatenate
   them, so a prompt's length is exact for any tokenizer (for bytes the ids
-  are those of the joined text).
+  are those of the joined text). A piece that starts the prompt's text
+  passes ``first=True``; the others are encoded as continuations, so a
+  SentencePiece tokenizer puts its dummy space before the first one only,
+  as it would on the whole prompt.
   """
-  if bool(getattr(tokenizer, "add_bos", False)):
-    encode = lambda text: np.asarray(tokenizer.encode(text, add_bos=False),
-                                     np.int32)
+  takes = _takes_continues(tokenizer)
+  bos = bool(getattr(tokenizer, "add_bos", False))
+
+  def encode(text, first=False):
+    kwargs = dict(add_bos=False) if bos else {}
+    if takes:
+      kwargs["continues"] = not first
+    return np.asarray(tokenizer.encode(text, **kwargs), np.int32)
+
+  if bos:
     return encode, np.asarray([tokenizer.bos_id], np.int32)
-  encode = lambda text: np.asarray(tokenizer.encode(text), np.int32)
   return encode, np.zeros(0, np.int32)
 
 
@@ -461,10 +480,12 @@ def chat_frame(tokenizer, assistant: str = PASSKEY_ASSISTANT
     raise ValueError("the chat template does not place the user message "
                      "once; cannot frame a prompt with it")
   before, after = text.split(_SLOT)
-  # The template writes the BOS token itself when the model wants one.
-  encode = lambda t: np.asarray(tokenizer.encode(t, add_bos=False) if t
-                                else [], np.int32)
-  return encode(before), encode(after + assistant)
+  # The template writes the BOS token itself when the model wants one. The
+  # text after the message continues the prompt (no SentencePiece space).
+  encode = lambda t, **kw: np.asarray(
+      tokenizer.encode(t, add_bos=False, **kw) if t else [], np.int32)
+  more = dict(continues=True) if _takes_continues(tokenizer) else {}
+  return encode(before), encode(after + assistant, **more)
 
 
 def passkey_prompt(num_tokens: int, depth: float, key: str,
@@ -506,7 +527,7 @@ def passkey_prompt(num_tokens: int, depth: float, key: str,
     raise ValueError(f"key must be a non-empty single line, got {key!r}")
   # Pieces without BOS; the prompt's own BOS once, below.
   encode, bos = piece_encoder(tokenizer)
-  head = encode(PASSKEY_INSTRUCTION + "\n")
+  head = encode(PASSKEY_INSTRUCTION + "\n", first=not chat)
   needle = encode(f"\nThe pass key is {key}. Remember it. {key} is the pass "
                   "key.\n")
   if chat:
