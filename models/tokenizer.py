@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Optional, Sequence
 
 __all__ = ["PRE_TOKENIZERS", "Tokenizer", "load_tokenizer"]
@@ -84,8 +85,9 @@ class Tokenizer:
                eos_id: Optional[int] = None, add_bos: bool = False,
                chat_template: Optional[str] = None, continuation=None):
     self.backend = backend
-    # The backend for text that continues earlier text (SentencePiece
-    # without its dummy prefix space); None: the same as ``backend``.
+    # (backend without the dummy prefix space, regex of the added tokens)
+    # for SentencePiece text that continues earlier text; None: the same as
+    # ``backend``.
     self._continuation = continuation
     self.bos_id, self.eos_id = bos_id, eos_id
     self.add_bos = add_bos
@@ -108,9 +110,17 @@ class Tokenizer:
     """
     if not isinstance(text, str):
       raise ValueError(f"text must be a str, got {type(text).__name__}")
-    backend = (self._continuation if continues and self._continuation
-               is not None else self.backend)
-    ids = backend.encode(text, add_special_tokens=False).ids
+    if continues and self._continuation is not None:
+      # No space before the text itself, but one after each special token
+      # in it, as on the whole text: the part up to the first added token
+      # without the prefix, the rest as usual.
+      plain, added = self._continuation
+      found = added.search(text) if added is not None else None
+      cut = found.start() if found else len(text)
+      ids = (plain.encode(text[:cut], add_special_tokens=False).ids
+             + self.backend.encode(text[cut:], add_special_tokens=False).ids)
+    else:
+      ids = self.backend.encode(text, add_special_tokens=False).ids
     if self.add_bos if add_bos is None else add_bos:
       if self.bos_id is None:
         raise ValueError("add_bos=True but this tokenizer has no bos_id")
@@ -247,6 +257,10 @@ def from_gguf_metadata(meta) -> Tokenizer:
     if b is not None:
       b.add_special_tokens(special)
       b.add_tokens(user)
+  if continuation is not None:
+    added = sorted({t.content for t in special + user}, key=len, reverse=True)
+    continuation = (continuation, re.compile("|".join(map(re.escape, added)))
+                    if added else None)
   if backend.get_vocab_size(with_added_tokens=True) != len(tokens):
     raise ValueError("GGUF tokenizer: added tokens changed the vocabulary "
                      "size (a control token missing from the vocabulary?)")

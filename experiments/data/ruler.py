@@ -367,7 +367,8 @@ def ruler_prompt(task: str, num_tokens: int, depth, rng: np.random.Generator,
   close = lambda ids: np.concatenate([ids, closing]).astype(np.int32)
   if task == "common_words":
     prompt, answer = _common_words(rng, encode, num_tokens - len(closing),
-                                   frame(encode(_CW_HEAD, first=not chat)), **params)
+                                   frame(encode(_CW_HEAD, first=not chat)),
+                                   **params)
     prompt = close(prompt)
     evidence = ()
   elif task == "kv_retrieval":

@@ -42,6 +42,7 @@ TEXTS = [
     "def f(x):\n    return x * 2\n",
     "caf\u00e9 na\u00efve \u65e5\u672c \U0001F642 \u00fcber",   # byte fallback
     "special </s> inside <s> the text <unk> and <tool> too",
+    "</s>", "a</s>", "<s>b<tool>",
     "",
     " ",
     "Zzyzx qqq",
@@ -271,8 +272,15 @@ def test_continuations_get_no_dummy_space(spm_file):
       SPACE + "model" + SPACE + "reads")
   assert spelled(tok.encode("model reads", add_bos=False, continues=True)
                  ) == "model" + SPACE + "reads"
-  # Special tokens written in a continuation still match whole.
-  assert tok.encode("a</s>", add_bos=False, continues=True)[-1] == 2
+  # Special tokens written in a continuation still match whole, and the text
+  # after one gets its space, as in the whole text.
+  whole = tok.encode("model reads</s>the text<tool>model", add_bos=False)
+  assert spelled(whole) == "".join([
+      SPACE, "model", SPACE, "reads</s>", SPACE, "the", SPACE, "text<tool>",
+      SPACE, "model"])
+  piece = tok.encode("the text<tool>model", add_bos=False, continues=True)
+  assert spelled(piece) == "the" + SPACE + "text<tool>" + SPACE + "model"
+  assert piece[-2:] == whole[-2:]
 
 
 def test_prompt_pieces_join_like_one_text(spm_file):
