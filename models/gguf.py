@@ -345,12 +345,16 @@ def _byte_symbols() -> list[str]:
 def write_random_llama(path, *, context: int = 64, d_model: int = 32,
                        layers: int = 2, heads: int = 4, kv_heads: int = 2,
                        ffn: int = 64, seed: int = 0,
-                       chat_template: Optional[str] = CHATML_TEMPLATE) -> str:
+                       chat_template: Optional[str] = CHATML_TEMPLATE,
+                       tokenizer: str = "gpt2") -> str:
   """Writes a random Llama GGUF at ``path`` and returns the path.
 
-  Its tokenizer is a 259-token byte-level BPE (the 256 bytes, ``<s>``,
-  ``</s>`` and one merge of bytes 0 and 1), so text round-trips; with a
-  ChatML ``chat_template`` by default. Weights are N(0, 0.3^2) (norm
+  ``tokenizer="gpt2"``: a 259-token byte-level BPE (the 256 bytes, ``<s>``,
+  ``</s>`` and one merge of bytes 0 and 1). ``tokenizer="llama"``: a
+  261-token SentencePiece BPE as Llama 2 files have (``<unk>``, ``<s>``,
+  ``</s>``, the 256 ``<0xNN>`` byte tokens, ``\u2581`` and
+  ``\u2581\u2581``, scored, no merges). Text round-trips with either; with
+  a ChatML ``chat_template`` by default. Weights are N(0, 0.3^2) (norm
   scales around 1). ``load_gguf`` / ``load_tokenizer`` read it like a
   released file.
   """
@@ -358,9 +362,16 @@ def write_random_llama(path, *, context: int = 64, d_model: int = 32,
   if d_model % heads or heads % kv_heads:
     raise ValueError(f"d_model={d_model} must divide by heads={heads} and "
                      f"heads by kv_heads={kv_heads}")
+  if tokenizer not in ("gpt2", "llama"):
+    raise ValueError(f"tokenizer={tokenizer!r}; allowed: 'gpt2' (byte-level "
+                     "BPE), 'llama' (SentencePiece BPE)")
   rng = np.random.RandomState(seed)
   symbols = _byte_symbols()
-  tokens = symbols + ["<s>", "</s>", symbols[0] + symbols[1]]
+  if tokenizer == "gpt2":
+    tokens = symbols + ["<s>", "</s>", symbols[0] + symbols[1]]
+  else:
+    tokens = (["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+              + ["\u2581", "\u2581\u2581"])
   head = d_model // heads
   writer = gguf.GGUFWriter(os.fspath(path), "llama")
   writer.add_name("random-llama")
@@ -374,13 +385,20 @@ def write_random_llama(path, *, context: int = 64, d_model: int = 32,
   writer.add_rope_freq_base(10000.0)
   writer.add_layer_norm_rms_eps(1e-5)
   writer.add_vocab_size(len(tokens))
-  writer.add_tokenizer_model("gpt2")
-  writer.add_tokenizer_pre("default")
+  writer.add_tokenizer_model(tokenizer)
   writer.add_token_list(tokens)
-  writer.add_token_types([1] * 256 + [3, 3, 1])
-  writer.add_token_merges([f"{symbols[0]} {symbols[1]}"])
-  writer.add_bos_token_id(256)
-  writer.add_eos_token_id(257)
+  if tokenizer == "gpt2":
+    writer.add_tokenizer_pre("default")
+    writer.add_token_types([1] * 256 + [3, 3, 1])
+    writer.add_token_merges([f"{symbols[0]} {symbols[1]}"])
+    writer.add_bos_token_id(256)
+    writer.add_eos_token_id(257)
+  else:
+    writer.add_token_types([2, 3, 3] + [6] * 256 + [1, 1])
+    writer.add_token_scores([0.0] * 259 + [-1.0, -2.0])
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
   if chat_template is not None:
     writer.add_chat_template(chat_template)
   w = lambda *shape: (0.3 * rng.randn(*shape)).astype(np.float32)

@@ -299,3 +299,23 @@ def test_prompt_pieces_join_like_one_text(spm_file):
                                  tok)
     text = tok.decode(example.prompt, skip_special_tokens=True)
     assert "  " not in text and " \n" not in text, task
+
+
+def test_random_llama_with_a_sentencepiece_tokenizer(tmp_path):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from extrapolax.experiments.data import tasks  # pylint: disable=g-import-not-at-top
+  from extrapolax.models import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
+  from extrapolax.models import load_gguf  # pylint: disable=g-import-not-at-top
+  path = gguf_lib.write_random_llama(tmp_path / "spm.gguf", tokenizer="llama")
+  tok, model = load_tokenizer(path), load_gguf(path)
+  assert tok.vocab_size == model.config.vocab_size == 261
+  text = "Hello  world\n caf\u00e9"
+  ids = tok.encode(text)
+  assert ids[:2] == [1, 259] and tok.decode(ids[1:]) == text
+  prompt, answer = tasks.passkey_prompt(400, 0.5, "42", tok, chat=True)
+  assert tok.decode(list(prompt) + list(answer), skip_special_tokens=True
+                    ).endswith("assistant\nThe pass key is 42")
+  logits = np.asarray(model(jnp.asarray([prompt[:64]])))
+  assert logits.shape == (1, 64, 261) and np.isfinite(logits).all()
+  with pytest.raises(ValueError, match="tokenizer='t5'; allowed: 'gpt2'"):
+    gguf_lib.write_random_llama(tmp_path / "x.gguf", tokenizer="t5")
