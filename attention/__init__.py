@@ -58,7 +58,7 @@ from .positional import (alibi_bias, alibi_slopes, fire_bias,
 from . import rope
 from .rope import (ROPE_LAYOUTS, ROPE_TYPES, apply_rope, rope_cos_sin,
                    rope_frequencies)
-from . import rope_remaps, temperature
+from . import rope_remaps, rope_scaling, temperature
 from .rope_remaps import (p_rope_frequencies, spread_bases, string_distance,
                           truncated_basis)
 from .temperature import (HeadScale, Llama4Temperature, SSMax, Temperature,
