@@ -20,7 +20,10 @@ A config with ``init_from`` (a trained workdir or a zoo checkpoint) starts
 from those weights instead of fresh ones, at its own train_len and position
 settings (``experiments.finetune``: fine-tuning to a longer context). A
 config with ``curriculum`` trains in stages of (length, batch size) at a
-fixed number of tokens per step (``experiments.curriculum``).
+fixed number of tokens per step (``experiments.curriculum``). What a run
+trains on (the ``config.data`` checks, the token stores, the batch source
+and its batch check) is ``experiments.train_data``; ``make_source``,
+``data_dir``, ``device_batch``, ... are importable from here too.
 
 Rerunning with the same workdir resumes from the latest checkpoint. Batches
 are a pure function of (seed, step) and the step is deterministic, so a run
@@ -57,7 +60,7 @@ import inspect
 import json
 import math
 import os
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -75,13 +78,18 @@ from extrapolax.experiments import modeling
 from extrapolax.experiments import run_config
 from extrapolax.experiments import runlog
 from extrapolax.experiments import sharding
+from extrapolax.experiments import train_data
 from extrapolax.experiments import workdir_lock
 from extrapolax.models import DecoderLM, ModelConfig
 
 RESUMABLE_FIELDS = run_config.RESUMABLE_FIELDS
 WorkdirLockedError = workdir_lock.WorkdirLockedError
-_REQUIRED_KEYS = ("tokens", "targets", "weights")
-_OPTIONAL_KEYS = ("positions", "segment_ids")
+# A run's data (experiments.train_data), kept importable from here.
+data_dir = train_data.data_dir
+device_batch = train_data.device_batch
+make_source = train_data.make_source
+validate_data_config = train_data.validate_data_config
+vocab_size = train_data.vocab_size
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -274,24 +282,6 @@ def _cached_train_step(model_config_json: str, optimizer_fields: tuple, mesh):
       shardings)
 
 
-def device_batch(batch: Mapping, *, batch_size: int, seq_len: int) -> dict:
-  """A PackedBatch (or dict) -> dict of int32 / float32 arrays, checked."""
-  missing = [k for k in _REQUIRED_KEYS if k not in batch]
-  if missing:
-    raise ValueError(f"a training batch needs {_REQUIRED_KEYS}; {missing} "
-                     f"missing from {sorted(batch)}")
-  arrays = {}
-  for key in _REQUIRED_KEYS + _OPTIONAL_KEYS:
-    if batch.get(key) is None:
-      continue
-    value = np.asarray(batch[key])
-    if value.shape != (batch_size, seq_len):
-      raise ValueError(f"batch[{key!r}] has shape {value.shape}, expected "
-                       f"(batch_size, train_len) = ({batch_size}, {seq_len})")
-    arrays[key] = value.astype(np.float32 if key == "weights" else np.int32)
-  return arrays
-
-
 def _source_rows(source, takes_rows: bool, index: int,
                  shape: tuple[int, int], lo: int, hi: int) -> dict:
   """Rows [lo, hi) of batch ``index`` (the rows this process's devices
@@ -305,107 +295,6 @@ def _source_rows(source, takes_rows: bool, index: int,
     batch = {k: None if v is None else np.asarray(v)[lo:hi]
              for k, v in source.batch(index).items()}
   return device_batch(batch, batch_size=hi - lo, seq_len=shape[1])
-
-
-# ----------------------------------------------------------------------------
-# Data.
-
-
-def data_dir(config, workdir: str) -> str:
-  """Where the token stores go: config.data.cache_dir, else WORKDIR/data.
-
-  Several runs (the variants of a study) share one tokenisation by pointing
-  config.data.cache_dir at one folder; a store is rebuilt only when its
-  corpus sha256, tokenizer or split differ.
-  """
-  return os.path.abspath(os.path.expanduser(
-      config.data.cache_dir or os.path.join(workdir, "data")))
-
-
-def _data():
-  from extrapolax.experiments import data  # pylint: disable=import-outside-toplevel
-  return data
-
-
-def validate_data_config(config) -> None:
-  """Raises ValueError naming a bad config.data value."""
-  data, fields = _data(), config.data
-  if fields.packing not in data.PACKING_METHODS:
-    raise ValueError(f"config.data.packing={fields.packing!r} is not one of "
-                     f"{data.PACKING_METHODS}")
-  if fields.task is not None:
-    if fields.task not in data.TASK_NAMES:
-      raise ValueError(f"config.data.task={fields.task!r} is not one of "
-                       f"{data.TASK_NAMES} (or None for language modelling)")
-    if fields.tokenizer != "byte":
-      raise ValueError(f"config.data.tokenizer={fields.tokenizer!r}: the "
-                       "synthetic tasks are byte-level text; use 'byte'")
-  if not isinstance(fields.corpus, str) or not fields.corpus:
-    raise ValueError(f"config.data.corpus={fields.corpus!r} must be a corpus "
-                     f"name ({data.CORPUS_NAMES}) or a path")
-  _check_number("data.eval_fraction", fields.eval_fraction, minimum=0,
-                maximum=1)
-  _check_number("data.split_seed", fields.split_seed, minimum=0, integer=True)
-  mix = fields.get("retrieval_mix")
-  if mix is not None:
-    if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not (
-        0 <= mix <= 1):
-      raise ValueError(f"config.data.retrieval_mix={mix!r} must be a "
-                       "fraction in [0, 1] of each batch's rows (0: none)")
-    if mix and fields.task is not None:
-      raise ValueError(f"config.data.retrieval_mix={mix!r} mixes passkey "
-                       "examples into a text corpus; config.data.task="
-                       f"{fields.task!r} is a task (use one or the other)")
-  try:
-    sampler = data.position_sampler(fields.get("positions", "plain"))
-    sampler.check_length(config.train_len)
-  except ValueError as e:
-    raise ValueError(f"config.data.positions: {e}") from e
-
-
-def vocab_size(config) -> int:
-  """config.model.vocab_size, else the tokenizer's."""
-  if config.model.get("vocab_size"):
-    return int(config.model.vocab_size)
-  return int(_data().get_tokenizer(config.data.tokenizer).vocab_size)
-
-
-def make_source(config, workdir: str):
-  """The training batches config.data names (``.batch(step)``,
-  ``.state(step)``).
-
-  A task: ``data.TaskSource`` (answer-only weights; example sizes in
-  [data.task_min_length, data.task_max_length], default: all that fit
-  train_len). Otherwise the training split of config.data.corpus, tokenized
-  into a token store under ``data_dir`` (cached), served by
-  ``data.TrainSource`` with config.data.packing; with
-  config.data.retrieval_mix (optional, a fraction), that share of each
-  batch's rows holds short passkey examples instead (``data.RetrievalMix``).
-  """
-  data, fields = _data(), config.data
-  if fields.task is not None:
-    source = data.TaskSource(
-        fields.task, seq_len=config.train_len, batch_size=config.batch_size,
-        seed=config.seed, min_length=fields.get("task_min_length"),
-        max_length=fields.get("task_max_length"))
-  else:
-    path = data.default_store_path(data_dir(config, workdir), fields.corpus,
-                                   fields.tokenizer, "train")
-    store = data.build_store(
-        path, fields.corpus, fields.tokenizer, split="train",
-        eval_fraction=fields.eval_fraction, split_seed=fields.split_seed,
-        cache_dir=fields.cache_dir)
-    source = data.TrainSource(store, seq_len=config.train_len,
-                              batch_size=config.batch_size, seed=config.seed,
-                              packing=fields.packing)
-  if fields.get("retrieval_mix"):
-    source = data.RetrievalMix(
-        source, fraction=fields.retrieval_mix, seq_len=config.train_len,
-        seed=config.seed, tokenizer=data.get_tokenizer(fields.tokenizer))
-  sampler = data.position_sampler(fields.get("positions", "plain"))
-  if isinstance(sampler, data.positions.Plain):
-    return source
-  return data.PositionSampling(source, sampler, seed=config.seed)
 
 
 # ----------------------------------------------------------------------------
