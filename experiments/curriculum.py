@@ -19,7 +19,7 @@ length, batch size):
 
 Step ``s`` (0-based: the (s+1)-th update) trains on the stage with the
 largest start <= s: its batch is that stage's data source's batch ``s``
-(each stage's source is ``trainer.make_source`` of the config at the
+(each stage's source is ``train_data.make_source`` of the config at the
 stage's length and batch size), so the batches are a pure function of
 (seed, step) and a run stopped mid-schedule resumes bit-identically (the
 checkpoint records the stage, and a resume checks it). The learning-rate
