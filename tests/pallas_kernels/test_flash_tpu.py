@@ -22,6 +22,7 @@ from extrapolax import attention
 from extrapolax.attention import masks
 from extrapolax.attention.pallas import PallasTpu
 from extrapolax.pallas_kernels import flash_tpu
+from extrapolax.pallas_kernels import flash_tpu_layout
 from extrapolax.pallas_kernels import tiles
 from tests.attention.suite import TOLERANCE, assert_close
 
@@ -177,7 +178,8 @@ def test_default_positions_shrinks_the_grid():
   # Padded to T = 48 and S = 64: the full grids have 4, 8 and 6 slots.
   for bq, bk, transpose, full in ((8, 16, False, 4), (16, 8, False, 8),
                                   (8, 8, True, 6)):
-    slots = flash_tpu._max_count(static.cfg.mask, t, s, bq, bk, transpose)
+    slots = flash_tpu_layout.max_count(static.cfg.mask, t, s, bq, bk,
+                                       transpose)
     assert slots < full, (bq, bk, transpose)
 
   out, lse, grads = evaluate(lambda d: flash_tpu.flash_attention(
@@ -235,8 +237,9 @@ def test_index_maps_load_only_nonempty_blocks():
   q_pos, k_pos = masks.default_positions(t, t)
   q_seg, kv_seg = kw["segment_ids"]
   static = _static(SMALL, kw, t, t, 2)
-  x = flash_tpu._Inputs(static, diff["q"], diff["k"], diff["v"], q_pos[None],
-                        k_pos[None], q_seg, kv_seg, None, None, None)
+  x = flash_tpu_layout.Inputs(static, diff["q"], diff["k"], diff["v"],
+                              q_pos[None], k_pos[None], q_seg, kv_seg, None,
+                              None, None)
   sched, rows = x.schedule(static.cfg, 8, 16)
   sched = np.asarray(sched)
   labels = np.asarray(masks.classify_blocks(
