@@ -83,12 +83,9 @@ class Tokenizer:
 
   def __init__(self, backend, *, bos_id: Optional[int] = None,
                eos_id: Optional[int] = None, add_bos: bool = False,
-               chat_template: Optional[str] = None, continuation=None):
+               chat_template: Optional[str] = None):
     self.backend = backend
-    # (backend without the dummy prefix space, regex of the added tokens)
-    # for SentencePiece text that continues earlier text; None: the same as
-    # ``backend``.
-    self._continuation = continuation
+    self._continuation = _UNSET   # see _continuation_of
     self.bos_id, self.eos_id = bos_id, eos_id
     self.add_bos = add_bos
     self.chat_template = chat_template
@@ -104,12 +101,15 @@ class Tokenizer:
     """Token ids of ``text`` (special tokens written in it are matched).
 
     ``continues=True``: ``text`` follows earlier text of the same prompt, so
-    a SentencePiece tokenizer puts no space before it (one goes before the
-    start of a text only); byte-level BPE adds none either way. Encoding a
-    prompt in pieces, the first piece has ``continues=False``.
+    a SentencePiece tokenizer (GGUF or tokenizer.json) puts no dummy space
+    before it (one goes before the start of a text only, and after special
+    tokens as usual); byte-level BPE adds none either way. Encoding a prompt
+    in pieces, the first piece has ``continues=False``.
     """
     if not isinstance(text, str):
       raise ValueError(f"text must be a str, got {type(text).__name__}")
+    if continues and self._continuation is _UNSET:
+      self._continuation = _continuation_of(self.backend)
     if continues and self._continuation is not None:
       # No space before the text itself, but one after each special token
       # in it, as on the whole text: the part up to the first added token
@@ -160,6 +160,46 @@ class Tokenizer:
             f"eos_id={self.eos_id})")
 
 
+_UNSET = object()
+
+
+def _continuation_of(backend):
+  """(a copy of ``backend`` without SentencePiece's dummy prefix space, a
+  regex of its added tokens) for text that continues earlier text, or None
+  when ``backend`` adds no such space. The space comes from a ``Prepend``
+  normalizer (llama.cpp's behaviour, Llama 2's tokenizer.json) or a
+  ``Metaspace`` pre-tokenizer that prepends (newer tokenizer.json files)."""
+  spec = json.loads(backend.to_str())
+  changed = False
+
+  def strip(node, kind):
+    nonlocal changed
+    if not isinstance(node, dict):
+      return node
+    if node.get("type") == "Sequence":
+      key = "normalizers" if kind == "normalizer" else "pretokenizers"
+      parts = [strip(n, kind) for n in node.get(key, [])]
+      return dict(node, **{key: [n for n in parts if n is not None]})
+    if kind == "normalizer" and node.get("type") == "Prepend":
+      changed = True
+      return None
+    if (kind == "pre_tokenizer" and node.get("type") == "Metaspace"
+        and node.get("prepend_scheme", "always") != "never"):
+      changed = True
+      return dict(node, prepend_scheme="never")
+    return node
+
+  for kind in ("normalizer", "pre_tokenizer"):
+    spec[kind] = strip(spec.get(kind), kind)
+  if not changed:
+    return None
+  added = sorted((t["content"] for t in spec.get("added_tokens", [])),
+                 key=len, reverse=True)
+  plain = _tokenizers().Tokenizer.from_str(json.dumps(spec))
+  return plain, (re.compile("|".join(map(re.escape, added))) if added
+                 else None)
+
+
 def _merges_from_scores(tokens, scores):
   """SentencePiece BPE merges implied by a scored vocabulary: each split of
   a token into two vocabulary tokens, best token score first."""
@@ -190,7 +230,7 @@ def _byte_level(tk, meta, tokens):
       + [tk.pre_tokenizers.ByteLevel(add_prefix_space=False,
                                      use_regex=False)])
   backend.decoder = tk.decoders.ByteLevel()
-  return backend, False, None
+  return backend, False
 
 
 def _sentencepiece(tk, meta, tokens):
@@ -223,11 +263,7 @@ def _sentencepiece(tk, meta, tokens):
   if prefix:
     steps.append(tk.decoders.Strip(content=" ", left=1))
   backend.decoder = tk.decoders.Sequence(steps)
-  continuation = None
-  if prefix:
-    continuation = tk.Tokenizer.from_str(backend.to_str())
-    continuation.normalizer = tk.normalizers.Replace(" ", "\u2581")
-  return backend, True, continuation
+  return backend, True
 
 
 # tokenizer.ggml.model -> (builder, what it is).
@@ -247,20 +283,13 @@ def from_gguf_metadata(meta) -> Tokenizer:
   types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
   if len(set(tokens)) != len(tokens):
     raise ValueError("GGUF tokenizer.ggml.tokens has duplicate tokens")
-  backend, bos_by_default, continuation = _GGUF_MODELS[model][0](
-      tk, meta, tokens)
+  backend, bos_by_default = _GGUF_MODELS[model][0](tk, meta, tokens)
   special = [tk.AddedToken(t, special=True, normalized=False)
              for t, k in zip(tokens, types) if k in (_UNKNOWN, _CONTROL)]
   user = [tk.AddedToken(t, special=False, normalized=False)
           for t, k in zip(tokens, types) if k == _USER_DEFINED]
-  for b in (backend, continuation):
-    if b is not None:
-      b.add_special_tokens(special)
-      b.add_tokens(user)
-  if continuation is not None:
-    added = sorted({t.content for t in special + user}, key=len, reverse=True)
-    continuation = (continuation, re.compile("|".join(map(re.escape, added)))
-                    if added else None)
+  backend.add_special_tokens(special)
+  backend.add_tokens(user)
   if backend.get_vocab_size(with_added_tokens=True) != len(tokens):
     raise ValueError("GGUF tokenizer: added tokens changed the vocabulary "
                      "size (a control token missing from the vocabulary?)")
@@ -271,8 +300,7 @@ def from_gguf_metadata(meta) -> Tokenizer:
                    add_bos=bool(meta.get("tokenizer.ggml.add_bos_token",
                                          bos_by_default and bos_id is not None
                                          )),
-                   chat_template=meta.get("tokenizer.chat_template"),
-                   continuation=continuation)
+                   chat_template=meta.get("tokenizer.chat_template"))
 
 
 def _from_tokenizer_json(path: str) -> Tokenizer:

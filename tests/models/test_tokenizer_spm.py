@@ -319,3 +319,35 @@ def test_random_llama_with_a_sentencepiece_tokenizer(tmp_path):
   assert logits.shape == (1, 64, 261) and np.isfinite(logits).all()
   with pytest.raises(ValueError, match="tokenizer='t5'; allowed: 'gpt2'"):
     gguf_lib.write_random_llama(tmp_path / "x.gguf", tokenizer="t5")
+
+
+@pytest.mark.parametrize("space", ["prepend", "metaspace"])
+def test_tokenizer_json_continuations(spm_file, tmp_path, space):
+  """A SentencePiece tokenizer.json (Llama 2's Prepend normalizer, or a
+  newer file's Metaspace pre-tokenizer) encodes pieces like the whole text;
+  a byte-level one is left as it is."""
+  import json  # pylint: disable=g-import-not-at-top
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from extrapolax.models import gguf as gguf_lib  # pylint: disable=g-import-not-at-top
+  backend = tokenizers.Tokenizer.from_str(
+      load_tokenizer(spm_file).backend.to_str())
+  if space == "metaspace":
+    backend.normalizer = None
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(
+        replacement=SPACE, prepend_scheme="first", split=False)
+  backend.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(
+      bos_token="<s>", eos_token="</s>", add_bos_token=True)))
+  tok = load_tokenizer(tmp_path)
+  assert tok.add_bos and tok.bos_id == 1
+  for first, rest in [("The model", " reads the text."),
+                      ("The model", " reads</s>the text<tool> model")]:
+    assert (tok.encode(first) + tok.encode(rest, add_bos=False,
+                                           continues=True)
+            == tok.encode(first + rest)), (first, rest)
+  assert tok.encode("the", continues=True) != tok.encode("the")
+  byte_level = load_tokenizer(gguf_lib.write_random_llama(
+      tmp_path / "bpe.gguf"))
+  text = " lead and\n trail "
+  assert byte_level.encode(text, continues=True) == byte_level.encode(text)
+  assert tokenizer_lib._continuation_of(byte_level.backend) is None  # pylint: disable=protected-access
